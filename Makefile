@@ -1,0 +1,38 @@
+# The two commands of the README: `make run` and `make test`. Both create .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test unit integration bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch==2.13.0 is pinned in constraints.txt: pip takes the CPU wheel from a local find-links
+# folder where there is one, and PyPI's wheel elsewhere.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/matih-ml init
+	$(BIN)/serve run serve_config.yaml
+
+test: install
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+unit: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: install
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/serving_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

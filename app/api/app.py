@@ -1,0 +1,358 @@
+"""The HTTP API as a FastAPI app, built around an :class:`ApiContext`.
+
+The Gateway deployment builds the context with Ray-backed services (ModelServer handle,
+JobScheduler actor); unit tests build it with in-process ones. Routes hold no Ray code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from app import __version__
+from app.api.errors import install_error_handlers
+from app.auth import Authenticator, Principal, Role
+from app.errors import DependencyUnavailable, InvalidInput, MatihError, NotFound, PayloadTooLarge
+from app.registry.mlflow_registry import ModelRegistry, ResolvedModel
+from app.registry.targets import parse_target
+from app.schemas import (
+    EndpointCreate,
+    EndpointUpdate,
+    JobAccepted,
+    JobView,
+    Page,
+    PredictRequest,
+    PredictResponse,
+    TokenCreate,
+    TrainingJobSpec,
+)
+from app.settings import Settings
+from app.store import MetadataStore
+
+
+class Predictor(Protocol):
+    async def predict(self, model: ResolvedModel, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class JobControl(Protocol):
+    async def notify(self) -> None: ...
+
+    async def cancel(self, job_id: str, actor: str) -> dict[str, Any]: ...
+
+
+@dataclass
+class ApiContext:
+    settings: Settings
+    store: MetadataStore
+    registry: ModelRegistry
+    authenticator: Authenticator
+    predictor: Predictor
+    jobs: JobControl
+    # name -> async check raising on failure; /ready reports each one
+    readiness: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    _endpoints: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+
+    async def endpoint(self, name: str) -> dict[str, Any]:
+        now = time.monotonic()
+        hit = self._endpoints.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        row = await asyncio.to_thread(self.store.get_endpoint, name)
+        self._endpoints[name] = (now + self.settings.serving.resolve_ttl_s, row)
+        return row
+
+    def forget_endpoint(self, name: str) -> None:
+        self._endpoints.pop(name, None)
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes with 413, by header or by count."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return await self._reject(send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise PayloadTooLarge(f"request body is over {self.limit} bytes")
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except PayloadTooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        body = json.dumps(
+            {"error": f"request body is over the limit of {self.limit} bytes", "code": "payload_too_large"}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    api = FastAPI(
+        title="MATIH ML",
+        version=__version__,
+        description="Ray-native MLOps platform: training, registry, serving. Errors are "
+        '`{"error": ..., "code": ...}`; authenticate with `Authorization: Bearer <token>`.',
+    )
+    api.state.ctx = ctx
+    install_error_handlers(api)
+    api.add_middleware(BodySizeLimit, limit=ctx.settings.http.max_body_bytes)
+
+    def require(role: Role):
+        async def dependency(request: Request) -> Principal:
+            principal = await _authenticate(ctx, request.headers.get("authorization"))
+            principal.require(role)
+            return principal
+
+        return dependency
+
+    viewer, predictor, developer, admin = (Depends(require(r)) for r in Role)
+
+    # -- health and metadata ---------------------------------------------------------------
+    @api.get("/health", tags=["health"], summary="Liveness; no auth")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/ready", tags=["health"], summary="Readiness with each dependency's state; no auth")
+    async def ready() -> JSONResponse:
+        checks = {"metadata_store": lambda: asyncio.to_thread(ctx.store.ping), "mlflow": lambda: asyncio.to_thread(ctx.registry.ping)}
+        checks.update(ctx.readiness)
+        names = list(checks)
+        results = await asyncio.gather(*(asyncio.wait_for(checks[n](), 5) for n in names), return_exceptions=True)
+        deps = {}
+        for name, res in zip(names, results):
+            if isinstance(res, BaseException):
+                msg = res.message if isinstance(res, MatihError) else (str(res) or type(res).__name__)
+                deps[name] = {"status": "down", "error": msg}
+            else:
+                deps[name] = {"status": "up"}
+        ok = all(d["status"] == "up" for d in deps.values())
+        return JSONResponse({"ready": ok, "dependencies": deps}, status_code=200 if ok else 503)
+
+    @api.get("/v1/info", tags=["health"], summary="Version, profile and enabled integrations")
+    async def info(_: Principal = viewer) -> dict[str, Any]:
+        s = ctx.settings
+        from app.runtimes.base import RUNTIMES
+
+        return {
+            "name": "matih-ml",
+            "version": __version__,
+            "profile": s.profile,
+            "integrations": {
+                "mlflow": {"tracking_uri": _redact(s.mlflow_tracking_uri)},
+                "metadata_store": ctx.store.engine.dialect.name,
+                "ray": {"address": s.ray_address or "local"},
+                "runtimes": sorted(RUNTIMES),
+                "feast": bool(s.feast_repo_path),
+                "s3": bool(s.s3_endpoint),
+                "redis": bool(s.redis_url),
+            },
+            "auth": {"enabled": s.auth.enabled},
+        }
+
+    # -- tokens ----------------------------------------------------------------------------
+    @api.post("/v1/tokens", status_code=201, tags=["auth"], summary="Issue a token with a role (admin)")
+    async def create_token(body: TokenCreate, who: Principal = admin) -> dict[str, Any]:
+        record, plaintext = await asyncio.to_thread(ctx.store.create_token, body.name, body.role, who.name)
+        return {**record, "token": plaintext}
+
+    @api.delete("/v1/tokens/{token_id}", status_code=204, tags=["auth"], summary="Revoke a token (admin)")
+    async def revoke_token(token_id: str, who: Principal = admin) -> Response:
+        await asyncio.to_thread(ctx.store.revoke_token, token_id, who.name)
+        return Response(status_code=204)
+
+    # -- jobs ------------------------------------------------------------------------------
+    @api.post(
+        "/v1/training/jobs", status_code=202, response_model=JobAccepted, tags=["training"],
+        summary="Submit a training job",
+    )
+    async def submit_training(spec: TrainingJobSpec, who: Principal = developer) -> dict[str, Any]:
+        _check_training_spec(spec, ctx.settings)
+        job = await asyncio.to_thread(
+            ctx.store.create_job, "training", spec.name, spec.model_dump(mode="json"), who.name, priority=spec.priority
+        )
+        await ctx.jobs.notify()
+        return {"job_id": job["job_id"], "status": job["status"]}
+
+    @api.get("/v1/training/jobs", response_model=Page, tags=["training"], summary="List training jobs")
+    async def list_training(
+        limit: int = Query(50, ge=1, le=500), page_token: str | None = None, status: str | None = None,
+        _: Principal = viewer,
+    ) -> dict[str, Any]:
+        items, nxt = await asyncio.to_thread(
+            ctx.store.list_jobs, kind="training", status=status, limit=limit, page_token=page_token
+        )
+        return {"items": items, "next_page_token": nxt}
+
+    @api.get("/v1/training/jobs/{job_id}", response_model=JobView, tags=["training"], summary="A training job")
+    async def get_training(job_id: str, _: Principal = viewer) -> dict[str, Any]:
+        job = await asyncio.to_thread(ctx.store.get_job, job_id, with_logs=True)
+        if job["kind"] != "training":
+            raise NotFound(f"job {job_id} is a {job['kind']} job; GET /v1/jobs/{job_id} shows it")
+        return job
+
+    @api.post("/v1/training/jobs/{job_id}/cancel", response_model=JobView, tags=["training"], summary="Cancel")
+    async def cancel_training(job_id: str, who: Principal = developer) -> dict[str, Any]:
+        return await ctx.jobs.cancel(job_id, who.name)
+
+    @api.get("/v1/jobs", response_model=Page, tags=["jobs"], summary="List jobs of every kind")
+    async def list_jobs(
+        limit: int = Query(50, ge=1, le=500), page_token: str | None = None, kind: str | None = None,
+        status: str | None = None, _: Principal = viewer,
+    ) -> dict[str, Any]:
+        items, nxt = await asyncio.to_thread(
+            ctx.store.list_jobs, kind=kind, status=status, limit=limit, page_token=page_token
+        )
+        return {"items": items, "next_page_token": nxt}
+
+    @api.get("/v1/jobs/{job_id}", response_model=JobView, tags=["jobs"], summary="Status, progress, logs of a job")
+    async def get_job(job_id: str, _: Principal = viewer) -> dict[str, Any]:
+        return await asyncio.to_thread(ctx.store.get_job, job_id, with_logs=True)
+
+    @api.post("/v1/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], summary="Cancel a job")
+    async def cancel_job(job_id: str, who: Principal = developer) -> dict[str, Any]:
+        return await ctx.jobs.cancel(job_id, who.name)
+
+    # -- endpoints -------------------------------------------------------------------------
+    @api.post("/v1/endpoints", status_code=201, tags=["serving"], summary="Create an endpoint")
+    async def create_endpoint(body: EndpointCreate, who: Principal = developer) -> dict[str, Any]:
+        resolved = await _resolve(ctx, body.target, use_cache=False)
+        row = await asyncio.to_thread(
+            ctx.store.create_endpoint, body.name, body.target, body.runtime, body.config, who.name
+        )
+        return {**row, "model_version": resolved.version}
+
+    @api.get("/v1/endpoints", response_model=Page, tags=["serving"], summary="List endpoints")
+    async def list_endpoints(
+        limit: int = Query(50, ge=1, le=500), page_token: str | None = None, _: Principal = viewer
+    ) -> dict[str, Any]:
+        items, nxt = await asyncio.to_thread(ctx.store.list_endpoints, limit=limit, page_token=page_token)
+        return {"items": items, "next_page_token": nxt}
+
+    @api.get("/v1/endpoints/{name}", tags=["serving"], summary="An endpoint and the version it serves now")
+    async def get_endpoint(name: str, _: Principal = viewer) -> dict[str, Any]:
+        row = await asyncio.to_thread(ctx.store.get_endpoint, name)
+        try:
+            resolved = await _resolve(ctx, row["target"])
+            row["model_version"] = resolved.version
+        except MatihError as exc:
+            row["model_version"] = None
+            row["resolve_error"] = exc.message
+        return row
+
+    @api.put("/v1/endpoints/{name}", tags=["serving"], summary="Change an endpoint (no redeploy)")
+    async def update_endpoint(name: str, body: EndpointUpdate, who: Principal = developer) -> dict[str, Any]:
+        if body.target is not None:
+            await _resolve(ctx, body.target, use_cache=False)
+        row = await asyncio.to_thread(ctx.store.update_endpoint, name, body.model_dump(exclude_unset=True), who.name)
+        ctx.forget_endpoint(name)
+        return row
+
+    @api.delete("/v1/endpoints/{name}", status_code=204, tags=["serving"], summary="Delete an endpoint")
+    async def delete_endpoint(name: str, who: Principal = developer) -> Response:
+        await asyncio.to_thread(ctx.store.delete_endpoint, name, who.name)
+        ctx.forget_endpoint(name)
+        return Response(status_code=204)
+
+    @api.post(
+        "/v1/endpoints/{name}/predict", response_model=PredictResponse, tags=["serving"],
+        summary="Predict with the endpoint's current model",
+    )
+    async def predict(
+        body: PredictRequest, request: Request, name: str = Path(...), _: Principal = predictor
+    ) -> JSONResponse:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        endpoint = await ctx.endpoint(name)
+        model = await _resolve(ctx, endpoint["target"])
+        payload = body.model_dump(exclude_none=True)
+        out = await ctx.predictor.predict(model, payload)
+        content = {
+            "predictions": out["predictions"],
+            "model": model.name,
+            "model_version": model.version,
+            "endpoint": name,
+            "request_id": request_id,
+        }
+        if "probabilities" in out:
+            content["probabilities"] = out["probabilities"]
+        return JSONResponse(content, headers={"x-request-id": request_id})
+
+    # -- audit -----------------------------------------------------------------------------
+    @api.get("/v1/audit", response_model=Page, tags=["governance"], summary="The audit log (admin)")
+    async def audit(
+        limit: int = Query(100, ge=1, le=1000), page_token: str | None = None, resource_type: str | None = None,
+        _: Principal = admin,
+    ) -> dict[str, Any]:
+        items, nxt = await asyncio.to_thread(
+            ctx.store.list_audit, limit=limit, page_token=page_token, resource_type=resource_type
+        )
+        return {"items": items, "next_page_token": nxt}
+
+    return api
+
+
+async def _authenticate(ctx: ApiContext, header: str | None) -> Principal:
+    return ctx.authenticator.authenticate(header)
+
+
+async def _resolve(ctx: ApiContext, target: str, use_cache: bool = True) -> ResolvedModel:
+    ref = parse_target(target)
+    try:
+        return await asyncio.to_thread(ctx.registry.resolve, ref, use_cache=use_cache)
+    except DependencyUnavailable:
+        raise
+
+
+def _check_training_spec(spec: TrainingJobSpec, settings: Settings) -> None:
+    """Refuse at submit time what the job would refuse later: unknown estimators and datasets."""
+    from app.datasets import builtin_names
+
+    if spec.estimator not in settings.jobs.allowed_estimators:
+        raise InvalidInput(
+            f"estimator {spec.estimator!r} is not allowed; choose one of: {', '.join(settings.jobs.allowed_estimators)}",
+            details={"field": "estimator"},
+        )
+    uri = spec.dataset.uri
+    if uri.startswith("builtin://") and uri[len("builtin://") :] not in builtin_names():
+        raise InvalidInput(
+            f"dataset {uri!r} is not built in; use one of {', '.join('builtin://' + n for n in builtin_names())}",
+            details={"field": "dataset.uri"},
+        )
+
+
+def _redact(uri: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri

@@ -1,0 +1,53 @@
+"""Start-up work done once, before any replica serves: schema migrations, the MLflow store,
+the admin token. The application builder calls :func:`prepare`; so does ``matih-ml up``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.auth import ensure_admin_token
+from app.settings import Settings
+from app.store import MetadataStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    admin_token: str | None
+    admin_token_file: Path | None
+
+
+def prepare(settings: Settings) -> Prepared:
+    settings.matih_home.mkdir(parents=True, exist_ok=True)
+    if not settings.artifact_root.startswith(("s3://", "gs://", "http://", "https://")):
+        Path(settings.artifact_root).mkdir(parents=True, exist_ok=True)
+    store = MetadataStore(settings.database_url)
+    try:
+        store.migrate()
+    finally:
+        store.dispose()
+    _prepare_mlflow(settings)
+    token, path = (None, None)
+    if settings.auth.enabled:
+        token, path = ensure_admin_token(settings)
+        if path is not None:
+            print(f"matih-ml: admin token in {path} (mode 0600); `matih-ml` commands read it from there", flush=True)
+    return Prepared(token, path)
+
+
+def _prepare_mlflow(settings: Settings) -> None:
+    """Create MLflow's schema (SQLite) and the platform's experiment with its artifact root,
+    here, once, rather than racing in several replicas."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+    if client.get_experiment_by_name(settings.experiment_name) is None:
+        location = settings.artifact_root.rstrip("/") + "/" + settings.experiment_name
+        try:
+            client.create_experiment(settings.experiment_name, artifact_location=location)
+        except MlflowException:
+            pass  # created meanwhile by another process

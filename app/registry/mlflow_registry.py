@@ -1,0 +1,159 @@
+"""The model registry is MLflow: this module resolves references and fetches artifacts.
+
+Nothing is copied out of MLflow: versions, aliases and tags live there and are visible in
+MLflow's own UI and client. Tags written by the platform start with ``matih.``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.errors import DependencyUnavailable, NotFound
+from app.registry.targets import ModelRef, parse_target
+from app.settings import Settings
+
+TAG_FORMAT = "matih.format"
+TAG_JOB = "matih.job_id"
+TAG_PARITY = "matih.onnx_max_abs_diff"
+TAG_FEATURES = "matih.feature_names"
+TAG_TASK = "matih.task"
+TAG_CLASSES = "matih.classes"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    version: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        """The multiplexed model id a ModelServer replica loads: ``name/version``."""
+        return f"{self.name}/{self.version}"
+
+
+def _is_unavailable(exc: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        code = getattr(exc, "error_code", "")
+        return code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "ENDPOINT_NOT_FOUND") and "not found" not in str(
+            exc
+        ).lower()
+    return isinstance(exc, (ConnectionError, OSError, TimeoutError))
+
+
+class ModelRegistry:
+    """Resolves ``name@alias`` / ``name/version`` through MLflow, with a short TTL cache, and
+    downloads version artifacts into a local cache keyed by ``name/version``."""
+
+    def __init__(self, settings: Settings):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.settings = settings
+        self.tracking_uri = settings.mlflow_tracking_uri
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        self._ttl = settings.serving.resolve_ttl_s
+        self._cache: dict[str, tuple[float, ResolvedModel]] = {}
+        self._lock = threading.Lock()
+        self.cache_dir = settings.matih_home / "model_cache"
+
+    # -- resolution ------------------------------------------------------------------------
+    def resolve(self, target: str | ModelRef, *, use_cache: bool = True) -> ResolvedModel:
+        ref = parse_target(target) if isinstance(target, str) else target
+        key = str(ref)
+        now = time.monotonic()
+        if use_cache:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        resolved = self._resolve_uncached(ref)
+        with self._lock:
+            self._cache[key] = (now + self._ttl, resolved)
+        return resolved
+
+    def invalidate(self, name: str | None = None) -> None:
+        with self._lock:
+            if name is None:
+                self._cache.clear()
+            else:
+                for key in [k for k in self._cache if k.split("@")[0].split("/")[0] == name]:
+                    del self._cache[key]
+
+    def _resolve_uncached(self, ref: ModelRef) -> ResolvedModel:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if ref.alias:
+                mv = self.client.get_model_version_by_alias(ref.name, ref.alias)
+            else:
+                mv = self.client.get_model_version(ref.name, ref.version)
+        except MlflowException as exc:
+            if _is_unavailable(exc):
+                raise DependencyUnavailable(f"MLflow is unavailable at {self.tracking_uri}: {exc}") from None
+            raise NotFound(
+                f"model {ref} is not in the registry; register a version first "
+                "(POST /v1/training/jobs with register_as) or fix the endpoint's target",
+                details={"target": str(ref)},
+            ) from None
+        except Exception as exc:  # connection refused, DNS, timeouts
+            raise DependencyUnavailable(f"MLflow is unavailable at {self.tracking_uri}: {exc}") from None
+        return ResolvedModel(mv.name, str(mv.version), dict(mv.tags or {}))
+
+    def ping(self) -> None:
+        try:
+            self.client.search_registered_models(max_results=1)
+        except Exception as exc:
+            raise DependencyUnavailable(f"MLflow is unavailable at {self.tracking_uri}: {exc}") from None
+
+    # -- artifacts -------------------------------------------------------------------------
+    def download(self, model: ResolvedModel) -> Path:
+        """Local directory of the version's MLflow model, downloaded once per machine."""
+        import mlflow.artifacts
+
+        dest = self.cache_dir / model.name / model.version
+        if (dest / "MLmodel").exists():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{model.version}-", dir=dest.parent))
+        try:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model.name}/{model.version}",
+                dst_path=str(tmp),
+                tracking_uri=self.tracking_uri,
+                registry_uri=self.tracking_uri,
+            )
+            try:
+                os.rename(tmp, dest)  # atomic: another replica may have won the race
+            except OSError:
+                if not (dest / "MLmodel").exists():
+                    raise
+        except Exception as exc:
+            if isinstance(exc, OSError) and (dest / "MLmodel").exists():
+                return dest
+            raise DependencyUnavailable(f"could not download {model.model_id} from MLflow: {exc}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+
+def model_metadata(model: ResolvedModel) -> dict[str, Any]:
+    """The serving-relevant tags of a version, decoded."""
+    tags = model.tags
+    return {
+        "format": tags.get(TAG_FORMAT, "onnx"),
+        "task": tags.get(TAG_TASK),
+        "feature_names": json.loads(tags[TAG_FEATURES]) if TAG_FEATURES in tags else None,
+        "classes": json.loads(tags[TAG_CLASSES]) if TAG_CLASSES in tags else None,
+    }

@@ -1,0 +1,79 @@
+"""The inference runtime interface and its registry of named implementations.
+
+A runtime owns one loaded model. The base class owns the pipeline
+(``validate -> predict -> postprocess``); implementations fill in ``load`` and ``predict``.
+New runtimes register a short name in ``RUNTIMES`` (name -> dotted path), as Feast does for
+its stores, so configuration picks them by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from app.errors import InvalidInput
+
+
+@dataclass
+class ModelSignature:
+    """What a loaded model takes and gives, as the runtime found it."""
+
+    n_features: int | None
+    feature_names: list[str] | None = None
+    task: str | None = None  # "classification" | "regression"
+    classes: list[Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelRuntime(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        self.options = options or {}
+        self.signature: ModelSignature | None = None
+        self.ready = False
+
+    @abstractmethod
+    def load(self, model_dir: Path, metadata: dict[str, Any]) -> None:
+        """Load the model from an MLflow model directory; set ``signature`` and ``ready``."""
+
+    @abstractmethod
+    def predict(self, features: np.ndarray, *, probabilities: bool = False) -> dict[str, Any]:
+        """Predict for a float32 matrix of shape (rows, n_features).
+
+        Returns ``{"predictions": [...]}`` and, when asked and available, ``"probabilities"``.
+        """
+
+    def warm_up(self) -> None:
+        """Run one prediction so the first real request does not pay for lazy initialisation."""
+        if self.signature and self.signature.n_features:
+            self.predict(np.zeros((1, self.signature.n_features), dtype=np.float32))
+
+    def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The pipeline: payload -> validated matrix -> predict."""
+        from app.serving.payload import payload_to_matrix
+
+        assert self.signature is not None, "load() first"
+        matrix = payload_to_matrix(payload, self.signature)
+        return self.predict(matrix, probabilities=bool(payload.get("return_probabilities")))
+
+
+RUNTIMES: dict[str, str] = {
+    "onnx": "app.runtimes.onnx.OnnxModelRuntime",
+}
+
+
+def get_runtime_class(name: str) -> type[ModelRuntime]:
+    try:
+        path = RUNTIMES[name]
+    except KeyError:
+        raise InvalidInput(
+            f"runtime {name!r} is unknown; available: {', '.join(sorted(RUNTIMES))}", details={"field": "runtime"}
+        ) from None
+    module, _, cls = path.rpartition(".")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,95 @@
+"""ONNX Runtime: the default, safe serving runtime."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.errors import ModelError
+from app.runtimes.base import ModelRuntime, ModelSignature
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_present() -> bool:
+    """True only when an NVIDIA driver and device are really there (not merely a CUDA build)."""
+    if not os.path.exists("/proc/driver/nvidia/version") and not os.environ.get("NVIDIA_VISIBLE_DEVICES"):
+        return False
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except OSError:
+        return False
+
+
+def available_providers() -> list[str]:
+    """Execution providers to ask for: CUDA only where a GPU really exists, so ONNX Runtime
+    never logs a failed provider load on CPU-only machines."""
+    import onnxruntime as ort
+
+    built = ort.get_available_providers()
+    wanted = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in built and gpu_present():
+        wanted.insert(0, "CUDAExecutionProvider")
+    return wanted
+
+
+def find_onnx_file(model_dir: Path) -> Path:
+    candidates = sorted(model_dir.rglob("*.onnx"))
+    if not candidates:
+        raise ModelError(f"no .onnx file in the model artifacts at {model_dir}")
+    return candidates[0]
+
+
+class OnnxModelRuntime(ModelRuntime):
+    name = "onnx"
+
+    def load(self, model_dir: Path, metadata: dict[str, Any]) -> None:
+        import onnxruntime as ort
+
+        path = find_onnx_file(Path(model_dir))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(self.options.get("intra_op_threads", 1))
+        opts.inter_op_num_threads = int(self.options.get("inter_op_threads", 1))
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=available_providers())
+        except Exception as exc:
+            raise ModelError(f"ONNX Runtime could not load {path.name}: {exc}") from None
+        inp = self.session.get_inputs()[0]
+        self._input_name = inp.name
+        shape = inp.shape
+        n_features = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._label_out = next((o for o in self._outputs if o.lower().startswith("label")), self._outputs[0])
+        self._proba_out = next((o for o in self._outputs if "prob" in o.lower()), None)
+        self.signature = ModelSignature(
+            n_features=n_features,
+            feature_names=metadata.get("feature_names"),
+            task=metadata.get("task"),
+            classes=metadata.get("classes"),
+        )
+        self.ready = True
+
+    def predict(self, features: np.ndarray, *, probabilities: bool = False) -> dict[str, Any]:
+        wanted = [self._label_out]
+        if probabilities and self._proba_out:
+            wanted.append(self._proba_out)
+        try:
+            outs = self.session.run(wanted, {self._input_name: features})
+        except Exception as exc:
+            raise ModelError(f"ONNX Runtime failed to predict: {exc}") from None
+        preds = outs[0]
+        if preds.ndim == 2 and preds.shape[1] == 1:
+            preds = preds[:, 0]
+        result: dict[str, Any] = {"predictions": preds.tolist()}
+        if len(outs) > 1:
+            result["probabilities"] = np.asarray(outs[1]).tolist()
+        return result

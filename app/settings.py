@@ -1,0 +1,282 @@
+"""Typed configuration for the whole platform.
+
+One settings model, read in this order (later wins):
+
+1. the defaults declared below;
+2. a profile YAML from ``configs/`` (``local`` by default, chosen with ``MATIH_PROFILE``);
+3. the environment, under the names MATIH operators already use (``DATABASE_URL``,
+   ``MLFLOW_TRACKING_URI``, ``RAY_ADDRESS``, ...);
+4. keyword arguments given to :func:`load_settings` (tests, the application builder).
+
+Unknown keys and bad values raise :class:`app.errors.ConfigError`, whose message names the
+key and how to fix it, so a typo in a profile stops the start instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from app.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROFILES = ("local", "production")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AuthSettings(_Section):
+    enabled: bool = Field(True, description="Require a bearer token on every route except /health.")
+    admin_token_file: str = Field(
+        "admin_token",
+        description="File under MATIH_HOME holding the generated admin token (local profile only); "
+        "created with mode 0600 on first start when MATIH_ADMIN_TOKEN is not set.",
+    )
+    generate_admin_token: bool = Field(
+        True,
+        description="Create an admin token on first start when none is configured. The production "
+        "profile sets this to false, so it refuses to start without MATIH_ADMIN_TOKEN.",
+    )
+    cache_ttl_s: float = Field(5.0, ge=0, description="How long a gateway replica trusts a token lookup.")
+
+
+class HttpSettings(_Section):
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="Largest request body accepted; larger ones get 413."
+    )
+    gateway_replicas: int = Field(1, ge=1, description="Gateway replicas (each one a FastAPI app).")
+    gateway_num_cpus: float = Field(0.1, gt=0, description="CPUs reserved per gateway replica.")
+
+
+class ServingSettings(_Section):
+    max_models_per_replica: int = Field(
+        8, ge=1, description="Models a ModelServer replica keeps loaded (least recently used go first)."
+    )
+    model_server_replicas: int = Field(1, ge=1, description="ModelServer replicas.")
+    model_server_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per ModelServer replica.")
+    onnx_intra_op_threads: int = Field(
+        1, ge=0, description="ONNX Runtime intra-op threads per session (0 = ONNX Runtime decides)."
+    )
+    onnx_inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads per session.")
+    resolve_ttl_s: float = Field(
+        2.0, ge=0, description="How long a gateway replica trusts an endpoint row and an alias resolution."
+    )
+    max_batch_rows: int = Field(10_000, gt=0, description="Most rows accepted in one predict request.")
+
+
+class JobSettings(_Section):
+    max_concurrent: int = Field(1, ge=1, description="Jobs the scheduler runs at the same time.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs each training job asks Ray for.")
+    poll_interval_s: float = Field(0.5, gt=0, description="How often the scheduler looks at its queue.")
+    allowed_estimators: list[str] = Field(
+        default_factory=lambda: [
+            "sklearn.linear_model.LogisticRegression",
+            "sklearn.linear_model.LinearRegression",
+            "sklearn.linear_model.Ridge",
+            "sklearn.ensemble.RandomForestClassifier",
+            "sklearn.ensemble.RandomForestRegressor",
+            "sklearn.ensemble.GradientBoostingClassifier",
+            "sklearn.ensemble.GradientBoostingRegressor",
+            "sklearn.tree.DecisionTreeClassifier",
+            "sklearn.tree.DecisionTreeRegressor",
+            "sklearn.neighbors.KNeighborsClassifier",
+            "sklearn.svm.SVC",
+        ],
+        description="Import paths a training job may name as its estimator.",
+    )
+    onnx_parity_tolerance: float = Field(
+        1e-4, ge=0, description="Largest |ONNX - native| difference on held-out rows before a job fails."
+    )
+
+
+class ActorSettings(_Section):
+    num_cpus: float = Field(0.05, ge=0, description="CPUs each detached control actor reserves.")
+
+
+class Settings(BaseSettings):
+    """Every setting of the platform. Field names map to environment names case-insensitively."""
+
+    model_config = SettingsConfigDict(extra="forbid", env_prefix="", case_sensitive=False, populate_by_name=True)
+
+    profile: Literal["local", "production"] = Field(
+        "local", validation_alias=AliasChoices("MATIH_PROFILE", "profile"), description="Which profile this is."
+    )
+    matih_home: Path = Field(
+        Path("~/.matih"),
+        validation_alias=AliasChoices("MATIH_HOME", "matih_home"),
+        description="Where local state lives: SQLite files, artifacts, the generated admin token.",
+    )
+    database_url: str = Field(
+        "",
+        validation_alias=AliasChoices("DATABASE_URL", "database_url"),
+        description="SQLAlchemy URL of the metadata store; empty = SQLite file under MATIH_HOME. "
+        "postgresql:// URLs use the psycopg 3 driver.",
+    )
+    mlflow_tracking_uri: str = Field(
+        "",
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
+        description="MLflow tracking and registry URI; empty = sqlite:///MATIH_HOME/mlflow.db.",
+    )
+    artifact_root: str = Field(
+        "",
+        validation_alias=AliasChoices("MATIH_ARTIFACT_ROOT", "artifact_root"),
+        description="Where MLflow artifacts go for experiments the platform creates; "
+        "empty = MATIH_HOME/artifacts. s3://bucket/prefix in production.",
+    )
+    experiment_name: str = Field(
+        "matih",
+        validation_alias=AliasChoices("MATIH_EXPERIMENT", "experiment_name"),
+        description="MLflow experiment that training jobs log to.",
+    )
+    ray_address: str | None = Field(
+        None,
+        validation_alias=AliasChoices("RAY_ADDRESS", "ray_address"),
+        description="Address of an existing Ray cluster; unset = a local cluster.",
+    )
+    feast_repo_path: str = Field(
+        "", validation_alias=AliasChoices("FEAST_REPO_PATH", "feast_repo_path"), description="Feast repository."
+    )
+    s3_endpoint: str = Field(
+        "", validation_alias=AliasChoices("S3_ENDPOINT", "s3_endpoint"), description="S3 / MinIO endpoint URL."
+    )
+    s3_access_key: SecretStr = Field(
+        SecretStr(""), validation_alias=AliasChoices("S3_ACCESS_KEY", "s3_access_key"), description="S3 key id."
+    )
+    s3_secret_key: SecretStr = Field(
+        SecretStr(""), validation_alias=AliasChoices("S3_SECRET_KEY", "s3_secret_key"), description="S3 secret."
+    )
+    redis_url: str = Field(
+        "", validation_alias=AliasChoices("REDIS_URL", "redis_url"), description="Redis for online features."
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("MATIH_ADMIN_TOKEN", "admin_token"),
+        description="The admin bearer token. Required by the production profile.",
+    )
+    http_port: int = Field(
+        8000,
+        ge=1,
+        le=65535,
+        validation_alias=AliasChoices("MATIH_HTTP_PORT", "http_port"),
+        description="Port of the Serve HTTP proxy.",
+    )
+
+    # Sections are set in the profile YAML (or as JSON in MATIH_<SECTION>, e.g. MATIH_JOBS).
+    auth: AuthSettings = Field(default_factory=AuthSettings, validation_alias=AliasChoices("MATIH_AUTH", "auth"))
+    http: HttpSettings = Field(default_factory=HttpSettings, validation_alias=AliasChoices("MATIH_HTTP", "http"))
+    serving: ServingSettings = Field(
+        default_factory=ServingSettings, validation_alias=AliasChoices("MATIH_SERVING", "serving")
+    )
+    jobs: JobSettings = Field(default_factory=JobSettings, validation_alias=AliasChoices("MATIH_JOBS", "jobs"))
+    actors: ActorSettings = Field(default_factory=ActorSettings, validation_alias=AliasChoices("MATIH_ACTORS", "actors"))
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> "Settings":
+        self.matih_home = Path(os.path.expanduser(str(self.matih_home))).resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.matih_home / 'matih.db'}"
+        if not self.mlflow_tracking_uri:
+            self.mlflow_tracking_uri = f"sqlite:///{self.matih_home / 'mlflow.db'}"
+        if not self.artifact_root:
+            self.artifact_root = str(self.matih_home / "artifacts")
+        if self.database_url.startswith("postgresql://"):
+            self.database_url = "postgresql+psycopg://" + self.database_url[len("postgresql://") :]
+        if self.auth.enabled and self.admin_token is None and not self.auth.generate_admin_token:
+            raise ValueError(
+                f"the {self.profile} profile needs an admin token: set MATIH_ADMIN_TOKEN "
+                "(or auth.generate_admin_token: true, for a single-user machine)"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The profile YAML is passed in as init kwargs by load_settings, underneath the explicit ones.
+        return (init_settings, env_settings)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings without secrets, for /v1/info and logs."""
+        data = self.model_dump(mode="json", exclude={"s3_access_key", "s3_secret_key", "admin_token"})
+        data["admin_token_configured"] = self.admin_token is not None
+        return data
+
+    def to_init_kwargs(self) -> dict[str, Any]:
+        """A plain dict that rebuilds these exact settings in another process (secrets included)."""
+        data = self.model_dump(mode="json")
+        for key in ("s3_access_key", "s3_secret_key", "admin_token"):
+            value = getattr(self, key)
+            data[key] = value.get_secret_value() if value is not None else None
+        return data
+
+
+def _read_profile(profile: str, config_dir: Path) -> dict[str, Any]:
+    if profile not in PROFILES and not (config_dir / f"{profile}.yaml").exists():
+        raise ConfigError(
+            f"unknown profile {profile!r}: set MATIH_PROFILE to one of {', '.join(PROFILES)} "
+            f"or add {config_dir / (profile + '.yaml')}"
+        )
+    path = config_dir / f"{profile}.yaml"
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of setting names to values")
+    return data
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    known = sorted(Settings.model_fields)
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key; remove it or use one of: {', '.join(known)}")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"  - {key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_settings(profile: str | None = None, config_dir: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings for ``profile`` (default: ``$MATIH_PROFILE`` or ``local``).
+
+    ``overrides`` win over the environment and the profile; keys are field names.
+    """
+    config_dir = config_dir or CONFIG_DIR
+    profile = profile or os.environ.get("MATIH_PROFILE") or "local"
+    data = _read_profile(profile, config_dir)
+    data["profile"] = profile
+    # Environment beats the profile file: drop file keys the environment sets.
+    env_names = {name.lower() for name in os.environ}
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        choices = [c.lower() for c in alias.choices if isinstance(c, str)] if isinstance(alias, AliasChoices) else []
+        if name in data and (name in env_names or any(c in env_names for c in choices)):
+            data.pop(name)
+    data.update(overrides)
+    source = f"profile {config_dir / (profile + '.yaml')}, environment and arguments"
+    try:
+        # Profile values go in as init kwargs; pydantic-settings then gives them precedence over
+        # the environment, which is why environment-set keys were removed from ``data`` above.
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+    except ValueError as exc:  # pragma: no cover - raised by validators outside pydantic's wrapping
+        raise ConfigError(f"invalid configuration ({source}): {exc}") from None

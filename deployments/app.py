@@ -1,0 +1,49 @@
+"""The application builder that ``serve run`` / ``serve deploy`` call (see serve_config.yaml).
+
+``build(args)`` loads and checks the settings (a bad profile stops here, before anything
+deploys), does the one-time start-up work, makes sure the singleton actors exist, and
+returns the Gateway bound to its ModelServer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+
+class Args(BaseModel):
+    """Arguments of the application, from ``applications[].args`` in serve_config.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str | None = Field(
+        None, description="Profile in configs/ (local, production); default: $MATIH_PROFILE or local."
+    )
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="Setting overrides (field names of app.settings.Settings)."
+    )
+
+
+def build(args: dict[str, Any] | Args | None = None) -> Application:
+    from actors.job_scheduler import get_job_scheduler
+    from app.bootstrap import prepare
+    from app.settings import load_settings
+    from deployments.gateway import Gateway
+    from deployments.model_server import ModelServer
+
+    parsed = args if isinstance(args, Args) else Args.model_validate(args or {})
+    settings = load_settings(parsed.profile, **parsed.settings)
+    prepared = prepare(settings)
+    kwargs = settings.to_init_kwargs()
+    get_job_scheduler(kwargs, settings.actors.num_cpus)
+
+    model_server = ModelServer.options(
+        num_replicas=settings.serving.model_server_replicas,
+        ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus},
+    ).bind(kwargs)
+    return Gateway.options(
+        num_replicas=settings.http.gateway_replicas,
+        ray_actor_options={"num_cpus": settings.http.gateway_num_cpus},
+    ).bind(kwargs, model_server, prepared.admin_token)
