@@ -59,7 +59,7 @@ class ModelRuntime(ABC):
         from app.serving.payload import payload_to_matrix
 
         assert self.signature is not None, "load() first"
-        matrix = payload_to_matrix(payload, self.signature)
+        matrix = payload_to_matrix(payload, self.signature, max_rows=int(self.options.get("max_rows", 100_000)))
         return self.predict(matrix, probabilities=bool(payload.get("return_probabilities")))
 
 

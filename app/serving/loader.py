@@ -30,6 +30,7 @@ class ModelLoader:
         return {
             "intra_op_threads": self.settings.serving.onnx_intra_op_threads,
             "inter_op_threads": self.settings.serving.onnx_inter_op_threads,
+            "max_rows": self.settings.serving.max_batch_rows,
         }
 
     def load(self, model_id: str, runtime: str = "onnx") -> ModelRuntime:

@@ -1,0 +1,58 @@
+"""Shared fixtures: metadata stores on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+POSTGRES_URL = os.environ.get("MATIH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_admin_engine():
+    from sqlalchemy import create_engine
+
+    url = POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1)
+    return create_engine(url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request, tmp_path):
+    """A fresh, empty database URL: a SQLite file, or a new PostgreSQL database dropped after."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'meta.db'}"
+        return
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    admin = _postgres_admin_engine()
+    name = f"matih_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        if os.environ.get("MATIH_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL at {POSTGRES_URL} is required (MATIH_REQUIRE_POSTGRES=1) but unreachable: {exc}")
+        pytest.skip(
+            f"no PostgreSQL at {POSTGRES_URL}: start one (trust auth) or set MATIH_TEST_POSTGRES_URL to enable these"
+        )
+    base = POSTGRES_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+@pytest.fixture
+def store(store_url):
+    from app.settings import load_settings
+    from app.store import MetadataStore
+
+    # Through the settings, so postgresql:// URLs get the psycopg driver as in production.
+    url = load_settings(database_url=store_url, matih_home="/tmp/unused-matih-home").database_url
+    s = MetadataStore(url)
+    s.migrate()
+    yield s
+    s.dispose()

@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+
+from app.errors import ConfigError
+from app.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("DATABASE_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MATIH_HOME", "MATIH_PROFILE",
+                 "MATIH_ADMIN_TOKEN", "S3_ENDPOINT", "REDIS_URL", "FEAST_REPO_PATH"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def write_profile(tmp_path: Path, name: str, text: str) -> Path:
+    (tmp_path / f"{name}.yaml").write_text(text)
+    return tmp_path
+
+
+def test_local_defaults_derive_paths_under_matih_home(tmp_path):
+    s = load_settings("local", matih_home=str(tmp_path))
+    assert s.profile == "local"
+    assert s.database_url == f"sqlite:///{tmp_path / 'matih.db'}"
+    assert s.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert s.artifact_root == str(tmp_path / "artifacts")
+    assert s.auth.enabled is True
+
+
+def test_environment_names_override_the_profile(tmp_path, monkeypatch):
+    cfg = write_profile(tmp_path, "local", "database_url: sqlite:////from/profile.db\nredis_url: redis://profile\n")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:p@db:5432/matih_ml")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setenv("MATIH_HOME", str(tmp_path / "home"))
+    s = load_settings("local", config_dir=cfg)
+    assert s.database_url == "postgresql+psycopg://u:p@db:5432/matih_ml"
+    assert s.mlflow_tracking_uri == "http://mlflow:5000"
+    assert s.ray_address == "ray://head:10001"
+    assert s.redis_url == "redis://profile"  # not in the environment: the profile's value stands
+    assert s.matih_home == (tmp_path / "home").resolve()
+
+
+def test_explicit_arguments_win_over_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://env")
+    s = load_settings("local", matih_home=str(tmp_path), redis_url="redis://arg")
+    assert s.redis_url == "redis://arg"
+
+
+def test_unknown_key_names_the_key_and_the_fix(tmp_path):
+    cfg = write_profile(tmp_path, "local", "databse_url: sqlite:///x.db\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings("local", config_dir=cfg)
+    assert "databse_url" in str(err.value)
+    assert "unknown key" in str(err.value) and "database_url" in str(err.value)
+
+
+def test_unknown_nested_key_is_refused(tmp_path):
+    cfg = write_profile(tmp_path, "local", "serving:\n  max_models: 3\n")
+    with pytest.raises(ConfigError, match=r"serving\.max_models: unknown key"):
+        load_settings("local", config_dir=cfg)
+
+
+def test_bad_value_names_the_key(tmp_path):
+    cfg = write_profile(tmp_path, "local", "jobs:\n  max_concurrent: zero\n")
+    with pytest.raises(ConfigError, match=r"jobs\.max_concurrent"):
+        load_settings("local", config_dir=cfg)
+
+
+def test_unknown_profile_lists_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match="local, production"):
+        load_settings("staging", config_dir=tmp_path)
+
+
+def test_production_profile_refuses_to_start_without_a_token(tmp_path):
+    with pytest.raises(ConfigError, match="MATIH_ADMIN_TOKEN"):
+        load_settings("production", matih_home=str(tmp_path))
+
+
+def test_production_profile_with_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("MATIH_ADMIN_TOKEN", "s3cret-token")
+    s = load_settings("production", matih_home=str(tmp_path))
+    assert s.admin_token.get_secret_value() == "s3cret-token"
+    assert "s3cret-token" not in str(s.public_dict())
+    assert s.serving.model_server_replicas == 2
+
+
+def test_settings_travel_to_other_processes_unchanged(tmp_path, monkeypatch):
+    from app.settings import Settings
+
+    monkeypatch.setenv("S3_SECRET_KEY", "k")
+    s = load_settings("local", matih_home=str(tmp_path), admin_token="t")
+    again = Settings(**s.to_init_kwargs())
+    assert again == s
+    assert again.s3_secret_key.get_secret_value() == "k"

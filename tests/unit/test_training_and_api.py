@@ -1,0 +1,178 @@
+"""The training slice and the HTTP API without Ray: real MLflow (SQLite), real ONNX Runtime,
+the real scheduler policy driven by threads instead of Ray tasks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api.app import ApiContext, create_app
+from app.auth import Authenticator, ensure_admin_token
+from app.bootstrap import prepare
+from app.errors import InvalidInput
+from app.jobs.runner import run_job
+from app.jobs.scheduler import SchedulerCore
+from app.registry.mlflow_registry import TAG_JOB, TAG_PARITY, ModelRegistry
+from app.schemas import TrainingJobSpec
+from app.serving.loader import LocalPredictor, ModelLoader
+from app.settings import load_settings
+from app.store import MetadataStore
+from app.training.sklearn_trainer import train_sklearn
+
+IRIS = {
+    "name": "iris-logreg",
+    "framework": "sklearn",
+    "estimator": "sklearn.linear_model.LogisticRegression",
+    "hyperparameters": {"max_iter": 300},
+    "dataset": {"uri": "builtin://iris", "target": "target"},
+    "register_as": "iris",
+}
+
+
+class _ThreadJob:
+    def __init__(self, fn):
+        self.thread = threading.Thread(target=fn, daemon=True)
+        self.thread.start()
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def cancel(self) -> None:  # threads cannot be killed; the runner's result is then ignored
+        pass
+
+
+class ThreadLauncher:
+    def __init__(self, settings, store):
+        self.settings, self.store = settings, store
+
+    def launch(self, job):
+        return _ThreadJob(lambda: run_job(job["job_id"], self.settings, self.store))
+
+
+class InlineJobs:
+    """JobControl that drives SchedulerCore on each call, as the actor's loop would."""
+
+    def __init__(self, core: SchedulerCore):
+        self.core = core
+
+    async def notify(self) -> None:
+        self.core.tick()
+
+    async def cancel(self, job_id, actor):
+        return self.core.cancel(job_id, actor)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    settings = load_settings("local", matih_home=str(home))
+    prepared = prepare(settings)
+    store = MetadataStore(settings.database_url)
+    registry = ModelRegistry(settings)
+    core = SchedulerCore(store, ThreadLauncher(settings, store), max_concurrent=1)
+    ctx = ApiContext(
+        settings=settings,
+        store=store,
+        registry=registry,
+        authenticator=Authenticator(settings, store, prepared.admin_token),
+        predictor=LocalPredictor(ModelLoader(settings, registry)),
+        jobs=InlineJobs(core),
+    )
+    client = TestClient(create_app(ctx))
+    client.headers["Authorization"] = f"Bearer {prepared.admin_token}"
+    yield settings, store, core, client
+
+
+def wait(client, core, job_id, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        core.tick()
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {job['status']}")
+
+
+def test_slice_train_register_serve_without_ray(platform):
+    settings, store, core, client = platform
+    r = client.post("/v1/training/jobs", json=IRIS)
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    job = wait(client, core, r.json()["job_id"])
+    assert job["status"] == "succeeded", job["logs"]
+    res = job["result"]
+    assert res["model_version"] == "1" and res["aliases"] == ["champion"]
+    assert res["metrics"]["accuracy"] > 0.85 and res["onnx_max_abs_diff"] < 1e-4
+
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(settings.mlflow_tracking_uri).get_model_version_by_alias("iris", "champion")
+    assert str(mv.version) == "1" and mv.tags[TAG_JOB] == job["job_id"] and float(mv.tags[TAG_PARITY]) < 1e-4
+
+    assert client.post("/v1/endpoints", json={"name": "iris", "target": "iris@champion"}).status_code == 201
+    out = client.post("/v1/endpoints/iris/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]], "return_probabilities": True})
+    assert out.status_code == 200, out.text
+    body = out.json()
+    assert body["predictions"] == [0] and body["model_version"] == "1" and body["request_id"]
+    assert abs(sum(body["probabilities"][0]) - 1) < 1e-5
+    bad = client.post("/v1/endpoints/iris/predict", json={"instances": [[5.1, 3.5]]})
+    assert bad.status_code == 422 and bad.json()["code"] == "invalid_input"
+
+
+def test_second_version_does_not_move_champion_and_reruns_register_once(platform):
+    settings, store, core, client = platform
+    spec = TrainingJobSpec.model_validate({**IRIS, "hyperparameters": {"max_iter": 200, "C": 0.5}})
+    lines = []
+    first = train_sklearn(spec, settings, "job-x", lambda p, line=None: lines.append(line))
+    again = train_sklearn(spec, settings, "job-x", lambda p, line=None: lines.append(line))
+    assert first["model_version"] == again["model_version"] == "2"
+    assert "registered by an earlier attempt" in lines[-1]
+    from mlflow import MlflowClient
+
+    c = MlflowClient(settings.mlflow_tracking_uri)
+    assert str(c.get_model_version_by_alias("iris", "champion").version) == "1"
+    assert len(c.search_model_versions("name = 'iris'")) == 2
+
+
+def test_allow_list_and_hyperparameters_are_checked(platform):
+    settings, store, core, client = platform
+    r = client.post("/v1/training/jobs", json={**IRIS, "estimator": "os.system"})
+    assert r.status_code == 422 and r.json()["details"]["field"] == "estimator"
+    r = client.post("/v1/training/jobs", json={**IRIS, "dataset": {"uri": "builtin://nope", "target": "t"}})
+    assert r.status_code == 422 and "builtin://iris" in r.json()["error"]
+    r = client.post("/v1/training/jobs", json={**IRIS, "framework": "jax"})
+    assert r.status_code == 422 and "framework" in r.json()["error"]
+    spec = TrainingJobSpec.model_validate({**IRIS, "hyperparameters": {"no_such_param": 1}})
+    with pytest.raises(InvalidInput, match="hyperparameters"):
+        train_sklearn(spec, settings, "job-y", lambda *a: None)
+
+
+def test_failed_job_records_the_error(platform):
+    settings, store, core, client = platform
+    r = client.post("/v1/training/jobs", json={**IRIS, "dataset": {"uri": "builtin://iris", "target": "species"}})
+    job = wait(client, core, r.json()["job_id"])
+    assert job["status"] == "failed" and "species" in job["error"]
+
+
+def test_cancel_a_queued_job_and_not_twice(platform):
+    settings, store, core, client = platform
+    job = store.create_job("training", "later", IRIS, "admin")  # queued, not ticked yet
+    r = client.post(f"/v1/training/jobs/{job['job_id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    r = client.post(f"/v1/training/jobs/{job['job_id']}/cancel")
+    assert r.status_code == 409
+    core.tick()
+    assert store.get_job(job["job_id"])["status"] == "cancelled"
+
+
+def test_scheduler_recovery_requeues_lost_running_jobs(platform):
+    settings, store, core, client = platform
+    job = store.create_job("training", "lost", IRIS, "admin")
+    store.transition_job(job["job_id"], "running", expect="queued")
+    fresh = SchedulerCore(store, ThreadLauncher(settings, store), max_concurrent=1)  # a restarted scheduler
+    assert job["job_id"] in fresh.recover()
+    assert store.get_job(job["job_id"])["status"] == "queued"
+    store.transition_job(job["job_id"], "cancelled")
