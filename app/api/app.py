@@ -303,7 +303,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         }
         if "probabilities" in out:
             content["probabilities"] = out["probabilities"]
-        return JSONResponse(content, headers={"x-request-id": request_id})
+        return JSONResponse(content)  # the Serve proxy echoes the id in the x-request-id header
 
     # -- audit -----------------------------------------------------------------------------
     @api.get("/v1/audit", response_model=Page, tags=["governance"], summary="The audit log (admin)")

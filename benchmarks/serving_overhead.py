@@ -1,0 +1,433 @@
+#!/usr/bin/env python
+"""Serving overhead: one ONNX model behind three paths, measured side by side in one run.
+
+  (a) in-process  onnxruntime.InferenceSession.run on a 1-row float32 input, with the
+                  session options of app/runtimes/onnx.py (1 intra-op, 1 inter-op thread);
+  (b) bare Serve  a single Ray Serve deployment ("bare" application, route /bare,
+                  num_cpus 0.25) that loads the same .onnx file and answers
+                  POST {"instances": [[...]]} -> {"predictions": [...]};
+  (c) platform    POST /v1/endpoints/iris/predict with the bearer token: HTTP proxy ->
+                  Gateway (FastAPI: auth, endpoint + alias resolution, validation) ->
+                  ModelServer (multiplexed model, payload checks, ONNX Runtime).
+
+The script starts a local Ray cluster and the platform in a temporary MATIH_HOME, trains
+the iris logistic regression through the API (POST /v1/training/jobs), creates the
+endpoint, takes the registered .onnx file from the registry for (a) and (b), then runs
+every path at concurrency 1 and 8 with a fixed number of requests. The paths are
+interleaved in rounds (a, b, c, a, b, c, ...) so that a passing disturbance on the
+machine hits all of them rather than one. It prints p50/p99 latency and throughput, the
+ratios (c)/(b) and (c)/(a), and whether the target (c)/(b) p50 <= 1.5 is met.
+
+    .venv/bin/python benchmarks/serving_overhead.py [--requests 300] [--json results.json]
+
+Every loop is bounded by a count; the whole run takes about 1-2 minutes on 2 vCPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROW = [5.1, 3.5, 1.4, 0.2]
+BODY = {"instances": [ROW]}
+TARGET_RATIO = 1.5
+LEVELS = (1, 8)
+PATHS = ("a", "b", "c")
+LABELS = {
+    "a": "(a) in-process ONNX Runtime",
+    "b": "(b) bare Ray Serve deployment",
+    "c": "(c) platform /v1/endpoints/iris/predict",
+}
+TRAINING_JOB = {
+    "name": "iris-logreg",
+    "framework": "sklearn",
+    "estimator": "sklearn.linear_model.LogisticRegression",
+    "hyperparameters": {"max_iter": 300},
+    "dataset": {"uri": "builtin://iris", "target": "target"},
+    "register_as": "iris",
+}
+
+
+# -- the model ------------------------------------------------------------------------------
+def onnx_session(path: str):
+    """An InferenceSession with the options OnnxModelRuntime.load uses (serving defaults)."""
+    import onnxruntime as ort
+
+    from app.runtimes.onnx import available_providers
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, sess_options=opts, providers=available_providers())
+
+
+def label_output(session) -> str:
+    names = [o.name for o in session.get_outputs()]
+    return next((n for n in names if n.lower().startswith("label")), names[0])
+
+
+def bare_deployment():
+    """The bare Serve deployment of (b), defined here so that nothing of the platform is in
+    its path: Starlette request -> numpy -> ONNX Runtime -> dict (Serve writes the JSON)."""
+    from ray import serve
+
+    @serve.deployment(name="BareOnnx", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+    class BareOnnx:
+        def __init__(self, onnx_bytes: bytes):
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3
+            self.session = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+            self.input = self.session.get_inputs()[0].name
+            names = [o.name for o in self.session.get_outputs()]
+            self.label = next((n for n in names if n.lower().startswith("label")), names[0])
+
+        async def __call__(self, request) -> dict:
+            body = await request.json()
+            x = np.asarray(body["instances"], dtype=np.float32)
+            preds = self.session.run([self.label], {self.input: x})[0]
+            return {"predictions": preds.tolist()}
+
+    return BareOnnx
+
+
+# -- load generation --------------------------------------------------------------------------
+class Target:
+    """A path under test: ``callers(k)`` gives k independent call functions (one per thread,
+    kept across rounds so HTTP connections stay open)."""
+
+    def __init__(self, key: str, make_caller: Callable[[], Callable[[], None]]):
+        self.key = key
+        self.make_caller = make_caller
+        self._callers: list[Callable[[], None]] = []
+
+    def callers(self, k: int) -> list[Callable[[], None]]:
+        while len(self._callers) < k:
+            self._callers.append(self.make_caller())
+        return self._callers[:k]
+
+
+def run_level(target: Target, concurrency: int, n: int) -> tuple[list[float], float]:
+    """n calls split over `concurrency` threads; returns (latencies in s, wall time in s)."""
+    per_thread = [n // concurrency + (1 if i < n % concurrency else 0) for i in range(concurrency)]
+    callers = target.callers(concurrency)
+    results: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(concurrency + 1)
+
+    def work(i: int) -> None:
+        call, out = callers[i], results[i]
+        start.wait()
+        try:
+            for _ in range(per_thread[i]):
+                t0 = time.perf_counter()
+                call()
+                out.append(time.perf_counter() - t0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"path {target.key} failed at concurrency {concurrency}: {errors[0]}") from errors[0]
+    return [x for r in results for x in r], wall
+
+
+def http_caller(url: str, headers: dict[str, str]) -> Callable[[], Callable[[], None]]:
+    import requests
+
+    def make() -> Callable[[], None]:
+        session = requests.Session()
+        session.headers.update(headers)
+
+        def call() -> None:
+            r = session.post(url, json=BODY, timeout=30)
+            if r.status_code != 200:
+                raise RuntimeError(f"POST {url} -> {r.status_code}: {r.text[:300]}")
+            r.content  # noqa: B018 - read the whole body
+
+        return call
+
+    return make
+
+
+def summarize(lat: list[float], wall: float) -> dict[str, Any]:
+    ms = np.asarray(lat) * 1000.0
+    return {
+        "requests": len(lat),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "throughput_rps": len(lat) / wall if wall > 0 else math.inf,
+        "wall_s": wall,
+    }
+
+
+def measure(targets: dict[str, Target], counts: dict[int, int], rounds: int, warmup: int) -> dict[str, Any]:
+    results: dict[str, dict[str, Any]] = {k: {} for k in targets}
+    for c in LEVELS:
+        n = counts[c]
+        for t in targets.values():  # warm-up: opens every connection of this level, fills caches
+            run_level(t, c, max(warmup, c))
+        lat: dict[str, list[float]] = {k: [] for k in targets}
+        wall: dict[str, float] = {k: 0.0 for k in targets}
+        chunks = [n // rounds + (1 if i < n % rounds else 0) for i in range(rounds)]
+        for chunk in chunks:
+            for key, t in targets.items():
+                got, w = run_level(t, c, chunk)
+                lat[key] += got
+                wall[key] += w
+        for key in targets:
+            results[key][f"c{c}"] = summarize(lat[key], wall[key])
+        print(f"  concurrency {c}: done", flush=True)
+    return results
+
+
+# -- the platform -----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_platform(home: str, port: int) -> tuple[str, str]:
+    """Serve the platform on 127.0.0.1:port, train iris, create the endpoint; returns
+    (base_url, admin token)."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import build
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    t0 = time.perf_counter()
+    serve.run(build({"settings": {"matih_home": home}}), name="matih", route_prefix="/")
+    print(f"platform deployed in {time.perf_counter() - t0:.1f}s", flush=True)
+    token = (Path(home) / "admin_token").read_text().strip()
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        r = c.post("/v1/training/jobs", json=TRAINING_JOB)
+        r.raise_for_status()
+        job_id = r.json()["job_id"]
+        t0 = time.perf_counter()
+        job: dict[str, Any] = {}
+        for _ in range(600):  # at most ~5 minutes
+            job = c.get(f"/v1/jobs/{job_id}").json()
+            if job.get("status") in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.5)
+        if job.get("status") != "succeeded":
+            raise RuntimeError(f"training job {job_id} did not succeed: {json.dumps(job)[:2000]}")
+        print(f"iris trained and registered in {time.perf_counter() - t0:.1f}s", flush=True)
+        r = c.post("/v1/endpoints", json={"name": "iris", "target": "iris@champion"})
+        r.raise_for_status()
+        for _ in range(60):  # first predict loads the model into the ModelServer replica
+            r = c.post("/v1/endpoints/iris/predict", json=BODY)
+            if r.status_code == 200:
+                break
+            time.sleep(1)
+        r.raise_for_status()
+    return base, token
+
+
+def registered_onnx(home: str) -> Path:
+    """The .onnx file of iris@champion, from the registry (the file the ModelServer loads)."""
+    from app.registry.mlflow_registry import ModelRegistry
+    from app.runtimes.onnx import find_onnx_file
+    from app.settings import load_settings
+
+    settings = load_settings(None, matih_home=home)
+    registry = ModelRegistry(settings)
+    resolved = registry.resolve("iris@champion")
+    path = find_onnx_file(registry.download(resolved))
+    print(f"model: {resolved.model_id} ({path.name}, {path.stat().st_size} bytes)", flush=True)
+    return path
+
+
+# -- report -----------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    import onnxruntime
+    import ray
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    from app.runtimes.onnx import gpu_present
+
+    return {
+        "cpu_model": cpu,
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "gpu": gpu_present(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c in LEVELS:
+        a, b, cc = (results[k][f"c{c}"] for k in PATHS)
+        out[f"c_over_b_p50_c{c}"] = cc["p50_ms"] / b["p50_ms"]
+        out[f"c_over_a_p50_c{c}"] = cc["p50_ms"] / a["p50_ms"]
+        out[f"c_over_b_throughput_c{c}"] = cc["throughput_rps"] / b["throughput_rps"]
+        out[f"c_over_a_throughput_c{c}"] = cc["throughput_rps"] / a["throughput_rps"]
+    return out
+
+
+def print_report(results: dict[str, dict[str, Any]], rat: dict[str, float], target_met: dict[str, bool]) -> None:
+    print()
+    head = f"{'path':<42} {'conc':>4} {'requests':>8} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}"
+    print(head)
+    print("-" * len(head))
+    for c in LEVELS:
+        for k in PATHS:
+            r = results[k][f"c{c}"]
+            print(
+                f"{LABELS[k]:<42} {c:>4} {r['requests']:>8} {r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f}"
+                f" {r['throughput_rps']:>9.1f}"
+            )
+    print()
+    print("ratios (platform vs the others; latency: higher is slower, throughput: lower is slower)")
+    for c in LEVELS:
+        print(
+            f"  c={c}: p50 (c)/(b) = {rat[f'c_over_b_p50_c{c}']:.2f}   p50 (c)/(a) = {rat[f'c_over_a_p50_c{c}']:.1f}"
+            f"   throughput (c)/(b) = {rat[f'c_over_b_throughput_c{c}']:.2f}"
+            f"   throughput (c)/(a) = {rat[f'c_over_a_throughput_c{c}']:.4f}"
+        )
+    print()
+    for c in LEVELS:
+        v = rat[f"c_over_b_p50_c{c}"]
+        print(f"target (c)/(b) p50 <= {TARGET_RATIO} at c={c}: {v:.2f} -> {'MET' if target_met[f'c{c}'] else 'NOT MET'}")
+    print(f"target overall (both levels): {'MET' if all(target_met.values()) else 'NOT MET'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--requests", type=int, default=300, metavar="N",
+                   help="requests per path at concurrency 1 (default 300); concurrency 8 runs\n"
+                        "N*8/3 rounded up to a multiple of 8 (800 for 300)")
+    p.add_argument("--warmup", type=int, default=50, help="warm-up requests per path and level (default 50)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per level (default 4)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    p.add_argument("--keep-home", action="store_true", help="keep the temporary MATIH_HOME")
+    args = p.parse_args(argv)
+    if args.requests < 8 or args.rounds < 1:
+        p.error("--requests must be at least 8 and --rounds at least 1")
+    counts = {1: args.requests, 8: int(math.ceil(args.requests * 8 / 3 / 8) * 8)}
+
+    home = tempfile.mkdtemp(prefix="matih-bench-")
+    os.environ["MATIH_HOME"] = home  # inherited by the local Ray cluster's workers
+    import ray
+    from ray import serve
+
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False)  # replica access logs stay in files
+    try:
+        port = free_port()
+        base, token = start_platform(home, port)
+        onnx_path = registered_onnx(home)
+
+        serve.run(bare_deployment().bind(onnx_path.read_bytes()), name="bare", route_prefix="/bare")
+
+        session = onnx_session(str(onnx_path))
+        input_name, label = session.get_inputs()[0].name, label_output(session)
+        x = np.asarray([ROW], dtype=np.float32)
+
+        def make_inproc() -> Callable[[], None]:
+            def call() -> None:
+                session.run([label], {input_name: x})
+
+            return call
+
+        import requests
+
+        expected = session.run([label], {input_name: x})[0].tolist()
+        got_b = requests.post(f"{base}/bare", json=BODY, timeout=30).json()["predictions"]
+        got_c = requests.post(f"{base}/v1/endpoints/iris/predict", json=BODY, timeout=30,
+                              headers={"Authorization": f"Bearer {token}"}).json()["predictions"]
+        if not (expected == got_b == got_c):
+            raise RuntimeError(f"the paths disagree: (a) {expected}, (b) {got_b}, (c) {got_c}")
+        print(f"all three paths predict {expected} for {ROW}", flush=True)
+
+        targets = {
+            "a": Target("a", make_inproc),
+            "b": Target("b", http_caller(f"{base}/bare", {})),
+            "c": Target("c", http_caller(f"{base}/v1/endpoints/iris/predict", {"Authorization": f"Bearer {token}"})),
+        }
+        print(f"measuring: {counts[1]} requests at c=1, {counts[8]} at c=8 per path, "
+              f"{args.rounds} interleaved rounds, {args.warmup} warm-up", flush=True)
+        results = measure(targets, counts, args.rounds, args.warmup)
+        rat = ratios(results)
+        target_met = {f"c{c}": rat[f"c_over_b_p50_c{c}"] <= TARGET_RATIO for c in LEVELS}
+        print_report(results, rat, target_met)
+        total = time.perf_counter() - started
+        print(f"\ntotal run time {total:.0f}s", flush=True)
+        if args.json:
+            doc = {
+                "benchmark": "serving_overhead",
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "machine": machine(),
+                "config": {"requests": counts, "warmup": args.warmup, "rounds": args.rounds,
+                           "row": ROW, "model": "iris@champion (LogisticRegression, ONNX)"},
+                "paths": LABELS,
+                "results": results,
+                "ratios": rat,
+                "target": {"metric": "(c)/(b) p50 latency", "max": TARGET_RATIO, "met": target_met,
+                           "met_overall": all(target_met.values())},
+                "total_s": total,
+            }
+            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+            print(f"results written to {args.json}")
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if not args.keep_home:
+                shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
