@@ -92,7 +92,10 @@ class JobSettings(_Section):
         description="Import paths a training job may name as its estimator.",
     )
     onnx_parity_tolerance: float = Field(
-        1e-4, ge=0, description="Largest |ONNX - native| difference on held-out rows before a job fails."
+        1e-4,
+        ge=0,
+        description="Largest |ONNX - native| difference on held-out rows before a job fails: absolute for "
+        "class probabilities, relative to the largest |prediction| (at least 1) for regressors.",
     )
 
 

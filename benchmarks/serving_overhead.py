@@ -361,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     started = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False)  # replica access logs stay in files
+    # address="local": always a private cluster, never one that RAY_ADDRESS or `ray start` points
+    # at (serve.shutdown() below must not touch anybody else's applications); replica access
+    # logs stay in the session's log files instead of being printed by this (load-generating) process.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
         base, token = start_platform(home, port)

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.auth import Authenticator, Principal, Role
-from app.errors import DependencyUnavailable, InvalidInput, MatihError, NotFound, PayloadTooLarge
+from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel
 from app.registry.targets import parse_target
 from app.schemas import (
@@ -324,11 +324,8 @@ async def _authenticate(ctx: ApiContext, header: str | None) -> Principal:
 
 
 async def _resolve(ctx: ApiContext, target: str, use_cache: bool = True) -> ResolvedModel:
-    ref = parse_target(target)
-    try:
-        return await asyncio.to_thread(ctx.registry.resolve, ref, use_cache=use_cache)
-    except DependencyUnavailable:
-        raise
+    ref = parse_target(target)  # a malformed target is the caller's 422 before any MLflow call
+    return await asyncio.to_thread(ctx.registry.resolve, ref, use_cache=use_cache)
 
 
 def _check_training_spec(spec: TrainingJobSpec, settings: Settings) -> None:

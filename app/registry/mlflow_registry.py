@@ -56,6 +56,7 @@ class ModelRegistry:
     downloads version artifacts into a local cache keyed by ``name/version``."""
 
     def __init__(self, settings: Settings):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in replica logs
         import mlflow
         from mlflow import MlflowClient
 

@@ -1,6 +1,5 @@
 """The first end-to-end slice through real components: Ray, MLflow, ONNX Runtime, Serve."""
 
-import json
 
 from mlflow import MlflowClient
 

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.app import ApiContext, create_app
-from app.auth import Authenticator, ensure_admin_token
+from app.auth import Authenticator
 from app.bootstrap import prepare
 from app.errors import InvalidInput
 from app.jobs.runner import run_job
@@ -176,3 +176,21 @@ def test_scheduler_recovery_requeues_lost_running_jobs(platform):
     assert job["job_id"] in fresh.recover()
     assert store.get_job(job["job_id"])["status"] == "queued"
     store.transition_job(job["job_id"], "cancelled")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_local_csv_and_parquet_datasets(platform, tmp_path, fmt):
+    from sklearn.datasets import load_diabetes
+
+    settings, store, core, client = platform
+    frame = load_diabetes(as_frame=True).frame
+    path = tmp_path / f"diabetes.{fmt}"
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path)
+    spec = TrainingJobSpec.model_validate({
+        "name": f"diabetes-{fmt}", "estimator": "sklearn.linear_model.Ridge", "hyperparameters": {"alpha": 0.5},
+        "dataset": {"uri": f"file://{path}" if fmt == "csv" else str(path), "target": "target"},
+        "register_as": f"diabetes-{fmt}",
+    })
+    res = train_sklearn(spec, settings, f"job-{fmt}", lambda *a: None)
+    assert res["model_version"] == "1" and res["metrics"]["r2"] > 0.3 and res["onnx_max_abs_diff"] < 1e-3
+    assert set(res["metrics"]) == {"rmse", "mae", "r2"}
