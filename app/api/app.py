@@ -7,6 +7,7 @@ JobScheduler actor); unit tests build it with in-process ones. Routes hold no Ra
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import time
 import uuid
@@ -20,7 +21,7 @@ from app import __version__
 from app.api.errors import install_error_handlers
 from app.auth import Authenticator, Principal, Role
 from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge
-from app.registry.mlflow_registry import ModelRegistry, ResolvedModel
+from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable
 from app.registry.targets import parse_target
 from app.schemas import (
     EndpointCreate,
@@ -57,7 +58,16 @@ class ApiContext:
     jobs: JobControl
     # name -> async check raising on failure; /ready reports each one
     readiness: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    # Called after any change to a model's versions or aliases, so every cache of alias
+    # resolutions drops it now rather than after its TTL. The Gateway fans this out to all
+    # replicas through the RegistryCache actor; the default clears this process's cache.
+    model_changed: Callable[[str], Awaitable[None]] | None = None
     _endpoints: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+
+    async def notify_model_changed(self, name: str) -> None:
+        self.registry.invalidate(name)
+        if self.model_changed is not None:
+            await self.model_changed(name)
 
     async def endpoint(self, name: str) -> dict[str, Any]:
         now = time.monotonic()
@@ -126,15 +136,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     install_error_handlers(api)
     api.add_middleware(BodySizeLimit, limit=ctx.settings.http.max_body_bytes)
 
-    def require(role: Role):
-        async def dependency(request: Request) -> Principal:
-            principal = await _authenticate(ctx, request.headers.get("authorization"))
-            principal.require(role)
-            return principal
-
-        return dependency
-
-    viewer, predictor, developer, admin = (Depends(require(r)) for r in Role)
+    viewer, predictor, developer, admin = role_dependencies(ctx)
 
     # -- health and metadata ---------------------------------------------------------------
     @api.get("/health", tags=["health"], summary="Liveness; no auth")
@@ -316,16 +318,36 @@ def create_app(ctx: ApiContext) -> FastAPI:
         )
         return {"items": items, "next_page_token": nxt}
 
+    for path in ROUTERS:
+        module, _, func = path.partition(":")
+        api.include_router(getattr(importlib.import_module(module), func)(ctx))
     return api
 
 
-async def _authenticate(ctx: ApiContext, header: str | None) -> Principal:
-    return ctx.authenticator.authenticate(header)
+def role_dependencies(ctx: ApiContext):
+    """FastAPI dependencies (viewer, predictor, developer, admin): each authenticates the bearer
+    token and requires at least that role, returning the :class:`Principal`."""
+
+    def require(role: Role):
+        async def dependency(request: Request) -> Principal:
+            principal = ctx.authenticator.authenticate(request.headers.get("authorization"))
+            principal.require(role)
+            return principal
+
+        return dependency
+
+    return tuple(Depends(require(r)) for r in Role)
+
+
+# Routers of further domains: "module:function", each function taking (ctx) -> APIRouter.
+ROUTERS: list[str] = []
 
 
 async def _resolve(ctx: ApiContext, target: str, use_cache: bool = True) -> ResolvedModel:
     ref = parse_target(target)  # a malformed target is the caller's 422 before any MLflow call
-    return await asyncio.to_thread(ctx.registry.resolve, ref, use_cache=use_cache)
+    model = await asyncio.to_thread(ctx.registry.resolve, ref, use_cache=use_cache)
+    check_servable(model)
+    return model
 
 
 def _check_training_spec(spec: TrainingJobSpec, settings: Settings) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.errors import DependencyUnavailable, NotFound
+from app.errors import Conflict, DependencyUnavailable, NotFound
 from app.registry.targets import ModelRef, parse_target
 from app.settings import Settings
 
@@ -26,6 +26,8 @@ TAG_PARITY = "matih.onnx_max_abs_diff"
 TAG_FEATURES = "matih.feature_names"
 TAG_TASK = "matih.task"
 TAG_CLASSES = "matih.classes"
+TAG_STAGE = "matih.stage"  # staging | production | archived
+TAG_TRUSTED = "matih.trusted"  # "true" once an admin marks a pickle-based version trusted
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,15 @@ class ModelRegistry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
+
+
+def check_servable(model: ResolvedModel) -> None:
+    """Archived versions are never served; the caller gets 409 naming the version."""
+    if model.tags.get(TAG_STAGE) == "archived":
+        raise Conflict(
+            f"model {model.model_id} is archived and cannot be served; point the endpoint at another version",
+            details={"model": model.name, "version": model.version},
+        )
 
 
 def model_metadata(model: ResolvedModel) -> dict[str, Any]:
