@@ -28,6 +28,14 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+def check_runtime(value: str) -> str:
+    from app.runtimes.base import RUNTIMES
+
+    if value not in RUNTIMES:
+        raise ValueError(f"runtime {value!r} is unknown; available: {', '.join(sorted(RUNTIMES))}")
+    return value
+
+
 # -- training -------------------------------------------------------------------------------
 class DatasetSpec(_Strict):
     uri: str = Field(
@@ -116,8 +124,13 @@ class EndpointCreate(_Strict):
         description="What the endpoint serves: 'model@alias', 'model/version', or models:/ forms of either.",
         examples=["iris@champion"],
     )
-    runtime: Literal["onnx"] = Field("onnx", description="Inference runtime.")
+    runtime: str = Field("onnx", description="Inference runtime: a name in app.runtimes.base.RUNTIMES.")
     config: dict[str, Any] = Field(default_factory=dict, description="Runtime options, kept with the endpoint.")
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v: str) -> str:
+        return check_runtime(v)
 
     @field_validator("name")
     @classmethod
@@ -127,8 +140,13 @@ class EndpointCreate(_Strict):
 
 class EndpointUpdate(_Strict):
     target: str | None = Field(None, description="New target; the next request uses it, nothing redeploys.")
-    runtime: Literal["onnx"] | None = None
+    runtime: str | None = Field(None, description="New runtime (a name in app.runtimes.base.RUNTIMES).")
     config: dict[str, Any] | None = None
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v: str | None) -> str | None:
+        return None if v is None else check_runtime(v)
 
 
 class PredictRequest(_Strict):

@@ -69,6 +69,9 @@ class ServingSettings(_Section):
         2.0, ge=0, description="How long a gateway replica trusts an endpoint row and an alias resolution."
     )
     max_batch_rows: int = Field(10_000, gt=0, description="Most rows accepted in one predict request.")
+    object_store_models: int = Field(
+        32, ge=1, description="Model artifacts the RegistryCache keeps in Ray's object store (LRU)."
+    )
 
 
 class JobSettings(_Section):

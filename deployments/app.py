@@ -28,6 +28,7 @@ class Args(BaseModel):
 
 def build(args: dict[str, Any] | Args | None = None) -> Application:
     from actors.job_scheduler import get_job_scheduler
+    from actors.registry_cache import get_registry_cache
     from app.bootstrap import prepare
     from app.settings import load_settings
     from deployments.gateway import Gateway
@@ -38,6 +39,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     prepared = prepare(settings)
     kwargs = settings.to_init_kwargs()
     get_job_scheduler(kwargs, settings.actors.num_cpus)
+    get_registry_cache(kwargs, settings.actors.num_cpus)
 
     model_server = ModelServer.options(
         num_replicas=settings.serving.model_server_replicas,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import ray
@@ -11,17 +12,22 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.errors import DependencyUnavailable, MatihError, Overloaded
+from app.registry.targets import model_name_of
+from app.serving.loader import model_id_for
 
 
 class _ServePredictor:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
-    async def predict(self, model, payload: dict[str, Any]) -> dict[str, Any]:
+    async def predict(
+        self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
+    ) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError
 
+        model_id = model_id_for(model, runtime, config)
         try:
-            return await self.handle.options(multiplexed_model_id=model.model_id).predict.remote(payload)
+            return await self.handle.options(multiplexed_model_id=model_id).predict.remote(payload, config)
         except MatihError:
             raise  # raised in the replica: same class, same message (RayTaskError subclasses it)
         except BackPressureError:
@@ -33,6 +39,63 @@ class _ServePredictor:
             raise
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             raise DependencyUnavailable(f"model server unavailable: {exc}", retry_after_s=2) from None
+
+
+class _CachedResolver:
+    """Alias resolution through the RegistryCache actor, cached in this replica and dropped
+    the moment the actor announces a change (a long poll runs in the background)."""
+
+    def __init__(self, actor, ttl_s: float):
+        self.actor = actor
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._epoch = 0
+        self._watcher: asyncio.Task | None = None
+
+    async def resolve(self, ref, use_cache: bool = True):
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        key = str(ref)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if use_cache and hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            model = await self.actor.resolve.remote(key)
+        except MatihError:
+            raise
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            raise (cause if isinstance(cause, MatihError) else exc) from None
+        self._cache[key] = (now + self.ttl_s, model)
+        return model
+
+    def drop(self, name: str | None) -> None:
+        if name is None:
+            self._cache.clear()
+        else:
+            for key in [k for k in self._cache if model_name_of(k) == name]:
+                del self._cache[key]
+
+    async def changed(self, name: str) -> None:
+        self.drop(name)
+        await self.actor.invalidate.remote(name)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                epoch, names = await self.actor.changes_since.remote(self._epoch, 30.0)
+            except Exception:  # actor restarting: its epochs start over, so forget everything
+                self._cache.clear()
+                self._epoch = 0
+                await asyncio.sleep(1.0)
+                continue
+            if names is None:
+                self._cache.clear()
+            else:
+                for name in names:
+                    self.drop(name)
+            self._epoch = epoch
 
 
 class _SchedulerControl:
@@ -51,6 +114,13 @@ class _SchedulerControl:
         await self.actor.ping.remote()
 
 
+def _pinger(actor):
+    async def ping() -> None:
+        await actor.health.remote()
+
+    return ping
+
+
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress()
 class Gateway:
@@ -61,9 +131,13 @@ class Gateway:
         from app.settings import Settings
         from app.store import MetadataStore
 
+        from actors.registry_cache import get_registry_cache
+
         settings = Settings(**settings_kwargs)
         store = MetadataStore(settings.database_url)
         scheduler = _SchedulerControl(settings_kwargs, settings.actors.num_cpus)
+        cache = get_registry_cache(settings_kwargs, settings.actors.num_cpus)
+        resolver = _CachedResolver(cache, settings.serving.resolve_ttl_s)
 
         async def ray_ready() -> None:
             await asyncio.to_thread(ray.cluster_resources)
@@ -75,7 +149,9 @@ class Gateway:
             authenticator=Authenticator(settings, store, admin_token),
             predictor=_ServePredictor(model_server),
             jobs=scheduler,
-            readiness={"ray": ray_ready, "job_scheduler": scheduler.ping},
+            resolver=resolver,
+            model_changed=resolver.changed,
+            readiness={"ray": ray_ready, "job_scheduler": scheduler.ping, "registry_cache": _pinger(cache)},
         )
 
     def __serve_build_asgi_app__(self):

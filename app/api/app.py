@@ -22,7 +22,7 @@ from app.api.errors import install_error_handlers
 from app.auth import Authenticator, Principal, Role
 from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable
-from app.registry.targets import parse_target
+from app.registry.targets import ModelRef, parse_target
 from app.schemas import (
     EndpointCreate,
     EndpointUpdate,
@@ -39,7 +39,15 @@ from app.store import MetadataStore
 
 
 class Predictor(Protocol):
-    async def predict(self, model: ResolvedModel, payload: dict[str, Any]) -> dict[str, Any]: ...
+    async def predict(
+        self, model: ResolvedModel, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
+    ) -> dict[str, Any]:
+        """Run ``payload`` through ``model`` in ``runtime`` (with the endpoint's runtime config)."""
+        ...
+
+
+class Resolver(Protocol):
+    async def resolve(self, ref: ModelRef, use_cache: bool = True) -> ResolvedModel: ...
 
 
 class JobControl(Protocol):
@@ -56,6 +64,8 @@ class ApiContext:
     authenticator: Authenticator
     predictor: Predictor
     jobs: JobControl
+    # Alias resolution; None = straight from ``registry`` (its own TTL cache).
+    resolver: Resolver | None = None
     # name -> async check raising on failure; /ready reports each one
     readiness: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     # Called after any change to a model's versions or aliases, so every cache of alias
@@ -295,7 +305,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         endpoint = await ctx.endpoint(name)
         model = await _resolve(ctx, endpoint["target"])
         payload = body.model_dump(exclude_none=True)
-        out = await ctx.predictor.predict(model, payload)
+        out = await ctx.predictor.predict(model, payload, endpoint["runtime"], endpoint["config"] or None)
         content = {
             "predictions": out["predictions"],
             "model": model.name,
@@ -345,7 +355,10 @@ ROUTERS: list[str] = []
 
 async def _resolve(ctx: ApiContext, target: str, use_cache: bool = True) -> ResolvedModel:
     ref = parse_target(target)  # a malformed target is the caller's 422 before any MLflow call
-    model = await asyncio.to_thread(ctx.registry.resolve, ref, use_cache=use_cache)
+    if ctx.resolver is not None:
+        model = await ctx.resolver.resolve(ref, use_cache=use_cache)
+    else:
+        model = await asyncio.to_thread(ctx.registry.resolve, ref, use_cache=use_cache)
     check_servable(model)
     return model
 

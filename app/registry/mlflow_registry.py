@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import Conflict, DependencyUnavailable, NotFound
-from app.registry.targets import ModelRef, parse_target
+from app.registry.targets import ModelRef, model_name_of, parse_target
 from app.settings import Settings
 
 TAG_FORMAT = "matih.format"
@@ -91,7 +91,7 @@ class ModelRegistry:
             if name is None:
                 self._cache.clear()
             else:
-                for key in [k for k in self._cache if k.split("@")[0].split("/")[0] == name]:
+                for key in [k for k in self._cache if model_name_of(k) == name]:
                     del self._cache[key]
 
     def _resolve_uncached(self, ref: ModelRef) -> ResolvedModel:
@@ -121,31 +121,36 @@ class ModelRegistry:
             raise DependencyUnavailable(f"MLflow is unavailable at {self.tracking_uri}: {exc}") from None
 
     # -- artifacts -------------------------------------------------------------------------
-    def download(self, model: ResolvedModel) -> Path:
-        """Local directory of the version's MLflow model, downloaded once per machine."""
+    def download_to(self, model: ResolvedModel, dest: Path) -> Path:
+        """Download the version's MLflow model into the empty directory ``dest``."""
         import mlflow.artifacts
 
+        try:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model.name}/{model.version}",
+                dst_path=str(dest),
+                tracking_uri=self.tracking_uri,
+                registry_uri=self.tracking_uri,
+            )
+        except Exception as exc:
+            raise DependencyUnavailable(f"could not download {model.model_id} from MLflow: {exc}") from None
+        return dest
+
+    def download(self, model: ResolvedModel) -> Path:
+        """Local directory of the version's MLflow model, downloaded once per machine into
+        MATIH_HOME/model_cache (versions are immutable, so the copy never goes stale)."""
         dest = self.cache_dir / model.name / model.version
         if (dest / "MLmodel").exists():
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{model.version}-", dir=dest.parent))
         try:
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{model.name}/{model.version}",
-                dst_path=str(tmp),
-                tracking_uri=self.tracking_uri,
-                registry_uri=self.tracking_uri,
-            )
+            self.download_to(model, tmp)
             try:
-                os.rename(tmp, dest)  # atomic: another replica may have won the race
+                os.rename(tmp, dest)  # atomic: another process may have won the race
             except OSError:
                 if not (dest / "MLmodel").exists():
                     raise
-        except Exception as exc:
-            if isinstance(exc, OSError) and (dest / "MLmodel").exists():
-                return dest
-            raise DependencyUnavailable(f"could not download {model.model_id} from MLflow: {exc}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest

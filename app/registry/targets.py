@@ -36,3 +36,9 @@ def parse_target(target: str) -> ModelRef:
         "'name/version' (e.g. iris/3) or models:/ forms of either",
         details={"field": "target"},
     )
+
+
+def model_name_of(key: str) -> str:
+    """The model name in a resolution key: 'iris@champion' and 'iris/3' -> 'iris'
+    (model names never hold '@' or '/')."""
+    return key.split("@", 1)[0] if "@" in key else key.rsplit("/", 1)[0]

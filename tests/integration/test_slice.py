@@ -13,7 +13,7 @@ def test_health_ready_info_and_openapi(platform):
         assert ready.status_code == 200
         deps = ready.json()["dependencies"]
         assert {n: d["status"] for n, d in deps.items()} == {
-            "metadata_store": "up", "mlflow": "up", "ray": "up", "job_scheduler": "up"
+            "metadata_store": "up", "mlflow": "up", "ray": "up", "job_scheduler": "up", "registry_cache": "up"
         }
         schema = anon.get("/openapi.json").json()
         for path in ("/v1/training/jobs", "/v1/jobs/{job_id}", "/v1/endpoints", "/v1/endpoints/{name}/predict"):
