@@ -55,11 +55,20 @@ class HttpSettings(_Section):
     gateway_num_cpus: float = Field(0.1, gt=0, description="CPUs reserved per gateway replica.")
 
 
+class AutoscalingSettings(_Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(16, gt=0, description="Requests per replica Serve aims for.")
+
+
 class ServingSettings(_Section):
     max_models_per_replica: int = Field(
         8, ge=1, description="Models a ModelServer replica keeps loaded (least recently used go first)."
     )
-    model_server_replicas: int = Field(1, ge=1, description="ModelServer replicas.")
+    model_server_replicas: int = Field(1, ge=1, description="ModelServer replicas when autoscaling is off.")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="ModelServer autoscaling (Serve autoscaling_config); null = fixed replicas."
+    )
     model_server_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per ModelServer replica.")
     onnx_intra_op_threads: int = Field(
         1, ge=0, description="ONNX Runtime intra-op threads per session (0 = ONNX Runtime decides)."
@@ -69,6 +78,14 @@ class ServingSettings(_Section):
         2.0, ge=0, description="How long a gateway replica trusts an endpoint row and an alias resolution."
     )
     max_batch_rows: int = Field(10_000, gt=0, description="Most rows accepted in one predict request.")
+    batching: bool = Field(True, description="Stack concurrent small requests for one model into one call.")
+    batch_max_requests: int = Field(32, ge=1, description="Most requests in one batched model call.")
+    batch_wait_s: float = Field(
+        0.002, ge=0, description="How long a request may wait for others to batch with (seconds)."
+    )
+    batch_max_rows: int = Field(
+        256, ge=1, description="Requests with more rows than this run on their own, unbatched."
+    )
     object_store_models: int = Field(
         32, ge=1, description="Model artifacts the RegistryCache keeps in Ray's object store (LRU)."
     )

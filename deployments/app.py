@@ -41,9 +41,14 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     get_job_scheduler(kwargs, settings.actors.num_cpus)
     get_registry_cache(kwargs, settings.actors.num_cpus)
 
+    scaling = settings.serving.autoscaling
+    replicas = (
+        {"autoscaling_config": scaling.model_dump()}
+        if scaling is not None
+        else {"num_replicas": settings.serving.model_server_replicas}
+    )
     model_server = ModelServer.options(
-        num_replicas=settings.serving.model_server_replicas,
-        ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus},
+        ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus}, **replicas
     ).bind(kwargs)
     return Gateway.options(
         num_replicas=settings.http.gateway_replicas,

@@ -1,5 +1,10 @@
 """ModelServer: loads any registered version by id with ``@serve.multiplexed`` (LRU per
-replica), so a new or changed endpoint never redeploys anything."""
+replica), so a new or changed endpoint never redeploys anything, and batches concurrent
+small requests for the same model with ``@serve.batch``.
+
+Batching is tuned at run time through ``user_config`` (see serve_config.yaml):
+``{"batching": bool, "batch_max_requests": int, "batch_wait_s": float, "batch_max_rows": int}``.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ def _fetch_from_object_store(cache, model_id: str) -> Path:
     return unpack_to(ray.get(ref), Path(tempfile.mkdtemp(prefix="matih-model-")))
 
 
-@serve.deployment(name="ModelServer", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+@serve.deployment(name="ModelServer", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class ModelServer:
     def __init__(self, settings_kwargs: dict[str, Any]):
         from actors.registry_cache import get_registry_cache
@@ -37,7 +42,6 @@ class ModelServer:
             release=lambda path: shutil.rmtree(path, ignore_errors=True),
         )
         loader = self.loader
-
         configs = self._configs = {}  # model id -> the endpoint runtime config it was asked with
 
         async def load(model_id: str):
@@ -47,13 +51,42 @@ class ModelServer:
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.settings.serving.max_models_per_replica)(
             load
         )
+        s = self.settings.serving
+        self.reconfigure(
+            {
+                "batching": s.batching,
+                "batch_max_requests": s.batch_max_requests,
+                "batch_wait_s": s.batch_wait_s,
+                "batch_max_rows": s.batch_max_rows,
+            }
+        )
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self._batching = bool(config.get("batching", self.settings.serving.batching))
+        self._batch_max_rows = int(config.get("batch_max_rows", self.settings.serving.batch_max_rows))
+        self._run_batch.set_max_batch_size(int(config.get("batch_max_requests", 32)))
+        self._run_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_s", 0.002)))
 
     async def predict(self, payload: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+        from app.serving.batching import BatchItem
+
         model_id = serve.get_multiplexed_model_id()
         if config:
             self._configs[model_id] = config
         runtime = await self.get_model(model_id)
-        return runtime.infer(payload)
+        matrix, probabilities = runtime.prepare(payload)  # bad input fails here, alone
+        if not self._batching or len(matrix) > self._batch_max_rows:
+            return runtime.predict(matrix, probabilities=probabilities)
+        out = await self._run_batch(BatchItem(runtime, matrix, probabilities))
+        if isinstance(out, BaseException):  # the group failed; each caller gets the error
+            raise out
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _run_batch(self, items: list) -> list:
+        from app.serving.batching import run_grouped
+
+        return run_grouped(items)
 
     async def signature(self) -> dict[str, Any]:
         runtime = await self.get_model(serve.get_multiplexed_model_id())

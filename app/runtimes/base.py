@@ -54,13 +54,18 @@ class ModelRuntime(ABC):
         if self.signature and self.signature.n_features:
             self.predict(np.zeros((1, self.signature.n_features), dtype=np.float32))
 
-    def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """The pipeline: payload -> validated matrix -> predict."""
+    def prepare(self, payload: dict[str, Any]) -> tuple[np.ndarray, bool]:
+        """Validate a payload against the signature: (float32 matrix, want probabilities)."""
         from app.serving.payload import payload_to_matrix
 
         assert self.signature is not None, "load() first"
         matrix = payload_to_matrix(payload, self.signature, max_rows=int(self.options.get("max_rows", 100_000)))
-        return self.predict(matrix, probabilities=bool(payload.get("return_probabilities")))
+        return matrix, bool(payload.get("return_probabilities"))
+
+    def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The pipeline: payload -> validated matrix -> predict."""
+        matrix, probabilities = self.prepare(payload)
+        return self.predict(matrix, probabilities=probabilities)
 
 
 RUNTIMES: dict[str, str] = {

@@ -82,7 +82,7 @@ def test_production_profile_with_token(tmp_path, monkeypatch):
     s = load_settings("production", matih_home=str(tmp_path))
     assert s.admin_token.get_secret_value() == "s3cret-token"
     assert "s3cret-token" not in str(s.public_dict())
-    assert s.serving.model_server_replicas == 2
+    assert s.serving.autoscaling.min_replicas == 2
 
 
 def test_settings_travel_to_other_processes_unchanged(tmp_path, monkeypatch):
