@@ -93,3 +93,10 @@ def test_settings_travel_to_other_processes_unchanged(tmp_path, monkeypatch):
     again = Settings(**s.to_init_kwargs())
     assert again == s
     assert again.s3_secret_key.get_secret_value() == "k"
+
+
+def test_unknown_nested_key_suggests_the_section_keys(tmp_path):
+    cfg = write_profile(tmp_path, "local", "jobs:\n  max_concurrency: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings("local", config_dir=cfg)
+    assert "max_concurrent" in str(err.value) and "database_url" not in str(err.value)
