@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support import MlflowServer, free_port
 
 IRIS_JOB = {
     "name": "iris-logreg",
@@ -21,18 +22,14 @@ IRIS_JOB = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Platform:
     url: str
     home: Path
     admin_token: str
     settings: object
+    mlflow: MlflowServer
+    s3: object = None  # tests.s3server.S3Server: the S3-compatible server the platform's S3 settings name
 
     def client(self, token: str | None = "admin") -> httpx.Client:
         token = self.admin_token if token == "admin" else token
@@ -60,15 +57,23 @@ def platform(tmp_path_factory) -> Platform:
 
     home = tmp_path_factory.mktemp("matih_home")
     os.environ["MATIH_HOME"] = str(home)  # the CLI tests read the token file from here
-    port = _free_port()
+    mlflow_server = MlflowServer(home)  # as in production: MLflow over HTTP, not in-process
+    mlflow_server.start()
+    from tests.s3server import start_s3_server
+
+    s3 = start_s3_server()  # real S3 over HTTP (moto server mode) for s3:// batch inputs and outputs
+    overrides = {"matih_home": str(home), "mlflow_tracking_uri": mlflow_server.uri, **s3.settings()}
+    port = free_port()
     ray.init(include_dashboard=False, num_cpus=2, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build({"settings": {"matih_home": str(home)}}), name="matih", route_prefix="/")
+    serve.run(build({"settings": overrides}), name="matih", route_prefix="/")
     token = (home / "admin_token").read_text().strip()
-    p = Platform(f"http://127.0.0.1:{port}", home, token, load_settings("local", matih_home=str(home)))
+    p = Platform(f"http://127.0.0.1:{port}", home, token, load_settings("local", **overrides), mlflow_server, s3)
     yield p
     serve.shutdown()
     ray.shutdown()
+    mlflow_server.stop()
+    s3.stop()
 
 
 @pytest.fixture(scope="session")

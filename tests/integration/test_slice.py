@@ -12,6 +12,7 @@ def test_health_ready_info_and_openapi(platform):
         ready = anon.get("/ready")
         assert ready.status_code == 200
         deps = ready.json()["dependencies"]
+        assert ready.json()["status"] == "ok", deps
         assert {n: d["status"] for n, d in deps.items()} == {
             "metadata_store": "up", "mlflow": "up", "ray": "up", "job_scheduler": "up", "registry_cache": "up"
         }
