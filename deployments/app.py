@@ -50,7 +50,21 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     model_server = ModelServer.options(
         ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus}, **replicas
     ).bind(kwargs)
+    gpu_pool = None
+    if _cluster_gpus() > 0:  # a GPU pool only where GPUs exist; CPU-only clusters never ask for one
+        gpu_pool = ModelServer.options(
+            name="ModelServerGPU",
+            num_replicas=settings.serving.gpu_replicas,
+            ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus,
+                               "num_gpus": settings.serving.gpu_num_gpus},
+        ).bind(kwargs)
     return Gateway.options(
         num_replicas=settings.http.gateway_replicas,
         ray_actor_options={"num_cpus": settings.http.gateway_num_cpus},
-    ).bind(kwargs, model_server, prepared.admin_token)
+    ).bind(kwargs, model_server, prepared.admin_token, gpu_pool)
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0

@@ -80,5 +80,11 @@ def test_bad_training_specs_and_targets(platform, iris):
         _assert_error(c.post("/v1/endpoints", json={"name": "x", "target": "no target"}), 422, "invalid_input")
         _assert_error(c.post("/v1/endpoints", json={"name": "x", "target": "ghost@champion"}), 404, "not_found")
         _assert_error(c.post("/v1/endpoints", json={"name": "iris", "target": "iris@champion"}), 409, "conflict")
+        # no GPUs on this cluster, so no GPU pool: asking for one is refused, not silently ignored
+        r = c.post("/v1/endpoints", json={"name": "on-gpu", "target": "iris@champion", "config": {"device": "gpu"}})
+        _assert_error(r, 422, "invalid_input")
+        assert "no GPUs" in r.json()["error"]
+        r = c.post("/v1/endpoints", json={"name": "on-tpu", "target": "iris@champion", "config": {"device": "tpu"}})
+        _assert_error(r, 422, "invalid_input")
         assert c.get("/v1/endpoints/iris").json()["target"] == "iris@champion"  # nothing stored was lost
         _still_serves(c)
