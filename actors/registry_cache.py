@@ -28,7 +28,7 @@ class RegistryCache:
         from app.settings import Settings
 
         settings = Settings(**settings_kwargs)
-        self._registry = ModelRegistry(settings)
+        self._registry = ModelRegistry(settings, serving=True)
         self._core = RegistryCacheCore(self._registry, settings.serving.resolve_ttl_s)
         self._max_artifacts = settings.serving.object_store_models
         self._artifacts: OrderedDict[str, ray.ObjectRef] = OrderedDict()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from app.auth import ensure_admin_token
 from app.settings import Settings
+from app.storage.s3 import configure_s3_env
 from app.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,9 @@ class Prepared:
 
 
 def prepare(settings: Settings) -> Prepared:
+    configure_s3_env(settings)
     settings.matih_home.mkdir(parents=True, exist_ok=True)
-    if not settings.artifact_root.startswith(("s3://", "gs://", "http://", "https://")):
+    if not settings.artifact_root.startswith(("s3://", "gs://", "http://", "https://", "mlflow-artifacts:")):
         Path(settings.artifact_root).mkdir(parents=True, exist_ok=True)
     store = MetadataStore(settings.database_url)
     try:
@@ -42,12 +44,7 @@ def _prepare_mlflow(settings: Settings) -> None:
     """Create MLflow's schema (SQLite) and the platform's experiment with its artifact root,
     here, once, rather than racing in several replicas."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
-    if client.get_experiment_by_name(settings.experiment_name) is None:
-        location = settings.artifact_root.rstrip("/") + "/" + settings.experiment_name
-        try:
-            client.create_experiment(settings.experiment_name, artifact_location=location)
-        except MlflowException:
-            pass  # created meanwhile by another process
+    from app.registry.mlflow_registry import ensure_experiment
+
+    ensure_experiment(MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri), settings)

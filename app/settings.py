@@ -14,6 +14,7 @@ key and how to fix it, so a typo in a profile stops the start instead of being i
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -70,10 +71,19 @@ class ServingSettings(_Section):
         None, description="ModelServer autoscaling (Serve autoscaling_config); null = fixed replicas."
     )
     model_server_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per ModelServer replica.")
+    gpu_num_gpus: float = Field(
+        0.5, gt=0, le=8, description="GPUs per replica of the GPU pool (ModelServerGPU), which is deployed only "
+        "when the Ray cluster has GPUs; endpoints opt in with config {\"device\": \"gpu\"}."
+    )
+    gpu_replicas: int = Field(1, ge=1, description="Replicas of the GPU pool where it exists.")
     onnx_intra_op_threads: int = Field(
         1, ge=0, description="ONNX Runtime intra-op threads per session (0 = ONNX Runtime decides)."
     )
     onnx_inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads per session.")
+    mlflow_timeout_s: int = Field(
+        5, ge=1, description="MLflow request timeout on the serving path (gateway, registry cache), which "
+        "never retries: while MLflow is down it serves the last known good resolution instead."
+    )
     resolve_ttl_s: float = Field(
         2.0, ge=0, description="How long a gateway replica trusts an endpoint row and an alias resolution."
     )
@@ -123,6 +133,54 @@ class ActorSettings(_Section):
     num_cpus: float = Field(0.05, ge=0, description="CPUs each detached control actor reserves.")
 
 
+class RegistrySettings(_Section):
+    """Registry rules (``/v1/models``): what a version needs before it may reach production,
+    and which extra types a skops file may hold."""
+
+    production_requires_validation: bool = Field(
+        True,
+        description="A version moves to production only with the tag matih.validation=passed (set by a "
+        "training job's ONNX parity check or by the conversion check at registration).",
+    )
+    production_requires_approval: bool = Field(
+        True,
+        description="A version moves to production only after an admin's POST .../approve (tag matih.approved_by).",
+    )
+    skops_trusted_types: list[str] = Field(
+        default_factory=lambda: [
+            "sklearn.tree._tree.Tree",
+            "sklearn.neighbors._kd_tree.KDTree",
+            "sklearn.neighbors._ball_tree.BallTree",
+            "sklearn.metrics._dist_metrics.EuclideanDistance64",
+            "sklearn.metrics._dist_metrics.ManhattanDistance64",
+            "sklearn.metrics._dist_metrics.MinkowskiDistance64",
+        ],
+        description="Types a skops file may hold beyond those skops trusts itself; any other type refuses "
+        "the registration with 422 naming it.",
+    )
+
+
+class BatchSettings(_Section):
+    """Batch prediction jobs (``POST /v1/batch/jobs``): Ray Data defaults a request may override."""
+
+    batch_size: int = Field(8192, gt=0, description="Rows per predictor call (map_batches batch_size).")
+    concurrency: int = Field(2, ge=1, description="Predictor actors in the pool (one ONNX Runtime session each).")
+    worker_num_cpus: float = Field(0.5, gt=0, description="CPUs each predictor actor reserves.")
+    io_num_cpus: float = Field(0.2, gt=0, description="CPUs each read or write task reserves.")
+    driver_num_cpus: float = Field(
+        0.1, gt=0, description="CPUs of the job's own task, which only plans and watches the Ray Data pipeline."
+    )
+    onnx_intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads per predictor actor.")
+    max_block_retries: int = Field(
+        2, ge=0, description="Times a block whose prediction raised is retried before the job fails "
+        "(Ray Data max_map_retries); predictor actors that die are restarted and their blocks retried anyway.",
+    )
+    progress_interval_s: float = Field(1.0, gt=0, description="How often a running job records rows done.")
+    min_rows_per_file: int = Field(
+        250_000, gt=0, description="Rows gathered into one output file (fewer, larger files; the last may be smaller)."
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of the platform. Field names map to environment names case-insensitively."""
 
@@ -157,6 +215,14 @@ class Settings(BaseSettings):
         "matih",
         validation_alias=AliasChoices("MATIH_EXPERIMENT", "experiment_name"),
         description="MLflow experiment that training jobs log to.",
+    )
+    mlflow_request_timeout_s: int = Field(
+        30, ge=1, validation_alias=AliasChoices("MATIH_MLFLOW_TIMEOUT_S", "mlflow_request_timeout_s"),
+        description="MLflow request timeout for training and registry work.",
+    )
+    mlflow_request_retries: int = Field(
+        3, ge=0, validation_alias=AliasChoices("MATIH_MLFLOW_RETRIES", "mlflow_request_retries"),
+        description="Retries of a failed MLflow request (with backoff) for training and registry work.",
     )
     ray_address: str | None = Field(
         None,
@@ -199,6 +265,10 @@ class Settings(BaseSettings):
     )
     jobs: JobSettings = Field(default_factory=JobSettings, validation_alias=AliasChoices("MATIH_JOBS", "jobs"))
     actors: ActorSettings = Field(default_factory=ActorSettings, validation_alias=AliasChoices("MATIH_ACTORS", "actors"))
+    batch: BatchSettings = Field(default_factory=BatchSettings, validation_alias=AliasChoices("MATIH_BATCH", "batch"))
+    registry: RegistrySettings = Field(
+        default_factory=RegistrySettings, validation_alias=AliasChoices("MATIH_REGISTRY", "registry")
+    )
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> "Settings":
@@ -228,7 +298,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The profile YAML is passed in as init kwargs by load_settings, underneath the explicit ones.
-        return (init_settings, env_settings)
+        return (init_settings, _OperatorEnvironment(settings_cls))
 
     def public_dict(self) -> dict[str, Any]:
         """Settings without secrets, for /v1/info and logs."""
@@ -243,6 +313,37 @@ class Settings(BaseSettings):
             value = getattr(self, key)
             data[key] = value.get_secret_value() if value is not None else None
         return data
+
+
+def env_name(field) -> str | None:
+    """The documented environment name of a field: the first of its validation aliases."""
+    alias = field.validation_alias
+    return alias.choices[0] if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str) else None
+
+
+class _OperatorEnvironment(PydanticBaseSettingsSource):
+    """Reads only the documented environment names (DATABASE_URL, MATIH_HOME, MATIH_JOBS, ...).
+    pydantic-settings' own source would also read a variable that merely equals a field
+    name, so a stray PROFILE or HTTP in someone's shell would change the platform."""
+
+    def get_field_value(self, field, field_name):  # required by the base class; unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = {k.upper(): v for k, v in os.environ.items()}
+        out: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            key = env_name(field)
+            if key is None or key.upper() not in env:
+                continue
+            value: Any = env[key.upper()]
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                try:
+                    value = json.loads(value)
+                except ValueError as exc:
+                    raise ConfigError(f"{key}: not valid JSON for the '{name}' section ({exc})") from None
+            out[name] = value
+        return out
 
 
 def _read_profile(profile: str, config_dir: Path) -> dict[str, Any]:
@@ -268,8 +369,15 @@ def _explain(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        field = Settings.model_fields.get(str(err["loc"][0])) if err["loc"] else None
+        env_key = env_name(field) if field is not None else None
+        if env_key and env_key.upper() in {k.upper() for k in os.environ}:
+            key = f"{key} (from {env_key})"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  - {key}: unknown key; remove it or use one of: {', '.join(known)}")
+            section = Settings.model_fields.get(str(err["loc"][0])) if len(err["loc"]) > 1 else None
+            annotation = getattr(section, "annotation", None)
+            names = sorted(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else known
+            lines.append(f"  - {key}: unknown key; remove it or use one of: {', '.join(names)}")
         else:
             got = err.get("input")
             shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
@@ -287,11 +395,10 @@ def load_settings(profile: str | None = None, config_dir: Path | None = None, **
     data = _read_profile(profile, config_dir)
     data["profile"] = profile
     # Environment beats the profile file: drop file keys the environment sets.
-    env_names = {name.lower() for name in os.environ}
+    set_in_env = {name.upper() for name in os.environ}
     for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        choices = [c.lower() for c in alias.choices if isinstance(c, str)] if isinstance(alias, AliasChoices) else []
-        if name in data and (name in env_names or any(c in env_names for c in choices)):
+        key = env_name(field)
+        if name in data and key is not None and key.upper() in set_in_env:
             data.pop(name)
     data.update(overrides)
     source = f"profile {config_dir / (profile + '.yaml')}, environment and arguments"

@@ -17,8 +17,11 @@ from app.serving.loader import model_id_for
 
 
 class _ServePredictor:
-    def __init__(self, handle: DeploymentHandle):
+    """ModelServer calls; endpoints whose config says ``"device": "gpu"`` go to the GPU pool."""
+
+    def __init__(self, handle: DeploymentHandle, gpu_handle: DeploymentHandle | None = None):
         self.handle = handle
+        self.gpu_handle = gpu_handle
 
     async def predict(
         self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
@@ -27,7 +30,8 @@ class _ServePredictor:
 
         model_id = model_id_for(model, runtime, config)
         try:
-            return await self.handle.options(multiplexed_model_id=model_id).predict.remote(payload, config)
+            handle = self.gpu_handle if (config or {}).get("device") == "gpu" and self.gpu_handle else self.handle
+            return await handle.options(multiplexed_model_id=model_id).predict.remote(payload, config)
         except MatihError:
             raise  # raised in the replica: same class, same message (RayTaskError subclasses it)
         except BackPressureError:
@@ -124,7 +128,13 @@ def _pinger(actor):
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress()
 class Gateway:
-    def __init__(self, settings_kwargs: dict[str, Any], model_server: DeploymentHandle, admin_token: str | None):
+    def __init__(
+        self,
+        settings_kwargs: dict[str, Any],
+        model_server: DeploymentHandle,
+        admin_token: str | None,
+        gpu_pool: DeploymentHandle | None = None,
+    ):
         from app.api.app import ApiContext
         from app.auth import Authenticator
         from app.registry.mlflow_registry import ModelRegistry
@@ -145,9 +155,10 @@ class Gateway:
         self.ctx = ApiContext(
             settings=settings,
             store=store,
-            registry=ModelRegistry(settings),
+            registry=ModelRegistry(settings, serving=True),
             authenticator=Authenticator(settings, store, admin_token),
-            predictor=_ServePredictor(model_server),
+            predictor=_ServePredictor(model_server, gpu_pool),
+            gpu_pool=gpu_pool is not None,
             jobs=scheduler,
             resolver=resolver,
             model_changed=resolver.changed,

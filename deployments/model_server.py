@@ -75,6 +75,8 @@ class ModelServer:
             self._configs[model_id] = config
         runtime = await self.get_model(model_id)
         matrix, probabilities = runtime.prepare(payload)  # bad input fails here, alone
+        if runtime.blocking_io:  # a remote call (triton) must not hold up this replica's other requests
+            return await asyncio.to_thread(runtime.predict, matrix, probabilities=probabilities)
         if not self._batching or len(matrix) > self._batch_max_rows:
             return runtime.predict(matrix, probabilities=probabilities)
         out = await self._run_batch(BatchItem(runtime, matrix, probabilities))

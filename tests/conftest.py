@@ -8,6 +8,19 @@ import uuid
 import pytest
 
 POSTGRES_URL = os.environ.get("MATIH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+_LEAKY_ENV = ("MLFLOW_", "AWS_")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_mlflow_and_s3_env():
+    """``mlflow.set_tracking_uri`` (called by ModelRegistry and training) and
+    ``configure_s3_env`` export MLFLOW_* / AWS_* variables, and ``load_settings`` reads
+    MLFLOW_TRACKING_URI: without this, one module's MLflow or S3 server leaks into the next."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(_LEAKY_ENV)}
+    yield
+    for key in [k for k in os.environ if k.startswith(_LEAKY_ENV)]:
+        del os.environ[key]
+    os.environ.update(saved)
 
 
 def _postgres_admin_engine():

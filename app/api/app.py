@@ -64,6 +64,8 @@ class ApiContext:
     authenticator: Authenticator
     predictor: Predictor
     jobs: JobControl
+    # Whether a GPU pool of ModelServers exists (only on clusters with GPUs).
+    gpu_pool: bool = False
     # Alias resolution; None = straight from ``registry`` (its own TTL cache).
     resolver: Resolver | None = None
     # name -> async check raising on failure; /ready reports each one
@@ -90,6 +92,9 @@ class ApiContext:
 
     def forget_endpoint(self, name: str) -> None:
         self._endpoints.pop(name, None)
+
+
+NONCRITICAL_DEPENDENCIES = frozenset({"mlflow"})
 
 
 class BodySizeLimit:
@@ -158,7 +163,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         checks = {"metadata_store": lambda: asyncio.to_thread(ctx.store.ping), "mlflow": lambda: asyncio.to_thread(ctx.registry.ping)}
         checks.update(ctx.readiness)
         names = list(checks)
-        results = await asyncio.gather(*(asyncio.wait_for(checks[n](), 5) for n in names), return_exceptions=True)
+        limit = ctx.settings.serving.mlflow_timeout_s + 2
+        results = await asyncio.gather(*(asyncio.wait_for(checks[n](), limit) for n in names), return_exceptions=True)
         deps = {}
         for name, res in zip(names, results):
             if isinstance(res, BaseException):
@@ -166,8 +172,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 deps[name] = {"status": "down", "error": msg}
             else:
                 deps[name] = {"status": "up"}
-        ok = all(d["status"] == "up" for d in deps.values())
-        return JSONResponse({"ready": ok, "dependencies": deps}, status_code=200 if ok else 503)
+        # MLflow is not needed to serve: models already resolved and loaded keep serving (last
+        # known good), so MLflow being down degrades the platform without making it unready.
+        ok = all(d["status"] == "up" for n, d in deps.items() if n not in NONCRITICAL_DEPENDENCIES)
+        degraded = ok and any(d["status"] != "up" for d in deps.values())
+        status = "degraded" if degraded else ("ok" if ok else "unavailable")
+        return JSONResponse({"ready": ok, "status": status, "dependencies": deps}, status_code=200 if ok else 503)
 
     @api.get("/v1/info", tags=["health"], summary="Version, profile and enabled integrations")
     async def info(_: Principal = viewer) -> dict[str, Any]:
@@ -256,22 +266,23 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # -- endpoints -------------------------------------------------------------------------
     @api.post("/v1/endpoints", status_code=201, tags=["serving"], summary="Create an endpoint")
     async def create_endpoint(body: EndpointCreate, who: Principal = developer) -> dict[str, Any]:
+        _check_device(ctx, body.config)
         resolved = await _resolve(ctx, body.target, use_cache=False)
         row = await asyncio.to_thread(
             ctx.store.create_endpoint, body.name, body.target, body.runtime, body.config, who.name
         )
-        return {**row, "model_version": resolved.version}
+        return {**_public(row), "model_version": resolved.version}
 
     @api.get("/v1/endpoints", response_model=Page, tags=["serving"], summary="List endpoints")
     async def list_endpoints(
         limit: int = Query(50, ge=1, le=500), page_token: str | None = None, _: Principal = viewer
     ) -> dict[str, Any]:
         items, nxt = await asyncio.to_thread(ctx.store.list_endpoints, limit=limit, page_token=page_token)
-        return {"items": items, "next_page_token": nxt}
+        return {"items": [_public(i) for i in items], "next_page_token": nxt}
 
     @api.get("/v1/endpoints/{name}", tags=["serving"], summary="An endpoint and the version it serves now")
     async def get_endpoint(name: str, _: Principal = viewer) -> dict[str, Any]:
-        row = await asyncio.to_thread(ctx.store.get_endpoint, name)
+        row = _public(await asyncio.to_thread(ctx.store.get_endpoint, name))
         try:
             resolved = await _resolve(ctx, row["target"])
             row["model_version"] = resolved.version
@@ -282,11 +293,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @api.put("/v1/endpoints/{name}", tags=["serving"], summary="Change an endpoint (no redeploy)")
     async def update_endpoint(name: str, body: EndpointUpdate, who: Principal = developer) -> dict[str, Any]:
+        _check_device(ctx, body.config or {})
         if body.target is not None:
             await _resolve(ctx, body.target, use_cache=False)
         row = await asyncio.to_thread(ctx.store.update_endpoint, name, body.model_dump(exclude_unset=True), who.name)
         ctx.forget_endpoint(name)
-        return row
+        return _public(row)
 
     @api.delete("/v1/endpoints/{name}", status_code=204, tags=["serving"], summary="Delete an endpoint")
     async def delete_endpoint(name: str, who: Principal = developer) -> Response:
@@ -350,7 +362,11 @@ def role_dependencies(ctx: ApiContext):
 
 
 # Routers of further domains: "module:function", each function taking (ctx) -> APIRouter.
-ROUTERS: list[str] = []
+ROUTERS: list[str] = [
+    "app.api.registry:router",
+    "app.api.batch:router",
+    "app.api.v2:router",
+]
 
 
 async def _resolve(ctx: ApiContext, target: str, use_cache: bool = True) -> ResolvedModel:
@@ -361,6 +377,27 @@ async def _resolve(ctx: ApiContext, target: str, use_cache: bool = True) -> Reso
         model = await asyncio.to_thread(ctx.registry.resolve, ref, use_cache=use_cache)
     check_servable(model)
     return model
+
+
+def _public(endpoint: dict[str, Any]) -> dict[str, Any]:
+    """An endpoint row as the API shows it: header values in the runtime config (credentials
+    for a remote server) are kept in the store but never sent back."""
+    config = endpoint.get("config") or {}
+    if isinstance(config.get("headers"), dict):
+        config = {**config, "headers": {k: "***" for k in config["headers"]}}
+        return {**endpoint, "config": config}
+    return endpoint
+
+
+def _check_device(ctx: ApiContext, config: dict[str, Any]) -> None:
+    device = config.get("device", "cpu")
+    if device not in ("cpu", "gpu"):
+        raise InvalidInput(f"config.device {device!r} must be 'cpu' or 'gpu'", details={"field": "config.device"})
+    if device == "gpu" and not ctx.gpu_pool:
+        raise InvalidInput(
+            "config.device 'gpu': this Ray cluster has no GPUs, so there is no GPU pool; omit device or use 'cpu'",
+            details={"field": "config.device"},
+        )
 
 
 def _check_training_spec(spec: TrainingJobSpec, settings: Settings) -> None:

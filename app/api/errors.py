@@ -43,6 +43,11 @@ def status_for(exc: E.MatihError) -> int:
 
 
 def error_response(exc: E.MatihError) -> JSONResponse:
+    # Ray's RayTaskError+cause dual class answers class attributes (``code``) from the class,
+    # not from the raised instance; the instance Ray wraps is in ``cause``.
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, E.MatihError):
+        exc = cause
     status = status_for(exc)
     headers = {}
     if status in (429, 503):

@@ -10,6 +10,7 @@ from typing import Any
 from app.errors import MatihError
 from app.schemas import TrainingJobSpec
 from app.settings import Settings
+from app.storage.s3 import configure_s3_env
 from app.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -20,12 +21,18 @@ def execute(kind: str, spec: dict[str, Any], settings: Settings, job_id: str, re
         from app.training.sklearn_trainer import train_sklearn
 
         return train_sklearn(TrainingJobSpec.model_validate(spec), settings, job_id, report)
+    if kind == "batch_prediction":
+        from app.batch.predict import run_batch_prediction
+        from app.batch.spec import BatchJobSpec
+
+        return run_batch_prediction(BatchJobSpec.model_validate(spec), settings, job_id, report)
     raise MatihError(f"no runner for job kind {kind!r}", code="unknown_job_kind")
 
 
 def run_job(job_id: str, settings: Settings, store: MetadataStore | None = None) -> dict[str, Any]:
     """Execute a ``running`` job to its end; returns the stored job. Never raises for job
     failures: they are recorded on the job."""
+    configure_s3_env(settings)
     store = store or MetadataStore(settings.database_url)
     job = store.get_job(job_id)
 

@@ -19,6 +19,7 @@ from typing import Any
 from app.errors import Conflict, DependencyUnavailable, NotFound
 from app.registry.targets import ModelRef, model_name_of, parse_target
 from app.settings import Settings
+from app.storage.s3 import configure_s3_env
 
 TAG_FORMAT = "matih.format"
 TAG_JOB = "matih.job_id"
@@ -28,6 +29,12 @@ TAG_TASK = "matih.task"
 TAG_CLASSES = "matih.classes"
 TAG_STAGE = "matih.stage"  # staging | production | archived
 TAG_TRUSTED = "matih.trusted"  # "true" once an admin marks a pickle-based version trusted
+TAG_FORMATS = "matih.formats"  # JSON list of the formats the version's artifacts hold, e.g. ["onnx", "skops"]
+TAG_VALIDATION = "matih.validation"  # passed | failed: the ONNX parity (or ONNX check) at training or registration
+TAG_APPROVED_BY = "matih.approved_by"  # the admin who approved the version for production
+TAG_DATASET_URI = "matih.dataset_uri"
+TAG_DATASET_SHA256 = "matih.dataset_sha256"  # sha256 of the training frame
+TAG_CODE_VERSION = "matih.code_version"  # git commit of the code that trained it, else the package version
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,14 @@ class ResolvedModel:
     def model_id(self) -> str:
         """The multiplexed model id a ModelServer replica loads: ``name/version``."""
         return f"{self.name}/{self.version}"
+
+
+def configure_mlflow_client(timeout_s: int, retries: int) -> None:
+    """MLflow's HTTP client reads these per request; they hold for this whole process."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in replica logs
 
 
 def _is_unavailable(exc: Exception) -> bool:
@@ -57,8 +72,15 @@ class ModelRegistry:
     """Resolves ``name@alias`` / ``name/version`` through MLflow, with a short TTL cache, and
     downloads version artifacts into a local cache keyed by ``name/version``."""
 
-    def __init__(self, settings: Settings):
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in replica logs
+    def __init__(self, settings: Settings, *, serving: bool = False):
+        """``serving=True`` (gateway, registry cache): short timeouts and no retries, because
+        the caller has a last known good answer to fall back on; otherwise the settings'
+        timeout and retries with backoff."""
+        if serving:
+            configure_mlflow_client(settings.serving.mlflow_timeout_s, retries=0)
+        else:
+            configure_mlflow_client(settings.mlflow_request_timeout_s, settings.mlflow_request_retries)
+        configure_s3_env(settings)  # MLflow reads S3 endpoint and keys from the environment
         import mlflow
         from mlflow import MlflowClient
 
@@ -156,6 +178,21 @@ class ModelRegistry:
         return dest
 
 
+def ensure_experiment(client, settings: Settings) -> str:
+    """Id of the platform's experiment, created with its artifact location under
+    ``settings.artifact_root`` on first use (safe when several processes race)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(settings.experiment_name)
+    if exp is not None:
+        return exp.experiment_id
+    location = settings.artifact_root.rstrip("/") + "/" + settings.experiment_name
+    try:
+        return client.create_experiment(settings.experiment_name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another process
+        return client.get_experiment_by_name(settings.experiment_name).experiment_id
+
+
 def check_servable(model: ResolvedModel) -> None:
     """Archived versions are never served; the caller gets 409 naming the version."""
     if model.tags.get(TAG_STAGE) == "archived":
@@ -168,9 +205,14 @@ def check_servable(model: ResolvedModel) -> None:
 def model_metadata(model: ResolvedModel) -> dict[str, Any]:
     """The serving-relevant tags of a version, decoded."""
     tags = model.tags
+    fmt = tags.get(TAG_FORMAT, "onnx")
     return {
-        "format": tags.get(TAG_FORMAT, "onnx"),
+        "model": model.model_id,
+        "format": fmt,
+        "formats": json.loads(tags[TAG_FORMATS]) if TAG_FORMATS in tags else [fmt],
+        "trusted": tags.get(TAG_TRUSTED) == "true",
         "task": tags.get(TAG_TASK),
         "feature_names": json.loads(tags[TAG_FEATURES]) if TAG_FEATURES in tags else None,
         "classes": json.loads(tags[TAG_CLASSES]) if TAG_CLASSES in tags else None,
+        "tags": dict(tags),
     }

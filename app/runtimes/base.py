@@ -32,6 +32,11 @@ class ModelSignature:
 
 class ModelRuntime(ABC):
     name: ClassVar[str]
+    # False for runtimes that serve from elsewhere (a remote Triton server): the loader then
+    # skips fetching the MLflow artifacts and ``load`` gets ``model_dir=None``.
+    needs_artifact: ClassVar[bool] = True
+    # True when ``predict`` waits on the network: the ModelServer runs it off its event loop.
+    blocking_io: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | None = None):
         self.options = options or {}
@@ -70,6 +75,8 @@ class ModelRuntime(ABC):
 
 RUNTIMES: dict[str, str] = {
     "onnx": "app.runtimes.onnx.OnnxModelRuntime",
+    "native": "app.runtimes.native.NativeModelRuntime",
+    "triton": "app.runtimes.triton.TritonModelRuntime",
 }
 
 

@@ -9,13 +9,17 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import ModelError
+from app.errors import Conflict, ModelError
 from app.runtimes.base import ModelRuntime, ModelSignature
 
 
 @functools.lru_cache(maxsize=1)
 def gpu_present() -> bool:
-    """True only when an NVIDIA driver and device are really there (not merely a CUDA build)."""
+    """True only when an NVIDIA driver and a device visible to this process are really there
+    (not merely a CUDA build). Ray hides GPUs from actors that did not ask for one by setting
+    CUDA_VISIBLE_DEVICES to an empty string, so CPU replicas never pick the CUDA provider."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
     if not os.path.exists("/proc/driver/nvidia/version") and not os.environ.get("NVIDIA_VISIBLE_DEVICES"):
         return False
     import ctypes
@@ -53,6 +57,14 @@ class OnnxModelRuntime(ModelRuntime):
     def load(self, model_dir: Path, metadata: dict[str, Any]) -> None:
         import onnxruntime as ort
 
+        if "onnx" not in metadata.get("formats", ["onnx"]):
+            raise Conflict(
+                f"model {metadata.get('model', '')} is {metadata.get('format')} and has no ONNX artifact; serve it "
+                "with runtime 'native' (pickle-based versions only after an admin trusts them) or POST "
+                ".../convert to make an ONNX version",
+                code="no_onnx_artifact",
+                details={"format": metadata.get("format")},
+            )
         path = find_onnx_file(Path(model_dir))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(self.options.get("intra_op_threads", 1))

@@ -77,13 +77,14 @@ class ModelLoader:
         resolved = self._resolve(f"{name}/{version}")
         check_servable(resolved)
         started = time.perf_counter()
-        model_dir = self._fetch(resolved)
+        cls = get_runtime_class(runtime)
+        model_dir = self._fetch(resolved) if cls.needs_artifact else None  # remote runtimes load nothing here
         fetched = time.perf_counter()
-        rt = get_runtime_class(runtime)({**self.runtime_options(), **(config or {})})
+        rt = cls({**self.runtime_options(), **(config or {})})
         try:
             rt.load(model_dir, model_metadata(resolved))
         finally:
-            if self._release is not None:
+            if self._release is not None and model_dir is not None:
                 self._release(model_dir)
         rt.warm_up()
         rt.signature.extra.update(
@@ -116,4 +117,6 @@ class LocalPredictor:
         self, model: ResolvedModel, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
     ) -> dict[str, Any]:
         rt = await asyncio.to_thread(self.get, model_id_for(model, runtime, config), config)
+        if rt.blocking_io:
+            return await asyncio.to_thread(rt.infer, payload)
         return rt.infer(payload)

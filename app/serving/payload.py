@@ -4,7 +4,9 @@ Accepted forms (as in KServe V1 / MLflow scoring):
 
 * ``{"instances": [[5.1, 3.5, 1.4, 0.2], ...]}`` rows in model feature order;
 * ``{"instances": [{"sepal_length": 5.1, ...}, ...]}`` rows keyed by feature name;
-* ``{"inputs": {"sepal_length": [5.1, ...], ...}}`` columns.
+* ``{"inputs": {"sepal_length": [5.1, ...], ...}}`` columns;
+* ``{"tensor": [[5.1, 3.5, 1.4, 0.2], ...]}`` a 2-D matrix (list or numpy array) in model
+  feature order: what the Open Inference Protocol routes send (``app/serving/v2_codec.py``).
 """
 
 from __future__ import annotations
@@ -60,9 +62,37 @@ def _rows_from_dicts(rows: list[dict], signature: ModelSignature) -> list[list[f
     return out
 
 
+def _tensor_matrix(tensor: Any, signature: ModelSignature, max_rows: int) -> np.ndarray:
+    try:
+        matrix = np.asarray(tensor)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"'tensor' must be a 2-D matrix of numbers: {exc}", details={"field": "tensor"}) from None
+    if matrix.dtype.kind not in "iuf":
+        raise InvalidInput(
+            f"'tensor' holds {matrix.dtype} values; it must be a 2-D matrix of numbers", details={"field": "tensor"}
+        )
+    matrix = matrix.astype(np.float32, copy=False)
+    if matrix.ndim != 2 or matrix.shape[0] == 0:
+        raise InvalidInput(
+            f"'tensor' has shape {list(matrix.shape)}; it must be [rows, n_features] with at least one row",
+            details={"field": "tensor"},
+        )
+    if matrix.shape[0] > max_rows:
+        raise InvalidInput(f"'tensor' has {matrix.shape[0]} rows; at most {max_rows} per request")
+    _check_width(matrix.shape[1], signature, "tensor")
+    if not np.isfinite(matrix).all():
+        raise InvalidInput("'tensor' holds NaN or infinite values; features must be finite numbers", details={"field": "tensor"})
+    return np.ascontiguousarray(matrix)
+
+
 def payload_to_matrix(payload: dict[str, Any], signature: ModelSignature, max_rows: int = 100_000) -> np.ndarray:
     instances = payload.get("instances")
     inputs = payload.get("inputs")
+    tensor = payload.get("tensor")
+    if tensor is not None:
+        if instances is not None or inputs is not None:
+            raise InvalidInput("send exactly one of 'instances', 'inputs' or 'tensor'", details={"field": "tensor"})
+        return _tensor_matrix(tensor, signature, max_rows)
     if (instances is None) == (inputs is None):
         raise InvalidInput(
             "send exactly one of 'instances' (rows) or 'inputs' (columns)", details={"field": "instances"}

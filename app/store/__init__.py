@@ -351,6 +351,14 @@ class MetadataStore:
             return [self._job_dict(r) for r in s.scalars(select(Job).where(Job.status == status))]
 
     # -- audit -----------------------------------------------------------------------------
+    def record_audit(
+        self, actor: str, action: str, resource_type: str, resource_id: str, before: Any, after: Any
+    ) -> None:
+        """Record a mutation whose state lives outside this store (MLflow, Feast): who, what,
+        before and after. Changes to this store's own rows are audited in their transaction."""
+        with self._tx() as s:
+            self._audit(s, actor, action, resource_type, resource_id, before, after)
+
     def list_audit(
         self, *, limit: int = 100, page_token: str | None = None, resource_type: str | None = None
     ) -> tuple[list[dict], str | None]:

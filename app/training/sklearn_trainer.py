@@ -17,9 +17,23 @@ import numpy as np
 
 from app.datasets import load_dataset, split_features
 from app.errors import InvalidInput, ModelError
-from app.registry.mlflow_registry import TAG_CLASSES, TAG_FEATURES, TAG_FORMAT, TAG_JOB, TAG_PARITY, TAG_TASK
+from app.registry.lineage import code_version, frame_sha256
+from app.registry.mlflow_registry import (
+    TAG_CLASSES,
+    TAG_CODE_VERSION,
+    TAG_DATASET_SHA256,
+    TAG_DATASET_URI,
+    TAG_FEATURES,
+    TAG_FORMAT,
+    TAG_JOB,
+    TAG_PARITY,
+    TAG_TASK,
+    TAG_VALIDATION,
+    ensure_experiment,
+)
 from app.schemas import TrainingJobSpec
 from app.settings import Settings
+from app.storage.s3 import configure_s3_env
 
 log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any], str | None], None]
@@ -96,19 +110,6 @@ def onnx_parity(onnx_model, est, X: np.ndarray, is_classifier: bool) -> tuple[fl
     return float(np.max(np.abs(pred - est.predict(X)))), 1.0
 
 
-def _experiment_id(client, settings: Settings) -> str:
-    exp = client.get_experiment_by_name(settings.experiment_name)
-    if exp is not None:
-        return exp.experiment_id
-    from mlflow.exceptions import MlflowException
-
-    location = settings.artifact_root.rstrip("/") + "/" + settings.experiment_name
-    try:
-        return client.create_experiment(settings.experiment_name, artifact_location=location)
-    except MlflowException:  # created meanwhile by another job
-        return client.get_experiment_by_name(settings.experiment_name).experiment_id
-
-
 def _existing_version(client, name: str, job_id: str):
     from mlflow.exceptions import MlflowException
 
@@ -157,6 +158,7 @@ def train_sklearn(spec: TrainingJobSpec, settings: Settings, job_id: str, report
             f"label agreement {agreement:.3f}); tolerance is {settings.jobs.onnx_parity_tolerance} x {scale:.3g}"
         )
 
+    configure_s3_env(settings)  # artifacts may go to s3:// (MLflow reads the endpoint from the environment)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
     client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
@@ -175,7 +177,7 @@ def train_sklearn(spec: TrainingJobSpec, settings: Settings, job_id: str, report
                 "onnx_max_abs_diff": max_diff,
             }
 
-    exp_id = _experiment_id(client, settings)
+    exp_id = ensure_experiment(client, settings)
     with mlflow.start_run(experiment_id=exp_id, run_name=spec.name, tags={TAG_JOB: job_id}) as run:
         mlflow.log_params({"estimator": spec.estimator, **{k: str(v) for k, v in spec.hyperparameters.items()}})
         mlflow.log_params({"dataset": spec.dataset.uri, "rows_train": len(X_train), "rows_holdout": len(X_test)})
@@ -205,6 +207,10 @@ def train_sklearn(spec: TrainingJobSpec, settings: Settings, job_id: str, report
             TAG_PARITY: repr(max_diff),
             TAG_FEATURES: json.dumps(feature_names),
             TAG_TASK: "classification" if is_clf else "regression",
+            TAG_VALIDATION: "passed",  # the ONNX parity check above passed, or the job would have failed
+            TAG_DATASET_URI: spec.dataset.uri,
+            TAG_DATASET_SHA256: frame_sha256(frame),
+            TAG_CODE_VERSION: code_version(),
         }
         if classes is not None:
             tags[TAG_CLASSES] = json.dumps(classes)

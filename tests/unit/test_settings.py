@@ -100,3 +100,17 @@ def test_unknown_nested_key_suggests_the_section_keys(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_settings("local", config_dir=cfg)
     assert "max_concurrent" in str(err.value) and "database_url" not in str(err.value)
+
+
+def test_only_documented_environment_names_are_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROFILE", "staging")  # merely a field's name: ignored
+    monkeypatch.setenv("HTTP", "not json")
+    monkeypatch.setenv("MATIH_JOBS", '{"max_concurrent": 3}')
+    s = load_settings("local", matih_home=str(tmp_path))
+    assert s.profile == "local" and s.jobs.max_concurrent == 3
+
+
+def test_bad_json_section_in_the_environment_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("MATIH_SERVING", "{oops")
+    with pytest.raises(ConfigError, match="MATIH_SERVING"):
+        load_settings("local", matih_home=str(tmp_path))

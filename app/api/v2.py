@@ -1,0 +1,225 @@
+"""The Open Inference Protocol (KServe V2) routes, so tritonclient and KServe clients can talk
+to the platform as they would to a Triton or KServe server.
+
+``{model}`` names an endpoint or a registered model. Without a version, an endpoint of that
+name wins (its target, runtime and config serve the request); otherwise the registered model
+``{model}@champion`` serves. With ``/versions/{v}``, ``{model}`` is always a registered model
+and ``{model}/{v}`` serves in the default runtime. Bodies and the binary tensor extension are
+handled by :mod:`app.serving.v2_codec`; every malformed request is a 400 ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app import __version__
+from app.api.app import ApiContext, _resolve, role_dependencies
+from app.auth import Principal
+from app.errors import (
+    BadRequest,
+    DependencyUnavailable,
+    InvalidInput,
+    MatihError,
+    NotFound,
+)
+from app.registry.mlflow_registry import ResolvedModel
+from app.registry.mlflow_registry import model_metadata as version_metadata
+from app.registry.targets import parse_target
+from app.serving import v2_codec
+
+DEFAULT_ALIAS = "champion"
+# The input name skl2onnx gives every model the platform trains; requests may use any name.
+INPUT_NAME = "X"
+PLATFORMS = {"onnx": "onnxruntime_onnx", "triton": "triton", "native": "matih_native"}
+# What serving needs; the job scheduler and MLflow (last known good) may be down meanwhile.
+_SERVING_DEPENDENCIES = ("ray", "registry_cache")
+
+
+@dataclass
+class _Served:
+    model: ResolvedModel
+    runtime: str
+    config: dict[str, Any] | None
+    endpoint: str | None
+
+
+async def _served(ctx: ApiContext, name: str, version: str | None) -> _Served:
+    """What ``/v2/models/{name}[/versions/{version}]`` serves: see the module docstring."""
+    if version is None:
+        try:
+            row = await ctx.endpoint(name)
+        except NotFound:
+            row = None
+        if row is not None:
+            model = await _resolve(ctx, row["target"])
+            return _Served(model, row["runtime"], row["config"] or None, name)
+        target = f"{name}@{DEFAULT_ALIAS}"
+        missing = (
+            f"model {name!r} is neither an endpoint nor a registered model with a {DEFAULT_ALIAS!r} alias; "
+            "GET /v1/endpoints and /v1/models list them"
+        )
+    else:
+        target = f"{name}/{version}"
+        missing = f"model {name!r} has no version {version!r} in the registry"
+    try:
+        parse_target(target)
+    except InvalidInput:
+        raise NotFound(missing, details={"model": name, "version": version}) from None
+    try:
+        model = await _resolve(ctx, target)
+    except NotFound:
+        raise NotFound(missing, details={"model": name, "version": version}) from None
+    return _Served(model, "onnx", None, None)
+
+
+def _label_output(task: str | None) -> str:
+    """skl2onnx's name for the prediction output: ``variable`` for regressors, else ``label``."""
+    return "variable" if task == "regression" else "label"
+
+
+def _model_metadata(name: str, served: _Served) -> dict[str, Any]:
+    meta = version_metadata(served.model)
+    features = meta.get("feature_names")
+    n = len(features) if features else -1
+    task = meta.get("task")
+    classes = meta.get("classes")
+    if task == "regression":
+        outputs = [{"name": "variable", "datatype": "FP32", "shape": [-1]}]
+    else:
+        label_type = "BYTES" if classes and any(isinstance(c, str) for c in classes) else "INT64"
+        outputs = [
+            {"name": "label", "datatype": label_type, "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(classes) if classes else -1]},
+        ]
+    body: dict[str, Any] = {
+        "name": name,
+        "versions": [served.model.version],
+        "platform": PLATFORMS.get(served.runtime, served.runtime),
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, n]}],
+        "outputs": outputs,
+    }
+    extra = {"model": served.model.name, "model_version": served.model.version}
+    if served.endpoint:
+        extra["endpoint"] = served.endpoint
+    if features:
+        extra["feature_names"] = features
+    body["parameters"] = extra
+    return body
+
+
+async def _infer(ctx: ApiContext, name: str, version: str | None, request: Request) -> Response:
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise BadRequest(
+            f"Content-Encoding {encoding!r} is not supported; send the request uncompressed",
+            details={"field": "Content-Encoding"},
+        )
+    body = await request.body()
+    req = v2_codec.decode_request(body, request.headers.get(v2_codec.HEADER_LENGTH))
+    payload = v2_codec.model_payload(req)
+    served = await _served(ctx, name, version)
+    task = version_metadata(served.model).get("task")
+    label = _label_output(task)
+    known = [label] if task == "regression" else [label, "probabilities"]
+    if req.outputs is not None:
+        for o in req.outputs:
+            if o.name not in known:
+                raise BadRequest(
+                    f"output {o.name!r} is not an output of model {name!r}; it has {', '.join(known)}",
+                    details={"field": "outputs", "output": o.name},
+                )
+    payload["return_probabilities"] = (
+        task != "regression" if req.outputs is None else any(o.name == "probabilities" for o in req.outputs)
+    )
+    try:
+        result = await ctx.predictor.predict(served.model, payload, served.runtime, served.config)
+    except InvalidInput as exc:  # the protocol answers every bad request with 400
+        cause = getattr(exc, "cause", None)  # raised in a replica: Ray's wrapper holds the original
+        original = cause if isinstance(cause, InvalidInput) else exc
+        raise BadRequest(original.message, details=original.details) from None
+    outputs = v2_codec.select_outputs(v2_codec.prediction_tensors(result, label), req)
+    request_id = req.id if req.id is not None else request.headers.get("x-request-id") or uuid.uuid4().hex
+    content, header_length = v2_codec.encode_response(name, served.model.version, request_id, outputs)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={v2_codec.HEADER_LENGTH: str(header_length)},
+    )
+
+
+def router(ctx: ApiContext) -> APIRouter:
+    viewer, predictor, _, _ = role_dependencies(ctx)
+    api = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+
+    @api.get("/health/live", summary="Server liveness (V2); no auth")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/health/ready", summary="Server readiness (V2): metadata store and serving path; no auth")
+    async def ready() -> dict[str, bool]:
+        checks = {"metadata_store": lambda: asyncio.to_thread(ctx.store.ping)}
+        checks.update({n: ctx.readiness[n] for n in _SERVING_DEPENDENCIES if n in ctx.readiness})
+        results = await asyncio.gather(*(asyncio.wait_for(c(), 5) for c in checks.values()), return_exceptions=True)
+        down = [
+            f"{n}: {r.message if isinstance(r, MatihError) else (str(r) or type(r).__name__)}"
+            for n, r in zip(checks, results)
+            if isinstance(r, BaseException)
+        ]
+        if down:
+            raise DependencyUnavailable("not ready: " + "; ".join(down))
+        return {"ready": True}
+
+    @api.get("", summary="Server metadata (V2)")
+    async def server_metadata(_: Principal = viewer) -> dict[str, Any]:
+        return {"name": "matih-ml", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @api.get("/models/{model}", summary="Model metadata (V2): an endpoint, else the registered model's champion")
+    async def model_metadata(model: str, _: Principal = viewer) -> dict[str, Any]:
+        return _model_metadata(model, await _served(ctx, model, None))
+
+    @api.get("/models/{model}/versions/{version}", summary="Metadata of a registered model version (V2)")
+    async def version_metadata_route(model: str, version: str, _: Principal = viewer) -> dict[str, Any]:
+        return _model_metadata(model, await _served(ctx, model, version))
+
+    @api.get("/models/{model}/ready", summary="Model readiness (V2): the name resolves to a servable version")
+    async def model_ready(model: str, _: Principal = viewer) -> dict[str, Any]:
+        await _served(ctx, model, None)
+        return {"name": model, "ready": True}
+
+    @api.get("/models/{model}/versions/{version}/ready", summary="Readiness of a registered model version (V2)")
+    async def version_ready(model: str, version: str, _: Principal = viewer) -> dict[str, Any]:
+        await _served(ctx, model, version)
+        return {"name": model, "ready": True}
+
+    infer_doc = {
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "description": "A V2 inference request; binary tensor data after the JSON header when "
+            "Inference-Header-Content-Length is set.",
+        }
+    }
+
+    @api.post("/models/{model}/infer", summary="Inference (V2), JSON or binary tensors", openapi_extra=infer_doc)
+    async def infer(model: str, request: Request, _: Principal = predictor) -> Response:
+        return await _infer(ctx, model, None, request)
+
+    @api.post(
+        "/models/{model}/versions/{version}/infer", summary="Inference with a registered model version (V2)",
+        openapi_extra=infer_doc,
+    )
+    async def infer_version(model: str, version: str, request: Request, _: Principal = predictor) -> Response:
+        return await _infer(ctx, model, version, request)
+
+    return api
+

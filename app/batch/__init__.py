@@ -1,0 +1,1 @@
+"""Batch prediction: a registered model over a parquet or CSV dataset with Ray Data."""

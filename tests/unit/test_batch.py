@@ -1,0 +1,282 @@
+"""Batch prediction without Ray: the predictor over pyarrow tables with a real ONNX model,
+the submit-time checks on real files, and the /v1/batch/jobs routes on an in-process API
+(jobs stay queued: the Ray Data part runs in tests/integration/test_batch.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from fastapi.testclient import TestClient
+
+from app.batch.predict import OnnxBatchPredictor, file_prefix, input_format_of, plan_batch
+from app.batch.spec import BatchJobSpec
+from app.errors import Conflict, InvalidInput, NotFound
+from app.registry.mlflow_registry import TAG_CLASSES, TAG_FEATURES, ResolvedModel
+from app.settings import load_settings
+
+FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+
+@pytest.fixture(scope="module")
+def iris_onnx():
+    """(ONNX bytes, fitted scikit-learn model) for iris logistic regression."""
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = load_iris(return_X_y=True)
+    est = LogisticRegression(max_iter=300).fit(X, y)
+    model = to_onnx(
+        est, X[:1].astype(np.float32), options={id(est): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3}
+    )
+    return model.SerializeToString(), est
+
+
+def _table(n: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    return pa.table(
+        {
+            "id": np.arange(n, dtype=np.int64),
+            "sepal_length": rng.uniform(4, 8, n),
+            "sepal_width": rng.uniform(2, 4.5, n),
+            "petal_length": rng.uniform(1, 7, n),
+            "petal_width": rng.uniform(0.1, 2.5, n),
+            "city": rng.choice(["x", "y"], n),
+        }
+    )
+
+
+MODEL = ResolvedModel("iris", "1", {TAG_FEATURES: json.dumps(FEATURES), TAG_CLASSES: json.dumps([0, 1, 2])})
+
+
+# -- the predictor ---------------------------------------------------------------------------
+def test_predictor_keeps_rows_order_and_columns(iris_onnx):
+    onnx_model, est = iris_onnx
+    table = _table(1000)
+    out = OnnxBatchPredictor(onnx_model, FEATURES, ["id", "city"], probabilities=True)(table)
+    assert out.column_names == ["id", "city", "prediction", "probabilities"]
+    assert out.num_rows == 1000 and out.column("id").equals(table.column("id"))
+    X = np.column_stack([table.column(c).to_numpy() for c in FEATURES])
+    assert np.array_equal(out.column("prediction").to_numpy(), est.predict(X))
+    proba = np.stack(out.column("probabilities").to_numpy(zero_copy_only=False))
+    assert np.allclose(proba, est.predict_proba(X), atol=1e-5)
+
+
+def test_predictor_wide_probabilities_for_csv(iris_onnx):
+    out = OnnxBatchPredictor(iris_onnx[0], FEATURES, probabilities=True, classes=[0, 1, 2], wide_probabilities=True)(
+        _table(10)
+    )
+    assert out.column_names == ["prediction", "probability_0", "probability_1", "probability_2"]
+
+
+def test_predictor_refuses_nulls_and_wrong_width(iris_onnx):
+    table = _table(5)
+    with_null = table.set_column(1, "sepal_length", pa.array([1.0, None, 2.0, 3.0, 4.0]))
+    with pytest.raises(InvalidInput, match="sepal_length.*1 empty"):
+        OnnxBatchPredictor(iris_onnx[0], FEATURES)(with_null)
+    with pytest.raises(InvalidInput, match="takes 4 features but 3"):
+        OnnxBatchPredictor(iris_onnx[0], FEATURES[:3])
+
+
+def test_predictor_casts_integer_features(iris_onnx):
+    table = _table(20)
+    as_int = table.set_column(1, "sepal_length", pa.array(np.full(20, 5, dtype=np.int64)))
+    out = OnnxBatchPredictor(iris_onnx[0], FEATURES)(as_int)
+    assert out.num_rows == 20
+
+
+# -- the request and its checks --------------------------------------------------------------
+def _spec(**kw) -> BatchJobSpec:
+    return BatchJobSpec.model_validate({"model": "iris@champion", "input_uri": "in.parquet", "output_uri": "out", **kw})
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="parquet"):
+        _spec(format="xlsx")
+    with pytest.raises(ValueError, match="clashes"):
+        _spec(key_column="prediction")
+    with pytest.raises(ValueError, match="named twice"):
+        _spec(key_column="id", passthrough_columns=["id"])
+    assert input_format_of(_spec(input_uri="s3://b/x.CSV")) == "csv"
+    assert input_format_of(_spec(input_uri="s3://b/folder/", input_format="parquet")) == "parquet"
+    with pytest.raises(InvalidInput, match="input_format"):
+        input_format_of(_spec(input_uri="/data/folder"))
+
+
+@pytest.fixture
+def files(tmp_path):
+    _table(100).to_pandas().to_parquet(tmp_path / "in.parquet")
+    _table(100).to_pandas().to_csv(tmp_path / "in.csv", index=False)
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.parquet").write_text("x")
+    return tmp_path
+
+
+def test_plan_checks_input_output_and_columns(files):
+    settings = load_settings("local", matih_home=str(files / "home"))
+    d = files
+
+    def plan(**kw):
+        return plan_batch(
+            _spec(**{"input_uri": str(d / "in.parquet"), "output_uri": str(d / "out"), **kw}), settings, MODEL
+        )
+
+    p = plan(key_column="id", passthrough_columns=["city"])
+    assert p.feature_columns == FEATURES and p.keep_columns == ["id", "city"] and p.input_format == "parquet"
+    assert (
+        plan_batch(_spec(input_uri=f"file://{d / 'in.csv'}", output_uri=str(d / "o")), settings, MODEL).input_format
+        == "csv"
+    )
+    with pytest.raises(NotFound):
+        plan(input_uri=str(d / "missing.parquet"))
+    with pytest.raises(InvalidInput, match="cannot be read as parquet"):
+        plan(input_uri=str(d / "bad.parquet"))
+    with pytest.raises(Conflict, match="not empty"):
+        plan(output_uri=str(d / "full"))
+    with pytest.raises(Conflict, match="is a file"):
+        plan(output_uri=str(d / "in.csv"))
+    with pytest.raises(InvalidInput, match="must differ"):
+        plan(output_uri=str(d / "in.parquet"))
+    with pytest.raises(InvalidInput, match=r"\['nope'\]"):
+        plan(key_column="nope")
+    with pytest.raises(InvalidInput, match="not numeric"):
+        plan(feature_columns=["sepal_length", "city", "petal_length", "petal_width"])
+    with pytest.raises(InvalidInput, match="trained on"):
+        plan_batch(
+            _spec(input_uri=str(d / "in.parquet"), output_uri=str(d / "out")),
+            settings,
+            ResolvedModel("iris", "1", {TAG_FEATURES: json.dumps(["f0", "f1", "f2", "f3"])}),
+        )
+    # No recorded feature names: every numeric column but the kept ones.
+    untagged = ResolvedModel("iris", "1", {})
+    p = plan_batch(
+        _spec(input_uri=str(d / "in.parquet"), output_uri=str(d / "out"), key_column="id"), settings, untagged
+    )
+    assert p.feature_columns == FEATURES
+
+
+def test_output_file_names_sort_in_row_order():
+    from app.batch.predict import _job_files
+
+    provider = _job_files("0123456789abcdef", "parquet")
+    names = [provider.get_filename_for_task("u" * 32, i) for i in (0, 2, 10, 100, 1000)]
+    assert names == sorted(names) and all(n.startswith(file_prefix("0123456789abcdef")) for n in names)
+
+
+# -- the routes, in process ------------------------------------------------------------------
+class _QueueOnly:
+    """JobControl that only queues: no scheduler runs, so submitted jobs stay queued."""
+
+    def __init__(self):
+        self.notified = 0
+
+    async def notify(self) -> None:
+        self.notified += 1
+
+    async def cancel(self, job_id, actor):
+        raise AssertionError("not used")
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    import os
+
+    from app.api.app import ApiContext, create_app
+    from app.auth import Authenticator
+    from app.bootstrap import prepare
+    from app.registry.mlflow_registry import ModelRegistry
+    from app.schemas import TrainingJobSpec
+    from app.serving.loader import LocalPredictor, ModelLoader
+    from app.store import MetadataStore
+    from app.training.sklearn_trainer import train_sklearn
+
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which load_settings reads: name this
+    # module's MLflow explicitly and put the environment back afterwards.
+    saved_env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    home = tmp_path_factory.mktemp("batch_home")
+    settings = load_settings("local", matih_home=str(home), mlflow_tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    prepared = prepare(settings)
+    train_sklearn(
+        TrainingJobSpec.model_validate(
+            {
+                "name": "iris",
+                "estimator": "sklearn.linear_model.LogisticRegression",
+                "hyperparameters": {"max_iter": 300},
+                "dataset": {"uri": "builtin://iris", "target": "target"},
+                "register_as": "iris",
+            }
+        ),
+        settings,
+        "train-1",
+        lambda p, line=None: None,
+    )
+    store = MetadataStore(settings.database_url)
+    registry = ModelRegistry(settings)
+    jobs = _QueueOnly()
+    ctx = ApiContext(
+        settings=settings,
+        store=store,
+        registry=registry,
+        authenticator=Authenticator(settings, store, prepared.admin_token),
+        predictor=LocalPredictor(ModelLoader(settings, registry)),
+        jobs=jobs,
+    )
+    client = TestClient(create_app(ctx))
+    client.headers["Authorization"] = f"Bearer {prepared.admin_token}"
+    _table(50).to_pandas().to_parquet(home / "in.parquet")
+    yield client, home, jobs, settings
+    store.dispose()
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        if key not in saved_env:
+            del os.environ[key]
+    os.environ.update(saved_env)
+
+
+def test_submit_queues_a_batch_prediction_job(api):
+    client, home, jobs, settings = api
+    before = jobs.notified
+    r = client.post(
+        "/v1/batch/jobs",
+        json={
+            "model": "iris@champion",
+            "input_uri": str(home / "in.parquet"),
+            "output_uri": str(home / "out"),
+            "key_column": "id",
+        },
+    )
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert jobs.notified == before + 1
+    job = client.get(f"/v1/batch/jobs/{job_id}").json()
+    assert job["kind"] == "batch_prediction" and job["status"] == "queued" and job["name"] == "batch-iris"
+    assert job["spec"]["resources"]["num_cpus"] == settings.batch.driver_num_cpus
+    assert BatchJobSpec.model_validate(job["spec"]).key_column == "id"  # what the runner reads back
+    assert client.get(f"/v1/jobs/{job_id}").json()["kind"] == "batch_prediction"
+    assert job_id in [j["job_id"] for j in client.get("/v1/batch/jobs").json()["items"]]
+    assert "/v1/batch/jobs" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    "change, status",
+    [
+        ({"model": "nope@champion"}, 404),
+        ({"model": "not a target!"}, 422),
+        ({"format": "json"}, 422),
+        ({"input_uri": "missing.parquet"}, 404),
+        ({"input_uri": "in.txt"}, 422),
+        ({"concurrency": 0}, 422),
+        ({"unknown_field": 1}, 422),
+    ],
+)
+def test_submit_refusals(api, change, status):
+    client, home, _, _ = api
+    body = {"model": "iris@champion", "input_uri": str(home / "in.parquet"), "output_uri": str(home / "out2")}
+    if "input_uri" in change:
+        change = {"input_uri": str(home / change["input_uri"])}
+    r = client.post("/v1/batch/jobs", json={**body, **change})
+    assert r.status_code == status, r.text
+    assert set(r.json()) >= {"error", "code"}
