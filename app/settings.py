@@ -71,6 +71,15 @@ class ServingSettings(_Section):
         None, description="ModelServer autoscaling (Serve autoscaling_config); null = fixed replicas."
     )
     model_server_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per ModelServer replica.")
+    serve_env: dict[str, str] = Field(
+        default_factory=lambda: {
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+        },
+        description="Environment of the Gateway and ModelServer replicas. The defaults keep user code and the "
+        "handle router on the replica's own event loop, which takes two thread hops off every request "
+        "(our request paths never block that loop: blocking work goes to threads).",
+    )
     gpu_num_gpus: float = Field(
         0.5, gt=0, le=8, description="GPUs per replica of the GPU pool (ModelServerGPU), which is deployed only "
         "when the Ray cluster has GPUs; endpoints opt in with config {\"device\": \"gpu\"}."

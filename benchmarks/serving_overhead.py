@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Serving overhead: one ONNX model behind three paths, measured side by side in one run.
 
   (a) in-process  onnxruntime.InferenceSession.run on a 1-row float32 input, with the
@@ -20,7 +19,8 @@ ratios (c)/(b) and (c)/(a), and whether the target (c)/(b) p50 <= 1.5 is met.
 
     .venv/bin/python benchmarks/serving_overhead.py [--requests 300] [--json results.json]
 
-Every loop is bounded by a count; the whole run takes about 1-2 minutes on 2 vCPUs.
+Every loop is bounded by a count; the whole run takes 40-60 s on 2 vCPUs. It also reports how much
+CPU other processes used while it measured, and flags the run as disturbed above 10%.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,14 @@ def bare_deployment():
     its path: Starlette request -> numpy -> ONNX Runtime -> dict (Serve writes the JSON)."""
     from ray import serve
 
-    @serve.deployment(name="BareOnnx", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+    from app.settings import load_settings
+
+    # The same Serve tuning as the platform's replicas (settings.serving.serve_env), so the
+    # comparison measures what the platform adds, not a different Serve configuration.
+    env = {"env_vars": dict(load_settings("local", matih_home=tempfile.gettempdir()).serving.serve_env)}
+
+    @serve.deployment(name="BareOnnx", ray_actor_options={"num_cpus": 0.25, "runtime_env": env},
+                      max_ongoing_requests=32)
     class BareOnnx:
         def __init__(self, onnx_bytes: bytes):
             import onnxruntime as ort
@@ -208,6 +216,69 @@ def measure(targets: dict[str, Target], counts: dict[int, int], rounds: int, war
     return results
 
 
+# -- was the machine quiet? -------------------------------------------------------------------
+class CpuWatch:
+    """CPU time the rest of the machine used while we measured: all busy CPU time (/proc/stat)
+    minus this process tree's (the driver, the Ray cluster it started, its replicas). On a
+    2-vCPU machine another job's tests or servers shift every number; this says when."""
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _system() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return user + nice + system + irq + softirq, steal
+
+    @staticmethod
+    def _own_tree() -> int:
+        parent: dict[int, int] = {}
+        ticks: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            pid = int(entry.name)
+            parent[pid] = int(rest[1])
+            ticks[pid] = sum(int(x) for x in rest[11:15])  # utime stime cutime cstime
+        me, total = os.getpid(), 0
+        for pid, used in ticks.items():
+            p, hops = pid, 0
+            while p > 1 and p != me and hops < 64:
+                p, hops = parent.get(p, 0), hops + 1
+            if p == me:
+                total += used
+        return total
+
+    def _snapshot(self) -> tuple[float, int, int, int]:
+        busy, steal = self._system()
+        return time.monotonic(), busy, steal, self._own_tree()
+
+    def report(self) -> dict[str, Any] | None:
+        try:
+            t1, busy1, steal1, own1 = self._snapshot()
+        except (OSError, ValueError):
+            return None
+        t0, busy0, steal0, own0 = self.start
+        capacity = (t1 - t0) * self.hz * (os.cpu_count() or 1)
+        if capacity <= 0:
+            return None
+        other = max(0, (busy1 - busy0) - (own1 - own0))
+        return {
+            "other_processes_cpu_pct": round(100 * other / capacity, 1),
+            "this_benchmark_cpu_pct": round(100 * (own1 - own0) / capacity, 1),
+            "steal_pct": round(100 * (steal1 - steal0) / capacity, 1),
+        }
+
+
+QUIET_PCT = 10.0  # other processes' share of all CPUs above which the run is flagged as disturbed
+
+
 # -- the platform -----------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -266,6 +337,27 @@ def registered_onnx(home: str) -> Path:
     path = find_onnx_file(registry.download(resolved))
     print(f"model: {resolved.model_id} ({path.name}, {path.stat().st_size} bytes)", flush=True)
     return path
+
+
+def platform_config(home: str) -> dict[str, Any]:
+    """The serving settings the platform ran with (profile defaults), and the code's commit."""
+    import subprocess
+
+    from app.settings import load_settings
+
+    serving = load_settings(None, matih_home=home).serving.model_dump(mode="json")
+    repo = Path(__file__).resolve().parent.parent
+    commit = None
+    try:
+        def git(*cmd: str) -> str:
+            done = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=10, check=False)
+            return done.stdout.strip()
+
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        commit = f"{head}{' (uncommitted changes)' if dirty else ''}" if head else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": commit, "serving": serving}
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -369,6 +461,11 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         base, token = start_platform(home, port)
         onnx_path = registered_onnx(home)
+        config = platform_config(home)
+        sv = config["serving"]
+        print(f"code: {config['commit']}; ModelServer: batching={sv.get('batching')} "
+              f"batch_wait_s={sv.get('batch_wait_s')} replicas={sv.get('model_server_replicas')} "
+              f"autoscaling={sv.get('autoscaling')}", flush=True)
 
         serve.run(bare_deployment().bind(onnx_path.read_bytes()), name="bare", route_prefix="/bare")
 
@@ -399,10 +496,21 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"measuring: {counts[1]} requests at c=1, {counts[8]} at c=8 per path, "
               f"{args.rounds} interleaved rounds, {args.warmup} warm-up", flush=True)
+        watch = CpuWatch() if Path("/proc/stat").exists() else None
         results = measure(targets, counts, args.rounds, args.warmup)
+        background = watch.report() if watch else None
         rat = ratios(results)
         target_met = {f"c{c}": rat[f"c_over_b_p50_c{c}"] <= TARGET_RATIO for c in LEVELS}
         print_report(results, rat, target_met)
+        if background is not None:
+            disturbed = background["other_processes_cpu_pct"] > QUIET_PCT
+            background["disturbed"] = disturbed
+            print(f"\nCPU while measuring (share of all {os.cpu_count()} CPUs): this benchmark "
+                  f"{background['this_benchmark_cpu_pct']}%, other processes {background['other_processes_cpu_pct']}%"
+                  f", steal {background['steal_pct']}%")
+            if disturbed:
+                print(f"WARNING: other processes used over {QUIET_PCT:.0f}% of the CPUs while measuring; "
+                      "the numbers are disturbed (the platform's extra hop suffers most): run again when quiet")
         total = time.perf_counter() - started
         print(f"\ntotal run time {total:.0f}s", flush=True)
         if args.json:
@@ -411,11 +519,13 @@ def main(argv: list[str] | None = None) -> int:
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
                 "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "machine": machine(),
+                "platform": config,
                 "config": {"requests": counts, "warmup": args.warmup, "rounds": args.rounds,
                            "row": ROW, "model": "iris@champion (LogisticRegression, ONNX)"},
                 "paths": LABELS,
                 "results": results,
                 "ratios": rat,
+                "background_cpu": background,
                 "target": {"metric": "(c)/(b) p50 latency", "max": TARGET_RATIO, "met": target_met,
                            "met_overall": all(target_met.values())},
                 "total_s": total,

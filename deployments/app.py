@@ -41,6 +41,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     get_job_scheduler(kwargs, settings.actors.num_cpus)
     get_registry_cache(kwargs, settings.actors.num_cpus)
 
+    env = {"env_vars": dict(settings.serving.serve_env)}
     scaling = settings.serving.autoscaling
     replicas = (
         {"autoscaling_config": scaling.model_dump()}
@@ -48,7 +49,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
         else {"num_replicas": settings.serving.model_server_replicas}
     )
     model_server = ModelServer.options(
-        ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus}, **replicas
+        ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus, "runtime_env": env}, **replicas
     ).bind(kwargs)
     gpu_pool = None
     if _cluster_gpus() > 0:  # a GPU pool only where GPUs exist; CPU-only clusters never ask for one
@@ -56,11 +57,11 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
             name="ModelServerGPU",
             num_replicas=settings.serving.gpu_replicas,
             ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus,
-                               "num_gpus": settings.serving.gpu_num_gpus},
+                               "num_gpus": settings.serving.gpu_num_gpus, "runtime_env": env},
         ).bind(kwargs)
     return Gateway.options(
         num_replicas=settings.http.gateway_replicas,
-        ray_actor_options={"num_cpus": settings.http.gateway_num_cpus},
+        ray_actor_options={"num_cpus": settings.http.gateway_num_cpus, "runtime_env": env},
     ).bind(kwargs, model_server, prepared.admin_token, gpu_pool)
 
 

@@ -51,6 +51,7 @@ class ModelServer:
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.settings.serving.max_models_per_replica)(
             load
         )
+        self._in_flight = 0  # predict calls in this replica now (all on its one event loop)
         s = self.settings.serving
         self.reconfigure(
             {
@@ -70,19 +71,25 @@ class ModelServer:
     async def predict(self, payload: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
         from app.serving.batching import BatchItem
 
-        model_id = serve.get_multiplexed_model_id()
-        if config:
-            self._configs[model_id] = config
-        runtime = await self.get_model(model_id)
-        matrix, probabilities = runtime.prepare(payload)  # bad input fails here, alone
-        if runtime.blocking_io:  # a remote call (triton) must not hold up this replica's other requests
-            return await asyncio.to_thread(runtime.predict, matrix, probabilities=probabilities)
-        if not self._batching or len(matrix) > self._batch_max_rows:
-            return runtime.predict(matrix, probabilities=probabilities)
-        out = await self._run_batch(BatchItem(runtime, matrix, probabilities))
-        if isinstance(out, BaseException):  # the group failed; each caller gets the error
-            raise out
-        return out
+        self._in_flight += 1
+        try:
+            model_id = serve.get_multiplexed_model_id()
+            if config:
+                self._configs[model_id] = config
+            runtime = await self.get_model(model_id)
+            matrix, probabilities = runtime.prepare(payload)  # bad input fails here, alone
+            if runtime.blocking_io:  # a remote call (triton) must not hold up this replica's other requests
+                return await asyncio.to_thread(runtime.predict, matrix, probabilities=probabilities)
+            # Batch only when there is company: a request alone in the replica would just wait out
+            # batch_wait_s for nobody, so it runs at once.
+            if not self._batching or len(matrix) > self._batch_max_rows or self._in_flight == 1:
+                return runtime.predict(matrix, probabilities=probabilities)
+            out = await self._run_batch(BatchItem(runtime, matrix, probabilities))
+            if isinstance(out, BaseException):  # the group failed; each caller gets the error
+                raise out
+            return out
+        finally:
+            self._in_flight -= 1
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _run_batch(self, items: list) -> list:
