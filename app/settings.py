@@ -71,6 +71,10 @@ class ServingSettings(_Section):
         None, description="ModelServer autoscaling (Serve autoscaling_config); null = fixed replicas."
     )
     model_server_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per ModelServer replica.")
+    handle_grpc: bool = Field(
+        True, description="Gateway -> ModelServer calls over Serve's direct gRPC channel rather than a Ray actor "
+        "task per call (faster for small payloads)."
+    )
     serve_env: dict[str, str] = Field(
         default_factory=lambda: {
             "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",

@@ -19,9 +19,11 @@ from app.serving.loader import model_id_for
 class _ServePredictor:
     """ModelServer calls; endpoints whose config says ``"device": "gpu"`` go to the GPU pool."""
 
-    def __init__(self, handle: DeploymentHandle, gpu_handle: DeploymentHandle | None = None):
-        self.handle = handle
-        self.gpu_handle = gpu_handle
+    def __init__(self, handle: DeploymentHandle, gpu_handle: DeploymentHandle | None = None, grpc: bool = True):
+        # _by_reference=False: Serve's direct gRPC channel to the replica instead of a Ray
+        # actor task per call (payloads and results are small JSON-like values).
+        self.handle = handle.options(_by_reference=False) if grpc else handle
+        self.gpu_handle = (gpu_handle.options(_by_reference=False) if grpc else gpu_handle) if gpu_handle else None
 
     async def predict(
         self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
@@ -157,7 +159,7 @@ class Gateway:
             store=store,
             registry=ModelRegistry(settings, serving=True),
             authenticator=Authenticator(settings, store, admin_token),
-            predictor=_ServePredictor(model_server, gpu_pool),
+            predictor=_ServePredictor(model_server, gpu_pool, grpc=settings.serving.handle_grpc),
             gpu_pool=gpu_pool is not None,
             jobs=scheduler,
             resolver=resolver,
