@@ -71,6 +71,10 @@ class ServingSettings(_Section):
         None, description="ModelServer autoscaling (Serve autoscaling_config); null = fixed replicas."
     )
     model_server_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per ModelServer replica.")
+    model_server_access_log: bool = Field(
+        False, description="Write a Serve access-log line per ModelServer call too (the Gateway logs every "
+        "request already)."
+    )
     handle_grpc: bool = Field(
         True, description="Gateway -> ModelServer calls over Serve's direct gRPC channel rather than a Ray actor "
         "task per call (faster for small payloads)."
@@ -79,10 +83,12 @@ class ServingSettings(_Section):
         default_factory=lambda: {
             "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+            "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "100",
         },
         description="Environment of the Gateway and ModelServer replicas. The defaults keep user code and the "
         "handle router on the replica's own event loop, which takes two thread hops off every request "
-        "(our request paths never block that loop: blocking work goes to threads).",
+        "(our request paths never block that loop: blocking work goes to threads), and buffer request logs "
+        "instead of flushing a file write per request.",
     )
     gpu_num_gpus: float = Field(
         0.5, gt=0, le=8, description="GPUs per replica of the GPU pool (ModelServerGPU), which is deployed only "

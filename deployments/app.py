@@ -49,7 +49,9 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
         else {"num_replicas": settings.serving.model_server_replicas}
     )
     model_server = ModelServer.options(
-        ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus, "runtime_env": env}, **replicas
+        ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus, "runtime_env": env},
+        logging_config={"enable_access_log": settings.serving.model_server_access_log},
+        **replicas,
     ).bind(kwargs)
     gpu_pool = None
     if _cluster_gpus() > 0:  # a GPU pool only where GPUs exist; CPU-only clusters never ask for one
