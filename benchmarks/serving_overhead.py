@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from app.cli import DEMO_JOB
+
 ROW = [5.1, 3.5, 1.4, 0.2]
 BODY = {"instances": [ROW]}
 TARGET_RATIO = 1.5
@@ -52,14 +54,7 @@ LABELS = {
     "b": "(b) bare Ray Serve deployment",
     "c": "(c) platform /v1/endpoints/iris/predict",
 }
-TRAINING_JOB = {
-    "name": "iris-logreg",
-    "framework": "sklearn",
-    "estimator": "sklearn.linear_model.LogisticRegression",
-    "hyperparameters": {"max_iter": 300},
-    "dataset": {"uri": "builtin://iris", "target": "target"},
-    "register_as": "iris",
-}
+TRAINING_JOB = DEMO_JOB  # the README's first job, one definition in app/cli.py
 
 
 # -- the model ------------------------------------------------------------------------------

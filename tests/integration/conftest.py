@@ -10,16 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.cli import DEMO_JOB
 from tests.support import MlflowServer, free_port
 
-IRIS_JOB = {
-    "name": "iris-logreg",
-    "framework": "sklearn",
-    "estimator": "sklearn.linear_model.LogisticRegression",
-    "hyperparameters": {"max_iter": 300},
-    "dataset": {"uri": "builtin://iris", "target": "target"},
-    "register_as": "iris",
-}
+IRIS_JOB = DEMO_JOB  # the README's first job, one definition in app/cli.py
 
 
 @dataclass

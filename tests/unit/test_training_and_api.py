@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from app.api.app import ApiContext, create_app
 from app.auth import Authenticator
 from app.bootstrap import prepare
+from app.cli import DEMO_JOB
 from app.errors import InvalidInput
 from app.jobs.runner import run_job
 from app.jobs.scheduler import SchedulerCore
@@ -22,14 +23,7 @@ from app.settings import load_settings
 from app.store import MetadataStore
 from app.training.sklearn_trainer import train_sklearn
 
-IRIS = {
-    "name": "iris-logreg",
-    "framework": "sklearn",
-    "estimator": "sklearn.linear_model.LogisticRegression",
-    "hyperparameters": {"max_iter": 300},
-    "dataset": {"uri": "builtin://iris", "target": "target"},
-    "register_as": "iris",
-}
+IRIS = DEMO_JOB  # the README's first job, one definition in app/cli.py
 
 
 class _ThreadJob:
