@@ -47,6 +47,10 @@ from app.cli import DEMO_JOB
 ROW = [5.1, 3.5, 1.4, 0.2]
 BODY = {"instances": [ROW]}
 TARGET_RATIO = 1.5
+EXT_MODELS = 10
+EXT_PER_REPLICA = 3
+EXT_CONCURRENCY = 16
+BATCH_TARGET = 2.0
 LEVELS = (1, 8)
 PATHS = ("a", "b", "c")
 LABELS = {
@@ -291,7 +295,7 @@ def start_platform(home: str, port: int) -> tuple[str, str]:
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     t0 = time.perf_counter()
-    serve.run(build({"settings": {"matih_home": home}}), name="matih", route_prefix="/")
+    serve.run(build({"settings": platform_settings(home)}), name="matih", route_prefix="/")
     print(f"platform deployed in {time.perf_counter() - t0:.1f}s", flush=True)
     token = (Path(home) / "admin_token").read_text().strip()
     base = f"http://127.0.0.1:{port}"
@@ -320,6 +324,114 @@ def start_platform(home: str, port: int) -> tuple[str, str]:
     return base, token
 
 
+def platform_settings(home: str, **serving: Any) -> dict[str, Any]:
+    """Builder settings: the local profile with one fixed ModelServer replica (autoscaling off,
+    so no replica count changes mid-measurement) holding at most 3 models, as the extended
+    measurement asks; ``serving`` overrides more keys of the serving section."""
+    from app.settings import load_settings
+
+    section = load_settings("local", matih_home=home).serving.model_dump()
+    section.update({"autoscaling": None, "model_server_replicas": 1, "max_models_per_replica": EXT_PER_REPLICA})
+    section.update(serving)
+    return {"matih_home": home, "serving": section}
+
+
+def rotating_caller(urls: list[str], headers: dict[str, str]) -> Callable[[], Callable[[], None]]:
+    """Like http_caller, but each client cycles through ``urls`` (one endpoint per model),
+    starting at a different one, so every replica sees a mix of models."""
+    import itertools
+
+    import requests
+
+    starts = itertools.count()
+
+    def make() -> Callable[[], None]:
+        session = requests.Session()
+        session.headers.update(headers)
+        first = next(starts)
+        cycle = itertools.cycle(urls[first % len(urls):] + urls[: first % len(urls)])
+
+        def call() -> None:
+            url = next(cycle)
+            r = session.post(url, json=BODY, timeout=60)
+            if r.status_code != 200:
+                raise RuntimeError(f"POST {url} -> {r.status_code}: {r.text[:300]}")
+
+        return call
+
+    return make
+
+
+def extended(base: str, token: str, onnx_bytes: bytes, home: str, n: int, rounds: int) -> dict[str, Any]:
+    """Issue 3's extension: 10 models multiplexed 3 per replica, and @serve.batch vs unbatched
+    throughput at concurrency 16, each measured side by side."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import build
+
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=120) as c:
+        for i in range(EXT_MODELS):  # ten registered models, each its own endpoint
+            r = c.post(f"/v1/models/bench-m{i}/versions", files={"file": ("model.onnx", onnx_bytes)},
+                       data={"format": "onnx"})
+            if r.status_code != 201:
+                raise RuntimeError(f"registering bench-m{i} failed: {r.status_code} {r.text[:300]}")
+            version = r.json()["version"]
+            c.post("/v1/endpoints", json={"name": f"bench-m{i}", "target": f"bench-m{i}/{version}"}).raise_for_status()
+    single = Target("single", http_caller(f"{base}/v1/endpoints/iris/predict", headers))
+    multi = Target("multi", rotating_caller([f"{base}/v1/endpoints/bench-m{i}/predict" for i in range(EXT_MODELS)],
+                                            headers))
+    c16 = EXT_CONCURRENCY
+    print(f"\nextended: {EXT_MODELS} models at {EXT_PER_REPLICA} per replica vs one model, c={c16}", flush=True)
+    lat: dict[str, list[float]] = {"single": [], "multi": []}
+    wall = {"single": 0.0, "multi": 0.0}
+    for t in (single, multi):
+        run_level(t, c16, c16 * 4)
+    for _ in range(rounds):
+        for key, t in (("single", single), ("multi", multi)):
+            got, w = run_level(t, c16, n // rounds)
+            lat[key] += got
+            wall[key] += w
+    mux = {k: summarize(lat[k], wall[k]) for k in lat}
+
+    print(f"extended: @serve.batch on vs off, one model, c={c16} (the ModelServer is redeployed per mode)",
+          flush=True)
+    blat: dict[str, list[float]] = {"on": [], "off": []}
+    bwall = {"on": 0.0, "off": 0.0}
+    for _ in range(2):
+        for mode in ("on", "off"):
+            serve.run(build({"settings": platform_settings(home, batching=mode == "on")}),
+                      name="matih", route_prefix="/")
+            run_level(single, c16, c16 * 8)  # warm-up: loads the model into the new replica
+            got, w = run_level(single, c16, n // 2)
+            blat[mode] += got
+            bwall[mode] += w
+    batch = {k: summarize(blat[k], bwall[k]) for k in blat}
+    return {
+        "concurrency": c16,
+        "multiplex": mux,
+        "multiplex_throughput_ratio": mux["multi"]["throughput_rps"] / mux["single"]["throughput_rps"],
+        "batching": batch,
+        "batching_throughput_ratio": batch["on"]["throughput_rps"] / batch["off"]["throughput_rps"],
+    }
+
+
+def print_extended(ext: dict[str, Any]) -> None:
+    c16 = ext["concurrency"]
+    print(f"\n{'extended (c=' + str(c16) + ')':<44}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>10}")
+    rows = [("one model (iris)", ext["multiplex"]["single"]),
+            (f"{EXT_MODELS} models, {EXT_PER_REPLICA} per replica", ext["multiplex"]["multi"]),
+            ("one model, @serve.batch on", ext["batching"]["on"]),
+            ("one model, @serve.batch off", ext["batching"]["off"])]
+    for label, r in rows:
+        print(f"{label:<44}{r['requests']:>9}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['throughput_rps']:>10.1f}")
+    print(f"  throughput {EXT_MODELS} models / one model = {ext['multiplex_throughput_ratio']:.2f}")
+    ratio = ext["batching_throughput_ratio"]
+    print(f"  throughput batched / unbatched = {ratio:.2f} "
+          f"(target >= {BATCH_TARGET:.1f}: {'MET' if ratio >= BATCH_TARGET else 'NOT MET'})")
+
+
 def registered_onnx(home: str) -> Path:
     """The .onnx file of iris@champion, from the registry (the file the ModelServer loads)."""
     from app.registry.mlflow_registry import ModelRegistry
@@ -335,12 +447,10 @@ def registered_onnx(home: str) -> Path:
 
 
 def platform_config(home: str) -> dict[str, Any]:
-    """The serving settings the platform ran with (profile defaults), and the code's commit."""
+    """The serving settings the platform ran with, and the code's commit."""
     import subprocess
 
-    from app.settings import load_settings
-
-    serving = load_settings(None, matih_home=home).serving.model_dump(mode="json")
+    serving = json.loads(json.dumps(platform_settings(home)["serving"], default=str))
     repo = Path(__file__).resolve().parent.parent
     commit = None
     try:
@@ -437,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per level (default 4)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     p.add_argument("--keep-home", action="store_true", help="keep the temporary MATIH_HOME")
+    p.add_argument("--skip-extended", action="store_true",
+                   help="skip the extended part (10 models multiplexed 3 per replica; batched vs\n"
+                        "unbatched throughput at concurrency 16)")
     args = p.parse_args(argv)
     if args.requests < 8 or args.rounds < 1:
         p.error("--requests must be at least 8 and --rounds at least 1")
@@ -460,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         sv = config["serving"]
         print(f"code: {config['commit']}; ModelServer: batching={sv.get('batching')} "
               f"batch_wait_s={sv.get('batch_wait_s')} replicas={sv.get('model_server_replicas')} "
-              f"autoscaling={sv.get('autoscaling')}", flush=True)
+              f"autoscaling={sv.get('autoscaling')} models/replica={sv.get('max_models_per_replica')} "
+              f"handle_grpc={sv.get('handle_grpc')}", flush=True)
 
         serve.run(bare_deployment().bind(onnx_path.read_bytes()), name="bare", route_prefix="/bare")
 
@@ -506,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
             if disturbed:
                 print(f"WARNING: other processes used over {QUIET_PCT:.0f}% of the CPUs while measuring; "
                       "the numbers are disturbed (the platform's extra hop suffers most): run again when quiet")
+        ext = None
+        if not args.skip_extended:
+            ext = extended(base, token, onnx_path.read_bytes(), home, args.requests * 4, args.rounds)
+            print_extended(ext)
         total = time.perf_counter() - started
         print(f"\ntotal run time {total:.0f}s", flush=True)
         if args.json:
@@ -523,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                 "background_cpu": background,
                 "target": {"metric": "(c)/(b) p50 latency", "max": TARGET_RATIO, "met": target_met,
                            "met_overall": all(target_met.values())},
+                "extended": ext,
                 "total_s": total,
             }
             Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
