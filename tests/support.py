@@ -56,3 +56,24 @@ class MlflowServer:
         self.proc = None
 
 
+
+
+def in_process_context(settings, admin_token: str | None, jobs):
+    """The platform's API context with in-process services (no Ray): the real metadata store,
+    MLflow registry and ONNX Runtime; ``jobs`` is the test's JobControl."""
+    from app.api.app import ApiContext
+    from app.auth import Authenticator
+    from app.registry.mlflow_registry import ModelRegistry
+    from app.serving.loader import LocalPredictor, ModelLoader
+    from app.store import MetadataStore
+
+    store = MetadataStore(settings.database_url)
+    registry = ModelRegistry(settings)
+    return ApiContext(
+        settings=settings,
+        store=store,
+        registry=registry,
+        authenticator=Authenticator(settings, store, admin_token),
+        predictor=LocalPredictor(ModelLoader(settings, registry)),
+        jobs=jobs,
+    )

@@ -11,6 +11,8 @@ import pyarrow as pa
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.support import in_process_context
+
 from app.batch.predict import OnnxBatchPredictor, file_prefix, input_format_of, plan_batch
 from app.batch.spec import BatchJobSpec
 from app.errors import Conflict, InvalidInput, NotFound
@@ -185,13 +187,9 @@ class _QueueOnly:
 def api(tmp_path_factory):
     import os
 
-    from app.api.app import ApiContext, create_app
-    from app.auth import Authenticator
+    from app.api.app import create_app
     from app.bootstrap import prepare
-    from app.registry.mlflow_registry import ModelRegistry
     from app.schemas import TrainingJobSpec
-    from app.serving.loader import LocalPredictor, ModelLoader
-    from app.store import MetadataStore
     from app.training.sklearn_trainer import train_sklearn
 
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which load_settings reads: name this
@@ -214,17 +212,9 @@ def api(tmp_path_factory):
         "train-1",
         lambda p, line=None: None,
     )
-    store = MetadataStore(settings.database_url)
-    registry = ModelRegistry(settings)
     jobs = _QueueOnly()
-    ctx = ApiContext(
-        settings=settings,
-        store=store,
-        registry=registry,
-        authenticator=Authenticator(settings, store, prepared.admin_token),
-        predictor=LocalPredictor(ModelLoader(settings, registry)),
-        jobs=jobs,
-    )
+    ctx = in_process_context(settings, prepared.admin_token, jobs)
+    store = ctx.store
     client = TestClient(create_app(ctx))
     client.headers["Authorization"] = f"Bearer {prepared.admin_token}"
     _table(50).to_pandas().to_parquet(home / "in.parquet")

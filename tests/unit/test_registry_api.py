@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api.app import ApiContext, create_app
-from app.auth import Authenticator
+from tests.support import in_process_context
+
+from app.api.app import create_app
 from app.bootstrap import prepare
 from app.registry.mlflow_registry import ModelRegistry
 from app.schemas import TrainingJobSpec
-from app.serving.loader import LocalPredictor, ModelLoader
 from app.settings import load_settings
-from app.store import MetadataStore
 from app.training.sklearn_trainer import train_sklearn
 
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
@@ -54,16 +53,8 @@ def reg(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     settings = load_settings("local", matih_home=str(home))
     prepared = prepare(settings)
-    store = MetadataStore(settings.database_url)
-    registry = ModelRegistry(settings)
-    ctx = ApiContext(
-        settings=settings,
-        store=store,
-        registry=registry,
-        authenticator=Authenticator(settings, store, prepared.admin_token),
-        predictor=LocalPredictor(ModelLoader(settings, registry)),
-        jobs=_NoJobs(),
-    )
+    ctx = in_process_context(settings, prepared.admin_token, _NoJobs())
+    store = ctx.store
     app = create_app(ctx)
 
     def client(role: str | None = "admin") -> TestClient:

@@ -9,16 +9,16 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api.app import ApiContext, create_app
-from app.auth import Authenticator
+from tests.support import in_process_context
+
+from app.api.app import create_app
 from app.bootstrap import prepare
 from app.cli import DEMO_JOB
 from app.errors import InvalidInput
 from app.jobs.runner import run_job
 from app.jobs.scheduler import SchedulerCore
-from app.registry.mlflow_registry import TAG_JOB, TAG_PARITY, ModelRegistry
+from app.registry.mlflow_registry import TAG_JOB, TAG_PARITY
 from app.schemas import TrainingJobSpec
-from app.serving.loader import LocalPredictor, ModelLoader
 from app.settings import load_settings
 from app.store import MetadataStore
 from app.training.sklearn_trainer import train_sklearn
@@ -65,16 +65,8 @@ def platform(tmp_path_factory):
     settings = load_settings("local", matih_home=str(home))
     prepared = prepare(settings)
     store = MetadataStore(settings.database_url)
-    registry = ModelRegistry(settings)
     core = SchedulerCore(store, ThreadLauncher(settings, store), max_concurrent=1)
-    ctx = ApiContext(
-        settings=settings,
-        store=store,
-        registry=registry,
-        authenticator=Authenticator(settings, store, prepared.admin_token),
-        predictor=LocalPredictor(ModelLoader(settings, registry)),
-        jobs=InlineJobs(core),
-    )
+    ctx = in_process_context(settings, prepared.admin_token, InlineJobs(core))
     client = TestClient(create_app(ctx))
     client.headers["Authorization"] = f"Bearer {prepared.admin_token}"
     yield settings, store, core, client
