@@ -1,56 +1,190 @@
-"""JobScheduler: the detached actor that starts queued jobs as Ray tasks.
+"""JobScheduler: the detached actor that starts queued jobs as Ray Jobs.
 
 The queue itself is durable in the metadata store; this actor is a driver over
-``app.jobs.scheduler.SchedulerCore``. After a restart it rebuilds from the store.
+``app.jobs.scheduler.SchedulerCore``. Each job runs as a Ray Job whose entry point is
+``python -m app.jobs.run --job-id ID`` (the same entry point ``ray job submit`` takes by hand),
+with a submission id derived from the job id and its attempt number. The id is stored before
+the submission, so after a restart the actor finds the Ray Jobs of running jobs again and
+re-attaches to them instead of starting them twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import time
 from typing import Any
 
 import ray
 
-from actors import get_or_create_actor
+from actors import NAMESPACE, get_or_create_actor
 
 log = logging.getLogger(__name__)
 ACTOR_NAME = "job_scheduler"
+_ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-@ray.remote(max_retries=0)
-def _run_job_task(job_id: str, settings_kwargs: dict[str, Any]) -> str:
-    from app.jobs.runner import run_job
-    from app.settings import Settings
-
-    return run_job(job_id, Settings(**settings_kwargs))["status"]
+def submission_id(job: dict[str, Any]) -> str:
+    """The Ray Job submission id of a job's current attempt (deterministic: a second submit
+    of the same attempt is refused by Ray)."""
+    return f"matih-{job['job_id']}-{job['attempts']}"
 
 
-class _RayTask:
-    def __init__(self, ref: ray.ObjectRef):
-        self.ref = ref
+class _RayJob:
+    """A running job as the scheduler sees it: its Ray Job."""
+
+    def __init__(self, client, sub_id: str):
+        self.client = client
+        self.sub_id = sub_id
+
+    def status(self) -> str:
+        return str(self.client.get_job_status(self.sub_id)).rsplit(".", 1)[-1]
 
     def done(self) -> bool:
-        ready, _ = ray.wait([self.ref], timeout=0)
-        return bool(ready)
+        try:
+            return self.status() in _ENDED
+        except Exception:  # the dashboard is briefly unreachable: ask again next tick
+            log.exception("status of Ray Job %s", self.sub_id)
+            return False
 
     def cancel(self) -> None:
-        ray.cancel(self.ref, force=True)
+        try:
+            self.client.stop_job(self.sub_id)
+        except Exception:
+            log.exception("stopping Ray Job %s", self.sub_id)
+
+    def describe_end(self) -> str:
+        info = self.client.get_job_info(self.sub_id)
+        tail = (self.client.get_job_logs(self.sub_id) or "")[-1500:]
+        return f"Ray Job {self.sub_id} {str(info.status).rsplit('.', 1)[-1]}: {info.message or ''}\n{tail}".strip()
 
 
-class _RayLauncher:
-    def __init__(self, settings_kwargs: dict[str, Any], default_cpus: float):
-        self.settings_kwargs = settings_kwargs
-        self.default_cpus = default_cpus
+class _LocalProcess:
+    """A job started by hand with ``python -m app.jobs.run --spec`` outside any Ray Job: it
+    counts as running while its process lives (checked on the scheduler's host)."""
 
-    def launch(self, job: dict[str, Any]) -> _RayTask:
-        resources = job["spec"].get("resources") or {}
-        ref = _run_job_task.options(
-            num_cpus=resources.get("num_cpus") or self.default_cpus,
-            num_gpus=resources.get("num_gpus") or 0,
-            name=f"matih-job-{job['job_id'][:12]}",
-        ).remote(job["job_id"], self.settings_kwargs)
-        return _RayTask(ref)
+    def __init__(self, ref: str):
+        _, self.host, pid = ref.split(":", 2)
+        self.pid = int(pid)
+
+    def done(self) -> bool:
+        import os
+        import socket
+
+        if socket.gethostname() != self.host:
+            return False  # another host's process: the job records its own end
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def cancel(self) -> None:
+        pass  # the process sees its job cancelled when it records its end
+
+    def describe_end(self) -> str:
+        return f"process {self.pid} on {self.host} exited"
+
+
+class _RayJobLauncher:
+    def __init__(self, settings, store):
+        self.settings = settings
+        self.store = store
+        self._client = None
+        self._started: dict[str, tuple[float, dict[str, float]]] = {}  # job id -> (when, needs)
+        self._gpu_manager = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(ray.get_runtime_context().gcs_address)
+        return self._client
+
+    def _gpus(self):
+        if self._gpu_manager is None:
+            try:
+                from actors.gpu_manager import get_gpu_manager
+
+                self._gpu_manager = get_gpu_manager(self.settings.actors.num_cpus)
+            except ImportError:
+                return None
+        return self._gpu_manager
+
+    def admit(self, job: dict[str, Any]) -> str | None:
+        """None when the cluster has room for the job now, else why it waits."""
+        from app.jobs.resources import job_needs
+
+        needs = job_needs(job["kind"], job["spec"], self.settings)
+        now = time.monotonic()
+        grace = self.settings.jobs.admission_grace_s
+        self._started = {k: v for k, v in self._started.items() if now - v[0] < grace}
+        starting = sum(v[1]["CPU"] for v in self._started.values())
+        free = ray.available_resources()
+        free_cpu = float(free.get("CPU", 0)) - starting
+        if needs.cpus > free_cpu + 1e-9:
+            return f"{needs.cpus:g} CPUs (free now: {max(free_cpu, 0):g})"
+        if needs.gpus > 0:
+            gm = self._gpus()
+            if gm is None:
+                return "a GPU manager"
+            try:
+                ray.get(gm.reserve.remote(job["job_id"], needs.gpus), timeout=10)
+            except Exception as exc:
+                cause = getattr(exc, "cause", None) or exc
+                return f"{needs.gpus:g} GPUs ({getattr(cause, 'message', cause)})"
+        self._started[job["job_id"]] = (now, needs.as_dict())
+        return None
+
+    def release(self, job_id: str) -> None:
+        self._started.pop(job_id, None)
+        gm = self._gpu_manager
+        if gm is not None:
+            gm.release.remote(job_id)
+
+    def launch(self, job: dict[str, Any]) -> _RayJob:
+        from app.jobs.resources import job_needs
+
+        sub_id = submission_id(job)
+        self.store.set_ray_job(job["job_id"], sub_id)  # before submitting: a crash in between leaves the id to find
+        needs = job_needs(job["kind"], job["spec"], self.settings)
+        runtime_env = dict(self.settings.jobs.ray_job_runtime_env)
+        try:
+            self.client.submit_job(
+                entrypoint=f"{sys.executable} -m app.jobs.run --job-id {job['job_id']}",
+                submission_id=sub_id,
+                entrypoint_num_cpus=needs.driver_cpus,
+                metadata={"matih_job_id": job["job_id"], "matih_kind": job["kind"], "matih_name": job["name"]},
+                runtime_env=runtime_env or None,
+            )
+        except RuntimeError as exc:
+            if "No available agent" in str(exc):  # the head's job agent is (re)starting
+                from app.jobs.scheduler import LaunchDeferred
+
+                raise LaunchDeferred("Ray's job agent on the head node (not available yet)") from exc
+            if "already exists" not in str(exc):
+                raise
+            log.warning("Ray Job %s exists already; attaching to it", sub_id)
+        if needs.gpus > 0 and self._gpu_manager is not None:
+            self._gpu_manager.started.remote(job["job_id"])  # Ray counts its GPUs as used from now on
+        return _RayJob(self.client, sub_id)
+
+    def attach(self, job: dict[str, Any]) -> _RayJob | _LocalProcess | None:
+        """The job's Ray Job, running or ended, or None when Ray never saw it."""
+        sub_id = job.get("ray_job_id") or submission_id(job)
+        if sub_id.startswith("local:"):
+            return _LocalProcess(sub_id)
+        try:
+            self.client.get_job_info(sub_id)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc) or "404" in str(exc):
+                return None
+            raise
+        return _RayJob(self.client, sub_id)
 
 
 @ray.remote
@@ -60,19 +194,27 @@ class JobScheduler:
         from app.settings import Settings
         from app.store import MetadataStore
 
+        self._settings_kwargs = settings_kwargs
         settings = Settings(**settings_kwargs)
         self._interval = settings.jobs.poll_interval_s
         self._store = MetadataStore(settings.database_url)
         self._core = SchedulerCore(
-            self._store, _RayLauncher(settings_kwargs, settings.jobs.num_cpus), settings.jobs.max_concurrent
+            self._store, _RayJobLauncher(settings, self._store), settings.jobs.max_concurrent,
+            max_attempts=settings.jobs.max_attempts,
         )
-        requeued = self._core.recover()
-        if requeued:
-            log.warning("queued again after a restart: %s", requeued)
         self._wake = asyncio.Event()
+        self._recovered: dict[str, list[str]] | None = None
         self._loop_task = asyncio.get_event_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
+        while self._recovered is None:  # the dashboard may still be starting with the cluster
+            try:
+                self._recovered = await asyncio.to_thread(self._core.recover)
+                if any(self._recovered.values()):
+                    log.warning("after a restart: %s", self._recovered)
+            except Exception:
+                log.exception("recovering the running jobs failed; trying again")
+                await asyncio.sleep(self._interval)
         while True:
             try:
                 await asyncio.to_thread(self._core.tick)
@@ -94,9 +236,25 @@ class JobScheduler:
     async def running(self) -> list[str]:
         return list(self._core.running)
 
+    async def recovered(self) -> dict[str, list[str]] | None:
+        """What the last start found: re-attached and queued-again job ids."""
+        return self._recovered
+
+    async def settings(self) -> dict[str, Any]:
+        """The platform's settings, for job entry points started on this cluster."""
+        return self._settings_kwargs
+
     async def ping(self) -> bool:
         return True
 
 
 def get_job_scheduler(settings_kwargs: dict[str, Any], num_cpus: float):
     return get_or_create_actor(JobScheduler, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus)
+
+
+def find_job_scheduler():
+    """The running JobScheduler of this cluster, or None."""
+    try:
+        return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None

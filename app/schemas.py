@@ -11,21 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-_NAME_RE = re.compile(NAME_PATTERN)
+from app.names import NAME_PATTERN, check_name  # noqa: F401  (re-exported)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def check_name(value: str, what: str) -> str:
-    if not _NAME_RE.match(value):
-        raise ValueError(
-            f"{what} {value!r} must start with a letter or digit and hold only letters, digits, '_', '.', '-' "
-            "(at most 128 characters)"
-        )
-    return value
 
 
 def check_runtime(value: str) -> str:
@@ -37,55 +27,11 @@ def check_runtime(value: str) -> str:
 
 
 # -- training -------------------------------------------------------------------------------
-class DatasetSpec(_Strict):
-    uri: str = Field(
-        ...,
-        description="builtin://<name> for a dataset shipped with scikit-learn (iris, wine, breast_cancer, "
-        "diabetes, digits), or a local .parquet / .csv path (file:// accepted).",
-        examples=["builtin://iris"],
-    )
-    target: str = Field(..., description="Column holding the label.", examples=["target"])
-    features: list[str] | None = Field(None, description="Feature columns; default: every column but the target.")
-    test_size: float = Field(0.2, gt=0, lt=1, description="Share of rows held out for validation and parity checks.")
-    seed: int = Field(42, description="Seed of the train/holdout split.")
-
-
 class ResourceSpec(_Strict):
+    """CPUs and GPUs of a one-process job (batch prediction)."""
+
     num_cpus: float | None = Field(None, gt=0, description="CPUs for the job; default: settings.jobs.num_cpus.")
     num_gpus: float = Field(0, ge=0, description="GPUs for the job (fractions allowed).")
-
-
-class TrainingJobSpec(_Strict):
-    """What ``POST /v1/training/jobs`` takes."""
-
-    name: str = Field(..., description="Job and MLflow run name.", examples=["iris-logreg"])
-    framework: Literal["sklearn"] = Field(
-        "sklearn", description="Training framework. Only 'sklearn' in this release."
-    )
-    estimator: str = Field(
-        ...,
-        description="Import path of a scikit-learn estimator from settings.jobs.allowed_estimators.",
-        examples=["sklearn.linear_model.LogisticRegression"],
-    )
-    hyperparameters: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments of the estimator.", examples=[{"max_iter": 300}]
-    )
-    dataset: DatasetSpec
-    resources: ResourceSpec = Field(default_factory=ResourceSpec)
-    register_as: str | None = Field(
-        None, description="Registered model name; the first version gets the alias 'champion'.", examples=["iris"]
-    )
-    priority: int = Field(0, ge=-100, le=100, description="Higher runs first among queued jobs.")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v, "name")
-
-    @field_validator("register_as")
-    @classmethod
-    def _register_as(cls, v: str | None) -> str | None:
-        return None if v is None else check_name(v, "register_as")
 
 
 class JobAccepted(BaseModel):
@@ -104,6 +50,7 @@ class JobView(BaseModel):
     progress: dict[str, Any]
     error: str | None
     attempts: int
+    ray_job_id: str | None = None
     created_by: str
     created_at: str | None
     started_at: str | None
@@ -178,3 +125,7 @@ class TokenCreate(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "token name")
+
+
+# The training job spec lives with the training code; importable from here as before.
+from app.training.spec import TrainingJobSpec  # noqa: E402

@@ -122,8 +122,33 @@ class ServingSettings(_Section):
 
 class JobSettings(_Section):
     max_concurrent: int = Field(1, ge=1, description="Jobs the scheduler runs at the same time.")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs each training job asks Ray for.")
+    num_cpus: float = Field(
+        1.0, gt=0, description="CPUs a job asks Ray for when its spec names none (split across its workers)."
+    )
     poll_interval_s: float = Field(0.5, gt=0, description="How often the scheduler looks at its queue.")
+    max_attempts: int = Field(
+        3, ge=1, description="Times a job lost with its scheduler or Ray Job is started again before it fails."
+    )
+    storage_path: str = Field(
+        "",
+        description="Where Ray Train and Ray Tune keep results and checkpoints: a local path or an s3:// URI; "
+        "empty: MATIH_HOME/train_results. On a multi-node cluster, use shared storage (S3 or NFS).",
+    )
+    unschedulable: Literal["refuse", "queue"] = Field(
+        "refuse",
+        description="A job asking for more CPUs or GPUs than the whole cluster has: 'refuse' answers 422 at "
+        "submission; 'queue' keeps it queued, for clusters that autoscale (e.g. add GPU nodes on demand).",
+    )
+    admission_grace_s: float = Field(
+        10.0, ge=0,
+        description="How long the scheduler counts a just-started job's resources as taken even though Ray "
+        "does not show them used yet (its workers are starting).",
+    )
+    ray_job_runtime_env: dict[str, Any] = Field(
+        default_factory=dict,
+        description="runtime_env of the Ray Job of each job (e.g. a working_dir or pip list on a cluster "
+        "without the platform's package installed).",
+    )
     allowed_estimators: list[str] = Field(
         default_factory=lambda: [
             "sklearn.linear_model.LogisticRegression",
@@ -324,6 +349,10 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json", exclude={"s3_access_key", "s3_secret_key", "admin_token"})
         data["admin_token_configured"] = self.admin_token is not None
         return data
+
+    def train_storage_path(self) -> str:
+        """jobs.storage_path, or MATIH_HOME/train_results when it is empty."""
+        return self.jobs.storage_path or str(Path(self.matih_home) / "train_results")
 
     def to_init_kwargs(self) -> dict[str, Any]:
         """A plain dict that rebuilds these exact settings in another process (secrets included)."""

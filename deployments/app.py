@@ -27,6 +27,7 @@ class Args(BaseModel):
 
 
 def build(args: dict[str, Any] | Args | None = None) -> Application:
+    from actors.gpu_manager import get_gpu_manager
     from actors.job_scheduler import get_job_scheduler
     from actors.registry_cache import get_registry_cache
     from app.bootstrap import prepare
@@ -40,6 +41,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     kwargs = settings.to_init_kwargs()
     get_job_scheduler(kwargs, settings.actors.num_cpus)
     get_registry_cache(kwargs, settings.actors.num_cpus)
+    get_gpu_manager(settings.actors.num_cpus)
 
     env = {"env_vars": dict(settings.serving.serve_env)}
     scaling = settings.serving.autoscaling

@@ -120,6 +120,25 @@ class _SchedulerControl:
         await self.actor.ping.remote()
 
 
+class _GpuControl:
+    """GPU inventory from the GPUManager actor."""
+
+    def __init__(self, num_cpus: float):
+        from actors.gpu_manager import get_gpu_manager
+
+        self.actor = get_gpu_manager(num_cpus)
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self.actor.snapshot.remote()
+
+    async def ping(self) -> None:
+        await self.actor.ping.remote()
+
+
+async def _cluster_resources() -> dict[str, float]:
+    return await asyncio.to_thread(ray.cluster_resources)
+
+
 def _pinger(actor):
     async def ping() -> None:
         await actor.health.remote()
@@ -154,6 +173,7 @@ class Gateway:
         async def ray_ready() -> None:
             await asyncio.to_thread(ray.cluster_resources)
 
+        gpus = _GpuControl(settings.actors.num_cpus)
         self.ctx = ApiContext(
             settings=settings,
             store=store,
@@ -164,7 +184,10 @@ class Gateway:
             jobs=scheduler,
             resolver=resolver,
             model_changed=resolver.changed,
-            readiness={"ray": ray_ready, "job_scheduler": scheduler.ping, "registry_cache": _pinger(cache)},
+            readiness={"ray": ray_ready, "job_scheduler": scheduler.ping, "registry_cache": _pinger(cache),
+                       "gpu_manager": gpus.ping},
+            cluster_resources=_cluster_resources,
+            gpus=gpus,
         )
 
     def __serve_build_asgi_app__(self):

@@ -29,13 +29,15 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 180) -> None:
         log = open(self.home / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.home / 'mlflow-server.db'}",
              "--artifacts-destination", str(self.home / "mlflow-artifacts"), *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # MLflow 3's server starts ~10 huey job-consumer processes (GenAI jobs) we never use.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

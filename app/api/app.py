@@ -32,7 +32,6 @@ from app.schemas import (
     PredictRequest,
     PredictResponse,
     TokenCreate,
-    TrainingJobSpec,
 )
 from app.settings import Settings
 from app.store import MetadataStore
@@ -56,6 +55,10 @@ class JobControl(Protocol):
     async def cancel(self, job_id: str, actor: str) -> dict[str, Any]: ...
 
 
+class GpuControl(Protocol):
+    async def snapshot(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class ApiContext:
     settings: Settings
@@ -74,6 +77,10 @@ class ApiContext:
     # resolutions drops it now rather than after its TTL. The Gateway fans this out to all
     # replicas through the RegistryCache actor; the default clears this process's cache.
     model_changed: Callable[[str], Awaitable[None]] | None = None
+    # The Ray cluster's total resources ({"CPU": 2.0, "GPU": 0.0, ...}); None = unknown (no check).
+    cluster_resources: Callable[[], Awaitable[dict[str, float]]] | None = None
+    # GPU inventory and reservations (the GPUManager actor); None = no GPU manager here.
+    gpus: GpuControl | None = None
     _endpoints: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
 
     async def notify_model_changed(self, name: str) -> None:
@@ -212,39 +219,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return Response(status_code=204)
 
     # -- jobs ------------------------------------------------------------------------------
-    @api.post(
-        "/v1/training/jobs", status_code=202, response_model=JobAccepted, tags=["training"],
-        summary="Submit a training job",
-    )
-    async def submit_training(spec: TrainingJobSpec, who: Principal = developer) -> dict[str, Any]:
-        _check_training_spec(spec, ctx.settings)
-        job = await asyncio.to_thread(
-            ctx.store.create_job, "training", spec.name, spec.model_dump(mode="json"), who.name, priority=spec.priority
-        )
-        await ctx.jobs.notify()
-        return {"job_id": job["job_id"], "status": job["status"]}
-
-    @api.get("/v1/training/jobs", response_model=Page, tags=["training"], summary="List training jobs")
-    async def list_training(
-        limit: int = Query(50, ge=1, le=500), page_token: str | None = None, status: str | None = None,
-        _: Principal = viewer,
-    ) -> dict[str, Any]:
-        items, nxt = await asyncio.to_thread(
-            ctx.store.list_jobs, kind="training", status=status, limit=limit, page_token=page_token
-        )
-        return {"items": items, "next_page_token": nxt}
-
-    @api.get("/v1/training/jobs/{job_id}", response_model=JobView, tags=["training"], summary="A training job")
-    async def get_training(job_id: str, _: Principal = viewer) -> dict[str, Any]:
-        job = await asyncio.to_thread(ctx.store.get_job, job_id, with_logs=True)
-        if job["kind"] != "training":
-            raise NotFound(f"job {job_id} is a {job['kind']} job; GET /v1/jobs/{job_id} shows it")
-        return job
-
-    @api.post("/v1/training/jobs/{job_id}/cancel", response_model=JobView, tags=["training"], summary="Cancel")
-    async def cancel_training(job_id: str, who: Principal = developer) -> dict[str, Any]:
-        return await ctx.jobs.cancel(job_id, who.name)
-
     @api.get("/v1/jobs", response_model=Page, tags=["jobs"], summary="List jobs of every kind")
     async def list_jobs(
         limit: int = Query(50, ge=1, le=500), page_token: str | None = None, kind: str | None = None,
@@ -364,6 +338,8 @@ def role_dependencies(ctx: ApiContext):
 # Routers of further domains: "module:function", each function taking (ctx) -> APIRouter.
 ROUTERS: list[str] = [
     "app.api.registry:router",
+    "app.api.training:router",
+    "app.api.gpus:router",
     "app.api.batch:router",
     "app.api.v2:router",
 ]
@@ -397,23 +373,6 @@ def _check_device(ctx: ApiContext, config: dict[str, Any]) -> None:
         raise InvalidInput(
             "config.device 'gpu': this Ray cluster has no GPUs, so there is no GPU pool; omit device or use 'cpu'",
             details={"field": "config.device"},
-        )
-
-
-def _check_training_spec(spec: TrainingJobSpec, settings: Settings) -> None:
-    """Refuse at submit time what the job would refuse later: unknown estimators and datasets."""
-    from app.datasets import builtin_names
-
-    if spec.estimator not in settings.jobs.allowed_estimators:
-        raise InvalidInput(
-            f"estimator {spec.estimator!r} is not allowed; choose one of: {', '.join(settings.jobs.allowed_estimators)}",
-            details={"field": "estimator"},
-        )
-    uri = spec.dataset.uri
-    if uri.startswith("builtin://") and uri[len("builtin://") :] not in builtin_names():
-        raise InvalidInput(
-            f"dataset {uri!r} is not built in; use one of {', '.join('builtin://' + n for n in builtin_names())}",
-            details={"field": "dataset.uri"},
         )
 
 

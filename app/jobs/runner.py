@@ -8,7 +8,6 @@ import traceback
 from typing import Any
 
 from app.errors import MatihError
-from app.schemas import TrainingJobSpec
 from app.settings import Settings
 from app.storage.s3 import configure_s3_env
 from app.store import MetadataStore
@@ -18,9 +17,10 @@ log = logging.getLogger(__name__)
 
 def execute(kind: str, spec: dict[str, Any], settings: Settings, job_id: str, report) -> dict[str, Any]:
     if kind == "training":
-        from app.training.sklearn_trainer import train_sklearn
+        from app.training.pipeline import run_training
+        from app.training.spec import TrainingJobSpec
 
-        return train_sklearn(TrainingJobSpec.model_validate(spec), settings, job_id, report)
+        return run_training(TrainingJobSpec.model_validate(spec), settings, job_id, report)
     if kind == "batch_prediction":
         from app.batch.predict import run_batch_prediction
         from app.batch.spec import BatchJobSpec
@@ -43,7 +43,9 @@ def run_job(job_id: str, settings: Settings, store: MetadataStore | None = None)
         result = execute(job["kind"], job["spec"], settings, job_id, report)
     except MatihError as exc:
         report({}, f"failed: {exc.message}")
-        return _finish(store, job_id, "failed", error=f"{exc.code}: {exc.message}")
+        partial = exc.details.get("result") if isinstance(exc.details.get("result"), dict) else None
+        extra = {"result": partial} if partial else {}
+        return _finish(store, job_id, "failed", error=f"{exc.code}: {exc.message}", **extra)
     except Exception as exc:  # a bug or a library failure: keep the traceback in the logs
         report({}, traceback.format_exc())
         return _finish(store, job_id, "failed", error=f"{type(exc).__name__}: {exc}")

@@ -1,6 +1,14 @@
 """The job queue's policy, independent of Ray: which queued job starts next, how many run at
-once, what happens to jobs found running after a restart. The JobScheduler actor drives it
-with a launcher that runs jobs as Ray tasks; tests can drive it with a thread launcher."""
+once, whether the cluster has room for it, what happens to jobs found running after a
+restart. The JobScheduler actor drives it with a launcher that runs each job as a Ray Job;
+unit tests drive it with a thread launcher.
+
+Durability comes from the metadata store: a job is ``queued`` until a scheduler moves it to
+``running`` (a compare-and-set, so two schedulers never both start it), and the id of the Ray
+Job that runs it is stored before that Ray Job is submitted. A restarted scheduler therefore
+re-attaches to Ray Jobs still running, and queues again only jobs whose Ray Job never
+existed, so no job runs twice.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,11 @@ from app.store import TERMINAL_STATUSES, MetadataStore
 log = logging.getLogger(__name__)
 
 
+class LaunchDeferred(Exception):
+    """The launcher cannot start jobs right now (e.g. Ray's job agent is still starting); the
+    job goes back to the queue instead of failing."""
+
+
 class RunningJob(Protocol):
     def done(self) -> bool: ...
 
@@ -20,6 +33,8 @@ class RunningJob(Protocol):
 
 
 class Launcher(Protocol):
+    """Starts jobs. ``attach``, ``admit`` and ``release`` are optional (see SchedulerCore)."""
+
     def launch(self, job: dict[str, Any]) -> RunningJob: ...
 
 
@@ -30,49 +45,92 @@ class SchedulerCore:
         self.max_concurrent = max_concurrent
         self.max_attempts = max_attempts
         self.running: dict[str, RunningJob] = {}
+        self._waiting: dict[str, str] = {}  # job id -> why it is not started yet (last reason recorded)
 
-    def recover(self) -> list[str]:
-        """After a restart: jobs left ``running`` by the previous incarnation lost their task
-        with it; queue them again (the runners are idempotent by job id) or fail them when
-        they have used up their attempts. Returns the ids queued again."""
-        requeued = []
+    # -- launcher hooks with defaults -------------------------------------------------------
+    def _attach(self, job: dict[str, Any]) -> RunningJob | None:
+        attach = getattr(self.launcher, "attach", None)
+        return attach(job) if attach is not None else None
+
+    def _admit(self, job: dict[str, Any]) -> str | None:
+        admit = getattr(self.launcher, "admit", None)
+        return admit(job) if admit is not None else None
+
+    def _release(self, job_id: str) -> None:
+        release = getattr(self.launcher, "release", None)
+        if release is not None:
+            try:
+                release(job_id)
+            except Exception:  # a reservation left behind is cleaned by the GPU manager's own view
+                log.exception("releasing the resources of job %s failed", job_id)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def recover(self) -> dict[str, list[str]]:
+        """After a restart: re-attach to jobs whose Ray Job still exists (running or ended:
+        the next tick reaps the ended ones); queue again jobs whose Ray Job never started (the
+        runners are idempotent by job id), or fail them when they have used up their attempts.
+        Returns {"reattached": [...], "requeued": [...]}."""
+        out: dict[str, list[str]] = {"reattached": [], "requeued": []}
         for job in self.store.jobs_with_status("running"):
-            if job["job_id"] in self.running:
+            job_id = job["job_id"]
+            if job_id in self.running:
+                continue
+            try:
+                handle = self._attach(job)
+            except Exception:
+                log.exception("looking for the Ray Job of %s failed; it stays running and is looked at again", job_id)
+                continue
+            if handle is not None:
+                self.running[job_id] = handle
+                out["reattached"].append(job_id)
                 continue
             try:
                 if job["attempts"] >= self.max_attempts:
                     self.store.transition_job(
-                        job["job_id"], "failed", expect="running",
+                        job_id, "failed", expect="running",
                         error=f"lost {job['attempts']} times with its scheduler; not retried again",
                     )
                 else:
-                    self.store.transition_job(job["job_id"], "queued", expect="running")
-                    requeued.append(job["job_id"])
+                    self.store.transition_job(job_id, "queued", expect="running")
+                    out["requeued"].append(job_id)
             except Conflict:
                 pass
-        return requeued
+        return out
 
     def tick(self) -> list[str]:
         """Reap finished jobs, then start queued ones while there is room. Returns started ids."""
         for job_id, handle in list(self.running.items()):
             if handle.done():
                 del self.running[job_id]
-                self._fail_if_still_running(job_id)
+                self._release(job_id)
+                self._fail_if_still_running(job_id, handle)
         started: list[str] = []
         room = self.max_concurrent - len(self.running)
         if room <= 0:
             return started
-        for job in self.store.queued_jobs(limit=room * 4):
+        for job in self.store.queued_jobs(limit=room * 4 + len(self._waiting)):
             if len(started) >= room:
                 break
+            reason = self._admit(job)
+            if reason is not None:
+                self._note_waiting(job["job_id"], reason)
+                continue
             try:
                 job = self.store.transition_job(job["job_id"], "running", expect="queued")
             except (Conflict, NotFound):
+                self._release(job["job_id"])
                 continue  # cancelled or taken meanwhile
+            self._waiting.pop(job["job_id"], None)
             try:
                 self.running[job["job_id"]] = self.launcher.launch(job)
+            except LaunchDeferred as exc:
+                self._release(job["job_id"])
+                self.store.transition_job(job["job_id"], "queued", expect="running")
+                self._note_waiting(job["job_id"], str(exc))
+                break  # the launcher is not ready: try again next tick
             except Exception as exc:  # could not even start: record it, keep the loop alive
                 log.exception("launching job %s failed", job["job_id"])
+                self._release(job["job_id"])
                 self.store.transition_job(job["job_id"], "failed", error=f"could not start: {exc}")
                 continue
             started.append(job["job_id"])
@@ -84,15 +142,37 @@ class SchedulerCore:
             raise Conflict(f"job {job_id} is {job['status']} already; only queued or running jobs can be cancelled")
         out = self.store.transition_job(job_id, "cancelled", actor=actor, expect={"queued", "running"})
         handle = self.running.pop(job_id, None)
+        if handle is None and job["status"] == "running":
+            handle = self._attach(job)  # started by another incarnation or by hand: stop it all the same
         if handle is not None:
             handle.cancel()
+        self._release(job_id)
+        self._waiting.pop(job_id, None)
         return out
 
-    def _fail_if_still_running(self, job_id: str) -> None:
-        """A task that ended without recording its end (killed worker, OOM) fails its job."""
+    def _note_waiting(self, job_id: str, reason: str) -> None:
+        if self._waiting.get(job_id) == reason:
+            return
+        self._waiting[job_id] = reason
+        try:
+            self.store.update_job_progress(job_id, {"waiting_for": reason}, f"waiting: {reason}")
+        except NotFound:
+            self._waiting.pop(job_id, None)
+
+    def _fail_if_still_running(self, job_id: str, handle: RunningJob) -> None:
+        """A job that ended without recording its end (killed worker, OOM, a crash before the
+        runner started) fails, with what its launcher knows of how it ended."""
+        describe = getattr(handle, "describe_end", None)
+        detail = ""
+        if describe is not None:
+            try:
+                detail = describe() or ""
+            except Exception:
+                detail = ""
         try:
             self.store.transition_job(
-                job_id, "failed", expect="running", error="the job's worker died before the job recorded its result"
+                job_id, "failed", expect="running",
+                error="the job's process ended before the job recorded its result" + (f": {detail}" if detail else ""),
             )
         except (Conflict, NotFound):
             pass

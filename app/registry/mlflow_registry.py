@@ -31,6 +31,7 @@ TAG_STAGE = "matih.stage"  # staging | production | archived
 TAG_TRUSTED = "matih.trusted"  # "true" once an admin marks a pickle-based version trusted
 TAG_FORMATS = "matih.formats"  # JSON list of the formats the version's artifacts hold, e.g. ["onnx", "skops"]
 TAG_VALIDATION = "matih.validation"  # passed | failed: the ONNX parity (or ONNX check) at training or registration
+TAG_VALIDATION_REPORT = "matih.validation_report"  # JSON: holdout metrics, champion's, each gate's outcome
 TAG_APPROVED_BY = "matih.approved_by"  # the admin who approved the version for production
 TAG_DATASET_URI = "matih.dataset_uri"
 TAG_DATASET_SHA256 = "matih.dataset_sha256"  # sha256 of the training frame

@@ -46,6 +46,7 @@ from app.registry.mlflow_registry import (
     TAG_FORMATS,
     TAG_JOB,
     TAG_PARITY,
+    TAG_VALIDATION_REPORT,
     TAG_STAGE,
     TAG_TASK,
     TAG_TRUSTED,
@@ -791,6 +792,7 @@ class RegistryService:
                 "validation": v["validation"],
                 "detail": tags.get(F.TAG_VALIDATION_DETAIL),
             },
+            "validation": json.loads(tags[TAG_VALIDATION_REPORT]) if TAG_VALIDATION_REPORT in tags else None,
             "stage": v["stage"],
             "aliases": v["aliases"],
             "approvals": approvals,
@@ -897,6 +899,14 @@ def card_markdown(card: dict[str, Any]) -> str:
     parity = card["parity"]
     lines += ["", "## Format and validation", "", f"- format: {card['format']} (artifacts: {', '.join(card['formats'])})",
               f"- validation: {parity['validation']}" + (f" ({parity['detail']})" if parity["detail"] else "")]
+    report = card.get("validation")
+    if report:
+        champ = report.get("champion") or {}
+        lines += ["", "## Validation gates", "",
+                  f"- holdout: {', '.join(f'{k} {v:.4g}' for k, v in (report.get('metrics') or {}).items())}",
+                  f"- compared with: version {champ['version']}" if champ else "- compared with: no champion"]
+        lines += [f"- {g['metric']} {g['rule']}: {'passed' if g['passed'] else 'FAILED'} ({g['note']})"
+                  for g in report.get("gates") or []]
     lines += ["", "## Stage and approvals", "", f"- stage: {card['stage']}",
               f"- aliases: {', '.join(card['aliases']) or 'none'}"]
     lines += [f"- approved by {a['by']} at {a['at']}" + (f": {a['comment']}" if a["comment"] else "")

@@ -222,6 +222,7 @@ class MetadataStore:
             "progress": row.progress or {},
             "error": row.error,
             "attempts": row.attempts,
+            "ray_job_id": row.ray_job_id,
             "created_by": row.created_by,
             "created_at": _iso(row.created_at),
             "started_at": _iso(row.started_at),
@@ -229,8 +230,12 @@ class MetadataStore:
         }
 
     def create_job(
-        self, kind: str, name: str, spec: dict, actor: str, *, priority: int = 0, job_id: str | None = None
+        self, kind: str, name: str, spec: dict, actor: str, *, priority: int = 0, job_id: str | None = None,
+        running_as: str | None = None,
     ) -> dict[str, Any]:
+        """Queue a job. With ``running_as`` (a Ray Job submission id) the job is recorded as
+        already running there: a job started by hand with ``ray job submit``, which no
+        scheduler may start a second time."""
         job_id = job_id or uuid.uuid4().hex
         with self._tx() as s:
             existing = s.get(Job, job_id)
@@ -240,15 +245,17 @@ class MetadataStore:
                 id=job_id,
                 kind=kind,
                 name=name,
-                status="queued",
+                status="running" if running_as else "queued",
                 priority=priority,
                 spec=spec,
                 result={},
                 progress={},
                 logs="",
-                attempts=0,
+                attempts=1 if running_as else 0,
+                ray_job_id=running_as,
                 created_by=actor,
                 created_at=_now(),
+                started_at=_now() if running_as else None,
             )
             s.add(row)
             s.flush()
@@ -319,7 +326,7 @@ class MetadataStore:
                 row.finished_at = now
             if status == "queued":
                 row.finished_at = None
-            for key in ("result", "progress", "error"):
+            for key in ("result", "progress", "error", "ray_job_id"):
                 if key in fields:
                     setattr(row, key, fields[key])
             s.flush()
@@ -335,6 +342,15 @@ class MetadataStore:
             row.progress = {**(row.progress or {}), **progress}
             if log:
                 row.logs = ((row.logs or "") + log.rstrip("\n") + "\n")[-_MAX_LOG_CHARS:]
+
+    def set_ray_job(self, job_id: str, ray_job_id: str) -> None:
+        """Record which Ray Job runs the job (before it is submitted, so a crash in between
+        still leaves the id to look for)."""
+        with self._tx() as s:
+            row = s.get(Job, job_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"job {job_id!r} does not exist")
+            row.ray_job_id = ray_job_id
 
     def queued_jobs(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._tx() as s:

@@ -43,6 +43,7 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     logs: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    ray_job_id: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the Ray Job running it
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ class Platform:
     settings: object
     mlflow: MlflowServer
     s3: object = None  # tests.s3server.S3Server: the S3-compatible server the platform's S3 settings name
+    dashboard: str = ""  # the Ray dashboard (job submission API)
 
     def client(self, token: str | None = "admin") -> httpx.Client:
         token = self.admin_token if token == "admin" else token
@@ -39,6 +41,27 @@ class Platform:
                     return job
                 time.sleep(0.3)
         raise AssertionError(f"job {job_id} did not finish in {timeout}s: {job}")
+
+
+def _own_dashboard_agent_port(port: int) -> None:
+    """Give this cluster's dashboard agent its own port. It takes 52365 by default, so with a
+    second Ray cluster on the machine (a `make run` beside `make test`) it cannot start, and
+    the cluster refuses Ray Jobs ("No available agent"). `ray start` has
+    --dashboard-agent-listen-port; ray.init has no such argument, hence this test-only shim."""
+    import ray._private.parameter as parameter
+
+    base = parameter.RayParams
+    if getattr(base, "_matih_agent_port", None):
+        return
+
+    class _RayParams(base):
+        _matih_agent_port = port
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("dashboard_agent_listen_port", port)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = _RayParams
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +81,18 @@ def platform(tmp_path_factory) -> Platform:
     s3 = start_s3_server()  # real S3 over HTTP (moto server mode) for s3:// batch inputs and outputs
     overrides = {"matih_home": str(home), "mlflow_tracking_uri": mlflow_server.uri, **s3.settings()}
     port = free_port()
-    ray.init(include_dashboard=False, num_cpus=2, log_to_driver=False)
+    # Jobs run as Ray Jobs, which need the dashboard's job API. The Ray Jobs' entry points run
+    # `python` from the cluster's PATH: this environment's interpreter, as on a cluster node
+    # with the platform installed.
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    dashboard_port = free_port()
+    _own_dashboard_agent_port(free_port())
+    ray.init(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=2, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build({"settings": overrides}), name="matih", route_prefix="/")
     token = (home / "admin_token").read_text().strip()
-    p = Platform(f"http://127.0.0.1:{port}", home, token, load_settings("local", **overrides), mlflow_server, s3)
+    p = Platform(f"http://127.0.0.1:{port}", home, token, load_settings("local", **overrides), mlflow_server, s3,
+                 dashboard=f"http://127.0.0.1:{dashboard_port}")
     yield p
     serve.shutdown()
     ray.shutdown()
@@ -77,7 +107,7 @@ def iris(platform) -> dict:
         r = c.post("/v1/training/jobs", json=IRIS_JOB)
         assert r.status_code == 202, r.text
         job = platform.wait_job(r.json()["job_id"])
-        assert job["status"] == "succeeded", job.get("logs")
+        assert job["status"] == "succeeded", (job["error"], job.get("logs"))
         r = c.post("/v1/endpoints", json={"name": "iris", "target": "iris@champion"})
         assert r.status_code == 201, r.text
     return job

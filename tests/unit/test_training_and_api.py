@@ -159,7 +159,7 @@ def test_scheduler_recovery_requeues_lost_running_jobs(platform):
     job = store.create_job("training", "lost", IRIS, "admin")
     store.transition_job(job["job_id"], "running", expect="queued")
     fresh = SchedulerCore(store, ThreadLauncher(settings, store), max_concurrent=1)  # a restarted scheduler
-    assert job["job_id"] in fresh.recover()
+    assert job["job_id"] in fresh.recover()["requeued"]
     assert store.get_job(job["job_id"])["status"] == "queued"
     store.transition_job(job["job_id"], "cancelled")
 
@@ -180,3 +180,16 @@ def test_local_csv_and_parquet_datasets(platform, tmp_path, fmt):
     res = train_sklearn(spec, settings, f"job-{fmt}", lambda *a: None)
     assert res["model_version"] == "1" and res["metrics"]["r2"] > 0.3 and res["onnx_max_abs_diff"] < 1e-3
     assert set(res["metrics"]) == {"rmse", "mae", "r2"}
+
+
+def test_gates_go_on_the_model_card(platform):
+    settings, store, core, client = platform
+    gates = {"gates": [{"metric": "accuracy", "min": 0.5}, {"metric": "log_loss", "beat_champion_by": 0.0}]}
+    spec = TrainingJobSpec.model_validate({**IRIS, "name": "gated", "register_as": "iris-card", "validation": gates})
+    res = train_sklearn(spec, settings, "job-card", lambda *a: None)
+    card = client.get(f"/v1/models/iris-card/versions/{res['model_version']}/card")
+    assert card.status_code == 200, card.text
+    report = card.json()["validation"]
+    assert report["passed"] is True and [g["passed"] for g in report["gates"]] == [True, True]
+    md = client.get(f"/v1/models/iris-card/versions/{res['model_version']}/card", params={"format": "markdown"})
+    assert "## Validation gates" in md.text and "log_loss beat_champion_by: passed (no champion yet)" in md.text

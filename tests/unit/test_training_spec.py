@@ -1,0 +1,196 @@
+"""The training job spec, validation gates, resource needs and the scheduler's queue policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from app.cli import DEMO_JOB
+from app.errors import InvalidInput
+from app.jobs.resources import check_fits, job_needs
+from app.jobs.scheduler import SchedulerCore
+from app.settings import load_settings
+from app.store import MetadataStore
+from app.training.spec import TrainingJobSpec
+from app.training.validation import check_gates, classification_metrics, regression_metrics
+
+TORCH = {"name": "t", "framework": "torch", "dataset": {"uri": "builtin://iris", "target": "target"}}
+
+
+def error_of(spec: dict) -> str:
+    with pytest.raises(ValidationError) as info:
+        TrainingJobSpec.model_validate(spec)
+    return str(info.value)
+
+
+def test_the_demo_job_and_legacy_fields_still_parse():
+    spec = TrainingJobSpec.model_validate({**DEMO_JOB, "dataset": {**DEMO_JOB["dataset"], "test_size": 0.3, "seed": 1},
+                                           "resources": {"num_cpus": 0.5}})
+    assert spec.dataset.split.test_size == 0.3 and spec.dataset.split.seed == 1
+    assert spec.resources.cpus_per_worker == 0.5 and spec.strategy == "single"
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"strategy": "tensor_parallel"}, "data_parallel"),
+    ({"framework": "jax"}, "'sklearn' or 'torch'"),
+    ({"strategy": "data_parallel"}, "needs framework 'torch'"),
+    ({"resources": {"num_workers": 2}}, "num_workers = 1"),
+    ({"estimator": None}, "needs `estimator`"),
+    ({"validation": {"gates": [{"metric": "accuracy"}]}}, "exactly one of min, max, beat_champion_by"),
+    ({"validation": {"gates": [{"metric": "precision", "min": 1}]}}, "allowed: accuracy, f1"),
+    ({"tune": {"search_space": {"C": {"loguniform": [0, 1]}}}}, "low must be > 0"),
+    ({"tune": {"search_space": {"C": {"uniform": [1, 2], "choice": [1]}}}}, "exactly one of uniform"),
+    ({"tune": {"search_space": {"C": {"grid": [1]}}, "scheduler": "hyperband"}}, "'asha', 'median' or 'pbt'"),
+])
+def test_bad_sklearn_specs_name_the_field_and_the_allowed_values(change, fragment):
+    assert fragment in error_of({**DEMO_JOB, **change})
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"resources": {"num_workers": 2}}, "strategy 'single' runs one worker"),
+    ({"strategy": "pipeline_parallel", "model": {"kind": "cnn"}}, "set model.kind to 'mlp'"),
+    ({"strategy": "pipeline_parallel", "model": {"hidden": [8]}, "resources": {"num_workers": 3}}, "hidden layers"),
+    ({"hyperparameters": {"learning_rate": 0.1}}, "allowed: epochs, lr"),
+    ({"model": {"kind": "tab_transformer", "d_model": 30, "heads": 4}}, "multiple of heads"),
+    ({"estimator": "sklearn.svm.SVC"}, "torch jobs name a `model`"),
+])
+def test_bad_torch_specs(change, fragment):
+    assert fragment in error_of({**TORCH, **change})
+
+
+def test_torch_defaults_and_hyperparameters():
+    spec = TrainingJobSpec.model_validate({**TORCH, "strategy": "data_parallel", "resources": {"num_workers": 2},
+                                           "hyperparameters": {"epochs": 2}})
+    assert spec.model.kind == "mlp" and spec.torch_hparams().epochs == 2 and spec.torch_hparams().lr > 0
+
+
+def test_classification_and_regression_metrics():
+    y = np.array([0, 1, 2, 1])
+    proba = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
+    m = classification_metrics(y, proba.argmax(1), proba, [0, 1, 2])
+    assert m["accuracy"] == 0.75 and 0 < m["f1"] < 1 and 0.5 < m["roc_auc"] <= 1 and m["log_loss"] > 0
+    b = classification_metrics(np.array(["a", "b", "b"]), np.array(["a", "b", "a"]),
+                               np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), ["a", "b"])
+    assert b["roc_auc"] == 1.0 and b["f1"] == pytest.approx(2 / 3)
+    r = regression_metrics(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0]))
+    assert r["mae"] == pytest.approx(1 / 3) and r["rmse"] == pytest.approx(np.sqrt(1 / 3)) and r["r2"] == 0.5
+
+
+def test_gates_min_max_and_beat_the_champion():
+    spec = TrainingJobSpec.model_validate({**DEMO_JOB, "validation": {"gates": [
+        {"metric": "accuracy", "min": 0.9}, {"metric": "log_loss", "max": 0.5},
+        {"metric": "accuracy", "beat_champion_by": 0.01}, {"metric": "log_loss", "beat_champion_by": 0.0},
+    ]}}).validation
+    new = {"accuracy": 0.95, "log_loss": 0.2}
+    assert check_gates(spec, new, None).passed  # no champion: the beat gates pass
+    champ = {"version": "3", "metrics": {"accuracy": 0.945, "log_loss": 0.3}}
+    report = check_gates(spec, new, champ)
+    assert [g.passed for g in report.gates] == [True, True, False, True]
+    assert "does not beat" in report.failures()[0]
+    report = check_gates(spec, {"accuracy": 0.95}, {"version": "1", "metrics": None})
+    assert not report.gates[1].passed and "no log_loss" in report.gates[1].note
+    assert report.as_dict()["passed"] is False
+
+
+def test_job_needs_and_refusals():
+    settings = load_settings("local")
+    ddp = TrainingJobSpec.model_validate({**TORCH, "strategy": "data_parallel",
+                                          "resources": {"num_workers": 2, "cpus_per_worker": 0.5}}).model_dump()
+    needs = job_needs("training", ddp, settings)
+    assert (needs.driver_cpus, needs.cpus, needs.gpus) == (0.0, 1.0, 0.0)
+    sk = job_needs("training", TrainingJobSpec.model_validate(DEMO_JOB).model_dump(), settings)
+    assert sk.driver_cpus == sk.cpus == settings.jobs.num_cpus
+    gpu = TrainingJobSpec.model_validate({**TORCH, "resources": {"gpus_per_worker": 0.5}}).model_dump()
+    with pytest.raises(InvalidInput, match="has none"):
+        check_fits(job_needs("training", gpu, settings), {"CPU": 2.0}, settings)
+    with pytest.raises(InvalidInput, match="whole cluster has 0.5"):
+        check_fits(needs, {"CPU": 0.5}, settings)
+    check_fits(job_needs("training", gpu, settings), {"CPU": 2.0}, load_settings("local", jobs={"unschedulable": "queue"}))
+
+
+class _Handle:
+    def __init__(self, ended=False):
+        self.ended, self.cancelled = ended, False
+
+    def done(self):
+        return self.ended
+
+    def cancel(self):
+        self.cancelled = True
+
+    def describe_end(self):
+        return "exit 137"
+
+
+class _Launcher:
+    """Launches nothing: records what the scheduler asked, as a Ray launcher would be asked."""
+
+    def __init__(self):
+        self.launched, self.known, self.free, self.released = [], {}, 10.0, []
+
+    def admit(self, job):
+        need = job["spec"].get("cpus", 1)
+        return None if need <= self.free else f"{need} CPUs (free now: {self.free})"
+
+    def launch(self, job):
+        self.launched.append(job["job_id"])
+        self.known[job["job_id"]] = _Handle()
+        return self.known[job["job_id"]]
+
+    def attach(self, job):
+        return self.known.get(job["job_id"])
+
+    def release(self, job_id):
+        self.released.append(job_id)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = MetadataStore(f"sqlite:///{tmp_path}/q.db")
+    s.migrate()
+    return s
+
+
+def test_admission_waits_with_a_reason_and_lets_smaller_jobs_by(store):
+    launcher = _Launcher()
+    core = SchedulerCore(store, launcher, max_concurrent=2)
+    big = store.create_job("training", "big", {"cpus": 50}, "a", priority=5)
+    small = store.create_job("training", "small", {"cpus": 1}, "a")
+    assert core.tick() == [small["job_id"]]
+    assert store.get_job(big["job_id"])["progress"]["waiting_for"].startswith("50 CPUs")
+    launcher.free = 100
+    assert core.tick() == [big["job_id"]]
+
+
+def test_restart_reattaches_running_ray_jobs_and_requeues_unknown_ones(store):
+    launcher = _Launcher()
+    core = SchedulerCore(store, launcher, max_concurrent=3)
+    a = store.create_job("training", "a", {}, "x")
+    b = store.create_job("training", "b", {}, "x")
+    core.tick()
+    store.transition_job(store.create_job("training", "c", {}, "x")["job_id"], "running")  # never launched
+    fresh = SchedulerCore(store, launcher, max_concurrent=3)  # the actor restarted
+    found = fresh.recover()
+    assert sorted(found["reattached"]) == sorted([a["job_id"], b["job_id"]]) and len(found["requeued"]) == 1
+    launcher.known[a["job_id"]].ended = True  # its Ray Job died without recording an end
+    fresh.tick()
+    job = store.get_job(a["job_id"])
+    assert job["status"] == "failed" and "exit 137" in job["error"] and a["job_id"] in launcher.released
+    assert launcher.launched.count(b["job_id"]) == 1  # re-attached, never launched again
+    fresh.cancel(b["job_id"], "x")
+    assert launcher.known[b["job_id"]].cancelled
+
+
+def test_a_launcher_that_is_not_ready_leaves_the_job_queued(store):
+    from app.jobs.scheduler import LaunchDeferred
+
+    class NotReady(_Launcher):
+        def launch(self, job):
+            raise LaunchDeferred("the job agent (not available yet)")
+
+    core = SchedulerCore(store, NotReady(), max_concurrent=1)
+    job = store.create_job("training", "j", {}, "x")
+    assert core.tick() == []
+    after = store.get_job(job["job_id"])
+    assert after["status"] == "queued" and "job agent" in after["progress"]["waiting_for"]
