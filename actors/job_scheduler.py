@@ -155,7 +155,8 @@ class _RayJobLauncher:
         runtime_env = dict(self.settings.jobs.ray_job_runtime_env)
         try:
             self.client.submit_job(
-                entrypoint=f"{sys.executable} -m app.jobs.run --job-id {job['job_id']}",
+                entrypoint=f"{sys.executable} -m app.jobs.run --job-id {job['job_id']} "
+                f"--ray-address {ray.get_runtime_context().gcs_address}",
                 submission_id=sub_id,
                 entrypoint_num_cpus=needs.driver_cpus,
                 metadata={"matih_job_id": job["job_id"], "matih_kind": job["kind"], "matih_name": job["name"]},

@@ -111,7 +111,7 @@ def router(ctx: ApiContext) -> APIRouter:
             return {"job_id": job_id, "storage_dir": where, "items": []}
         from app.training.torch_train import list_checkpoints
 
-        items = await asyncio.to_thread(list_checkpoints, where)
+        items = await asyncio.to_thread(list_checkpoints, where, ctx.settings)
         return {"job_id": job_id, "storage_dir": where, "items": items}
 
     @api.post(
@@ -131,7 +131,7 @@ def router(ctx: ApiContext) -> APIRouter:
             raise Conflict(f"job {job_id} is a {spec.framework} job; only torch jobs keep checkpoints")
         if job["status"] in ("queued", "running"):
             raise Conflict(f"job {job_id} is {job['status']}; resume a job once it has ended (or cancel it first)")
-        items = await asyncio.to_thread(list_checkpoints, run_dir(spec, ctx.settings, job_id))
+        items = await asyncio.to_thread(list_checkpoints, run_dir(spec, ctx.settings, job_id), ctx.settings)
         if not items:
             raise Conflict(f"job {job_id} kept no checkpoints to resume from")
         if body.checkpoint is None:

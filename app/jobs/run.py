@@ -39,28 +39,33 @@ def _submission_id() -> str | None:
         return None
 
 
-def _connect() -> None:
+def _connect(address: str | None) -> None:
     import ray
 
     if not ray.is_initialized():
-        # Inside a Ray Job RAY_ADDRESS names the cluster; by hand without one, a local cluster starts.
-        ray.init(log_to_driver=True, namespace="matih-jobs")
+        # The scheduler names its cluster's GCS address: with several Ray clusters on one machine,
+        # the RAY_ADDRESS a Ray Job sets can point at another one. By hand, RAY_ADDRESS (or a new
+        # local cluster) is used.
+        ray.init(address=address, log_to_driver=True, namespace="matih-jobs")
 
 
-def _settings(profile: str | None):
-    """The platform's settings when its JobScheduler runs on this cluster, else the profile's."""
+def _settings(profile: str | None, required: bool):
+    """The platform's settings when its JobScheduler runs on this cluster, else (only for a
+    spec run by hand) the profile's."""
     import ray
 
+    from actors.job_scheduler import find_job_scheduler
     from app.settings import Settings, load_settings
 
-    try:
-        from actors.job_scheduler import find_job_scheduler
-
-        scheduler = find_job_scheduler()
-        if scheduler is not None:
-            return Settings(**ray.get(scheduler.settings.remote(), timeout=30))
-    except Exception as exc:  # no platform here: use the profile
-        log.info("no JobScheduler on this cluster (%s); settings from the profile", exc)
+    scheduler = find_job_scheduler()
+    if scheduler is not None:
+        return Settings(**ray.get(scheduler.settings.remote(), timeout=120))
+    if required:
+        raise SystemExit(
+            "no JobScheduler (namespace 'matih') on the Ray cluster this job runs on; "
+            f"a --job-id job needs the platform's settings (cluster: {ray.get_runtime_context().gcs_address})"
+        )
+    log.info("no JobScheduler on this cluster; settings from the profile %s", profile or "(MATIH_PROFILE or local)")
     return load_settings(profile)
 
 
@@ -94,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--spec", help="a YAML or JSON job spec file to run now")
     parser.add_argument("--kind", choices=KINDS, default="training", help="kind of the --spec job (default training)")
     parser.add_argument("--profile", default=None, help="profile when no platform runs on the cluster")
+    parser.add_argument("--ray-address", default=None, help="the cluster's GCS address (default: RAY_ADDRESS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     spec = _load_spec(args.spec, args.kind) if args.spec else None
-    _connect()
-    settings = _settings(args.profile)
+    _connect(args.ray_address)
+    settings = _settings(args.profile, required=spec is None)
 
     from app.jobs.runner import run_job
     from app.store import MetadataStore

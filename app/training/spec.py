@@ -113,10 +113,15 @@ class ResourcesSpec(_Strict):
         return {"CPU": self.cpus(default_total) * self.num_workers, "GPU": self.gpus_per_worker * self.num_workers}
 
 
+EPOCH_METRICS: tuple[str, ...] = ("val_loss", "train_loss", "accuracy", "f1", "log_loss", "rmse", "mae", "r2")
+
+
 class CheckpointSpec(_Strict):
-    frequency: int = Field(1, ge=1, description="Save a checkpoint every N epochs (torch jobs).")
-    keep_best: int = Field(2, ge=1, description="How many checkpoints to keep, the best by `metric`.")
-    metric: str = Field("val_loss", description="Metric that ranks checkpoints (reported each epoch).")
+    frequency: int = Field(1, ge=1, description="Save a checkpoint every N epochs (torch jobs); the last epoch always.")
+    keep_best: int = Field(2, ge=1, description="How many checkpoints to keep, the best by `metric` (and the latest).")
+    metric: str = Field(
+        "val_loss", description="Metric that ranks checkpoints, one reported each epoch: " + ", ".join(EPOCH_METRICS)
+    )
     mode: Literal["min", "max"] = Field("min", description="Whether a lower or a higher `metric` is better.")
     storage_path: str | None = Field(
         None, description="Local path or s3:// URI for Ray Train results; default: settings.jobs.storage_path."
@@ -124,6 +129,13 @@ class CheckpointSpec(_Strict):
     resume_from: str | None = Field(
         None, description="A checkpoint path (as listed by GET .../checkpoints) to start from; set by POST .../resume."
     )
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in EPOCH_METRICS:
+            raise ValueError(f"checkpoint metric {v!r} is not reported each epoch; use one of {', '.join(EPOCH_METRICS)}")
+        return v
 
 
 class FailureSpec(_Strict):

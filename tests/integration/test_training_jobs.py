@@ -171,7 +171,9 @@ def test_killed_worker_resumes_from_its_checkpoint_and_registers_once(platform):
         assert done["status"] == "succeeded", (done["error"], done.get("logs"))
         assert done["progress"]["restarts"] >= 1 and done["progress"]["epoch"] == 8
         cps = c.get(f"/v1/training/jobs/{job_id}/checkpoints").json()["items"]
-        assert 1 <= len(cps) <= 2 and all("val_loss" in cp["metrics"] for cp in cps)
+        # Ray Train keeps the 2 best and the latest; a checkpoint written as the worker was killed
+        # may stay on disk without Ray ever tracking it. Far fewer than the 8 epochs' in any case.
+        assert 1 <= len(cps) <= 4 and all("val_loss" in cp["metrics"] for cp in cps), cps
     assert len(versions_of_job(platform, "iris-kill", job_id)) == 1
 
     # Resume the ended job from its best kept checkpoint: a new job that starts from those weights.
