@@ -23,8 +23,9 @@ def builtin_names() -> list[str]:
     return sorted(_BUILTIN)
 
 
-def load_dataset(uri: str) -> pd.DataFrame:
-    """A DataFrame with feature columns and, for builtin datasets, a ``target`` column."""
+def load_dataset(uri: str, settings=None) -> pd.DataFrame:
+    """A DataFrame with feature columns and, for builtin datasets, a ``target`` column.
+    ``s3://`` URIs need ``settings`` (the S3 endpoint and keys)."""
     if uri.startswith("builtin://"):
         name = uri[len("builtin://") :]
         if name not in _BUILTIN:
@@ -39,10 +40,12 @@ def load_dataset(uri: str) -> pd.DataFrame:
         frame = bunch.frame.copy()
         frame.columns = [str(c).replace(" (cm)", "").replace(" ", "_") for c in frame.columns]
         return frame
+    if uri.startswith("s3://"):
+        return _load_s3(uri, settings)
     path_str = uri[len("file://") :] if uri.startswith("file://") else uri
     if "://" in path_str:
         raise InvalidInput(
-            f"dataset {uri!r}: only builtin:// names and local .parquet/.csv paths are supported here",
+            f"dataset {uri!r}: use a builtin:// name, a local .parquet/.csv path or an s3:// URI",
             details={"field": "dataset.uri"},
         )
     path = Path(path_str)
@@ -56,6 +59,29 @@ def load_dataset(uri: str) -> pd.DataFrame:
     raise InvalidInput(
         f"dataset {uri!r}: unknown format {suffix or '(none)'}; use .parquet or .csv", details={"field": "dataset.uri"}
     )
+
+
+def _load_s3(uri: str, settings) -> pd.DataFrame:
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from app.storage.s3 import resolve_uri
+
+    if settings is None:
+        raise InvalidInput(f"dataset {uri!r}: s3:// needs the platform's S3 settings", details={"field": "dataset.uri"})
+    path, fs = resolve_uri(uri, settings)
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".parquet", ".pq", ".csv"):
+        raise InvalidInput(f"dataset {uri!r}: unknown format {suffix or '(none)'}; use .parquet or .csv",
+                           details={"field": "dataset.uri"})
+    from pyarrow import fs as pafs
+
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise NotFound(f"dataset {uri} does not exist", details={"field": "dataset.uri"})
+    if suffix == ".csv":
+        with fs.open_input_stream(path) as f:
+            return pcsv.read_csv(f).to_pandas()
+    return pq.read_table(path, filesystem=fs).to_pandas()
 
 
 def split_features(frame: pd.DataFrame, target: str, features: list[str] | None) -> tuple[pd.DataFrame, pd.Series]:

@@ -88,7 +88,7 @@ def check_request(gpus_needed: float, cluster_total: float, policy: GpuPolicy = 
     if total == 0:
         raise InvalidInput(
             f"the job asks for {needed:g} GPU(s) and the Ray cluster has none; set the GPUs to 0 to run on "
-            "CPUs, or add GPU nodes (a cluster that autoscales GPU nodes sets jobs.gpu_policy to 'queue')",
+            "CPUs, or add GPU nodes (a cluster that autoscales GPU nodes sets jobs.unschedulable to 'queue')",
             details={"field": "resources", "gpus_needed": needed, "gpus_total": total},
         )
     raise InvalidInput(
@@ -166,7 +166,9 @@ class GpuInventory:
                 available_resources: dict[str, float]) -> dict[str, Any]:
         """Claim ``gpus`` for ``job_id``; returns the reservation. The same job reserving the
         same amount again gets its reservation back; a different amount is a conflict."""
-        gpus = check_gpus(gpus)
+        gpus = round(float(gpus), _GRAIN)  # a job's total over its workers: 3 x 0.5 = 1.5 is fine
+        if gpus <= 0:
+            raise InvalidInput(f"gpus must be > 0 (got {gpus:g})", details={"field": "gpus"})
         with self._lock:
             held = self._reservations.get(job_id)
             if held is not None:

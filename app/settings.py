@@ -127,7 +127,8 @@ class JobSettings(_Section):
     )
     poll_interval_s: float = Field(0.5, gt=0, description="How often the scheduler looks at its queue.")
     max_attempts: int = Field(
-        3, ge=1, description="Times a job lost with its scheduler or Ray Job is started again before it fails."
+        3, ge=1, description="Times a job is started again when its scheduler restarted before its Ray Job "
+        "began, before it fails. A Ray Job that dies without recording an end fails its job at once."
     )
     storage_path: str = Field(
         "",
@@ -146,8 +147,8 @@ class JobSettings(_Section):
     )
     ray_job_runtime_env: dict[str, Any] = Field(
         default_factory=dict,
-        description="runtime_env of the Ray Job of each job (e.g. a working_dir or pip list on a cluster "
-        "without the platform's package installed).",
+        description="runtime_env of the Ray Job of each job, e.g. env_vars for the job processes. The entry "
+        "point is the scheduler's own Python, so the platform must be installed on the cluster's nodes.",
     )
     allowed_estimators: list[str] = Field(
         default_factory=lambda: [

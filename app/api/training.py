@@ -40,11 +40,16 @@ def check_training_spec(spec: TrainingJobSpec, settings: Settings) -> None:
     unknown built-in datasets."""
     from app.datasets import builtin_names
 
-    if spec.framework == "sklearn" and spec.estimator not in settings.jobs.allowed_estimators:
-        raise InvalidInput(
-            f"estimator {spec.estimator!r} is not allowed; choose one of: {', '.join(settings.jobs.allowed_estimators)}",
-            details={"field": "estimator"},
-        )
+    if spec.framework == "sklearn":
+        if spec.estimator not in settings.jobs.allowed_estimators:
+            raise InvalidInput(
+                f"estimator {spec.estimator!r} is not allowed; choose one of: "
+                f"{', '.join(settings.jobs.allowed_estimators)}",
+                details={"field": "estimator"},
+            )
+        from app.training.sklearn_trainer import build_estimator
+
+        build_estimator(spec, settings)  # unknown or ill-typed keyword arguments: 422 now, not a failed job
     uri = spec.dataset.uri
     if uri.startswith("builtin://") and uri[len("builtin://"):] not in builtin_names():
         raise InvalidInput(

@@ -51,12 +51,12 @@ def infer_task(y: pd.Series, requested: str = "auto") -> str:
 
 
 def prepare_data(uri: str, target: str, features: list[str] | None, test_size: float, seed: int,
-                 task: str = "auto", encode_labels: bool = False) -> PreparedData:
+                 task: str = "auto", encode_labels: bool = False, settings=None) -> PreparedData:
     """Load, split (stratified for classification when every class has two rows) and, with
     ``encode_labels``, turn class labels into indices 0..k-1 (what a torch loss needs)."""
     from sklearn.model_selection import train_test_split
 
-    frame = load_dataset(uri)
+    frame = load_dataset(uri, settings)
     X, y = split_features(frame, target, features)
     task = infer_task(y, task)
     if task == "regression" and not pd.api.types.is_numeric_dtype(y):

@@ -171,9 +171,7 @@ def run_training(spec: TrainingJobSpec, settings: Settings, job_id: str, report:
 
     d = spec.dataset
     data = prepare_data(d.uri, d.target, d.features, d.split.test_size, d.split.seed,
-                        task=spec.task, encode_labels=spec.framework == "torch")
-    if spec.framework == "sklearn" and spec.task != "auto" and spec.task != data.task:
-        raise InvalidInput(f"task {spec.task!r} does not fit the target", details={"field": "task"})
+                        task=spec.task, encode_labels=spec.framework == "torch", settings=settings)
     y_true = _labels(data, data.y_holdout)
     exp_id = ensure_experiment(client, settings)
     hparams = dict(spec.hyperparameters)

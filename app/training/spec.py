@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.names import check_name
 
@@ -309,6 +309,12 @@ class TrainingJobSpec(_Strict):
                 bad += [k for k in self.tune.search_space if k not in TORCH_HYPERPARAMETERS]
             if bad:
                 raise ValueError(f"unknown torch hyperparameters {bad}; allowed: {', '.join(TORCH_HYPERPARAMETERS)}")
+            try:
+                TorchHyperparameters.model_validate(self.hyperparameters)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"hyperparameters.{where}: {first['msg']}") from None
         if self.tune is not None and self.strategy != "single":
             raise ValueError("a tune block runs single-process trials; set strategy to 'single'")
         return self

@@ -139,4 +139,5 @@ def _check(gate: Gate, metrics: dict[str, float], champion: dict[str, Any] | Non
                           f"{gate.metric} missing for the {'new model' if value is None else 'champion'}")
     ok = better(gate.metric, value, old, margin)
     return GateResult(gate.metric, "beat_champion_by", value, old, ok,
-                      f"{value:.4g} vs champion {old:.4g} (margin {margin:g}): {'beats' if ok else 'does not beat'} it")
+                      f"{value:.4g} vs champion {old:.4g} (margin {margin:g}): "
+                      f"{('matches' if value == old else 'beats') if ok else 'does not beat'} it")

@@ -93,10 +93,16 @@ def test_a_started_job_is_counted_by_ray_not_twice():
     assert inv.snapshot(TWO_GPUS, {"GPU": 0.25})["gpus_available"] == 0.0
 
 
-@pytest.mark.parametrize("gpus, words", [(0, "must be > 0"), (-1, "must be > 0"), (1.5, "whole number")])
+@pytest.mark.parametrize("gpus, words", [(0, "must be > 0"), (-1, "must be > 0")])
 def test_amounts_ray_would_refuse_are_refused(gpus, words):
     with pytest.raises(InvalidInput, match=words):
         GpuInventory(use_nvml=False).reserve("job", gpus, TWO_GPUS, TWO_GPUS)
+
+
+def test_a_jobs_total_may_be_fractional_above_one():
+    """Three workers with half a GPU each: 1.5 GPUs for the job, 0.5 per Ray request."""
+    held = GpuInventory(use_nvml=False).reserve("job", 1.5, TWO_GPUS, TWO_GPUS)
+    assert held["gpus"] == 1.5
 
 
 def test_reservations_on_a_cluster_without_gpus_are_refused():

@@ -129,3 +129,20 @@ def test_training_logs_the_onnx_model_to_s3_and_the_registry_downloads_it(tmp_pa
     sess = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)})
     assert int(np.asarray(out[0]).reshape(-1)[0]) == 0
+
+
+def test_training_datasets_read_from_s3(tmp_path, s3):
+    from app.datasets import load_dataset
+    from app.errors import NotFound
+
+    settings = _settings(tmp_path, s3, s3.create_bucket("matih-data"))
+    frame = load_dataset("builtin://iris")
+    fs = s3_filesystem(settings)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), "matih-data/iris.parquet", filesystem=fs)
+    with fs.open_output_stream("matih-data/iris.csv") as out:
+        out.write(frame.to_csv(index=False).encode())
+    for name in ("iris.parquet", "iris.csv"):
+        got = load_dataset(f"s3://matih-data/{name}", settings)
+        assert got.shape == frame.shape and list(got.columns) == list(frame.columns)
+    with pytest.raises(NotFound, match="does not exist"):
+        load_dataset("s3://matih-data/nope.parquet", settings)

@@ -194,3 +194,17 @@ def test_a_launcher_that_is_not_ready_leaves_the_job_queued(store):
     assert core.tick() == []
     after = store.get_job(job["job_id"])
     assert after["status"] == "queued" and "job agent" in after["progress"]["waiting_for"]
+
+
+@pytest.mark.parametrize("hp, fragment", [({"lr": -1}, "hyperparameters.lr"), ({"optimizer": "rmsprop"}, "'adam' or 'sgd'")])
+def test_torch_hyperparameter_values_are_checked_in_the_spec(hp, fragment):
+    assert fragment in error_of({**TORCH, "hyperparameters": hp})
+
+
+def test_s3_datasets_need_the_settings_and_exist():
+    from app.datasets import load_dataset
+
+    with pytest.raises(InvalidInput, match="S3 settings"):
+        load_dataset("s3://bucket/data.parquet")
+    with pytest.raises(InvalidInput, match="unknown format"):
+        load_dataset("s3://bucket/data.txt", load_settings("local"))
