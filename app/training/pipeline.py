@@ -178,8 +178,8 @@ def run_training(spec: TrainingJobSpec, settings: Settings, job_id: str, report:
     result: dict[str, Any] = {"task": data.task}
     with mlflow.start_run(experiment_id=exp_id, run_name=spec.name, tags={TAG_JOB: job_id}) as run:
         result["run_id"] = run.info.run_id
-        mlflow.log_params({"framework": spec.framework, "strategy": spec.strategy,
-                           "model": spec.estimator or spec.model.kind, "dataset": d.uri,
+        what = {"estimator": spec.estimator} if spec.framework == "sklearn" else {"model": spec.model.kind}
+        mlflow.log_params({"framework": spec.framework, "strategy": spec.strategy, **what, "dataset": d.uri,
                            "rows_train": len(data.X_train), "rows_holdout": len(data.X_holdout),
                            "num_workers": spec.resources.num_workers})
         if spec.tune is not None:
@@ -195,7 +195,7 @@ def run_training(spec: TrainingJobSpec, settings: Settings, job_id: str, report:
                            "best_trial_metrics": outcome.best_metrics})
             report({"stage": "tuned", "trials": outcome.trials, "best_config": outcome.best_config},
                    f"best trial: {json.dumps(outcome.best_config, default=str)} -> {json.dumps(outcome.best_metrics)}")
-        mlflow.log_params({f"hp.{k}": str(v) for k, v in hparams.items()})
+        mlflow.log_params({k: str(v) for k, v in hparams.items()})  # the hyperparameters by their own names
 
         onnx_model, diff, agreement, extra = _fit(spec, data, settings, job_id, hparams, report)
         result.update({k: v for k, v in extra.items() if k != "parity_scale"})

@@ -14,7 +14,8 @@ def test_health_ready_info_and_openapi(platform):
         deps = ready.json()["dependencies"]
         assert ready.json()["status"] == "ok", deps
         assert {n: d["status"] for n, d in deps.items()} == {
-            "metadata_store": "up", "mlflow": "up", "ray": "up", "job_scheduler": "up", "registry_cache": "up"
+            "metadata_store": "up", "mlflow": "up", "ray": "up", "job_scheduler": "up", "registry_cache": "up",
+            "gpu_manager": "up",
         }
         schema = anon.get("/openapi.json").json()
         for path in ("/v1/training/jobs", "/v1/jobs/{job_id}", "/v1/endpoints", "/v1/endpoints/{name}/predict"):
@@ -71,7 +72,7 @@ def test_endpoint_change_takes_effect_without_redeploy(platform, iris):
         job = platform.wait_job(c.post("/v1/training/jobs", json={**IRIS_JOB, "name": "iris-v2",
                                                                   "hyperparameters": {"max_iter": 100, "C": 0.1}}).json()["job_id"])
         new = job["result"]["model_version"]
-        assert int(new) >= 2 and job["result"]["aliases"] == []  # champion stays on version 1
+        assert int(new) >= 2 and job["result"]["aliases"] == ["challenger"]  # champion stays on version 1
         r = c.post("/v1/endpoints", json={"name": "iris-pinned", "target": f"iris/{new}"})
         assert r.status_code == 201 and r.json()["model_version"] == new
         assert c.post("/v1/endpoints/iris-pinned/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}).json()["model_version"] == new
