@@ -237,6 +237,23 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def cancel_job(job_id: str, who: Principal = developer) -> dict[str, Any]:
         return await ctx.jobs.cancel(job_id, who.name)
 
+    @api.post(
+        "/v1/jobs/{job_id}/retry", response_model=JobView, tags=["jobs"], summary="Queue a failed or cancelled job again",
+        description="The same job id and spec go back to the queue (attempts count up); a training job whose model "
+        "was registered by an earlier attempt is not registered twice. 409 for a queued, running or succeeded job.",
+    )
+    async def retry_job(job_id: str, who: Principal = developer) -> dict[str, Any]:
+        from app.errors import Conflict
+
+        job = await asyncio.to_thread(ctx.store.get_job, job_id)
+        if job["status"] not in ("failed", "cancelled"):
+            raise Conflict(f"job {job_id} is {job['status']}; only failed or cancelled jobs can be retried")
+        out = await asyncio.to_thread(
+            ctx.store.transition_job, job_id, "queued", actor=who.name, expect={"failed", "cancelled"}, error=None
+        )
+        await ctx.jobs.notify()
+        return out
+
     # -- endpoints -------------------------------------------------------------------------
     @api.post("/v1/endpoints", status_code=201, tags=["serving"], summary="Create an endpoint")
     async def create_endpoint(body: EndpointCreate, who: Principal = developer) -> dict[str, Any]:

@@ -193,3 +193,19 @@ def test_gates_go_on_the_model_card(platform):
     assert report["passed"] is True and [g["passed"] for g in report["gates"]] == [True, True]
     md = client.get(f"/v1/models/iris-card/versions/{res['model_version']}/card", params={"format": "markdown"})
     assert "## Validation gates" in md.text and "log_loss beat_champion_by: passed (no champion yet)" in md.text
+
+
+def test_retry_a_failed_job_queues_it_again(platform):
+    settings, store, core, client = platform
+    r = client.post("/v1/training/jobs", json={**IRIS, "name": "retry-me",
+                                               "dataset": {"uri": "builtin://iris", "target": "species"}})
+    job = wait(client, core, r.json()["job_id"])
+    assert job["status"] == "failed"
+    again = client.post(f"/v1/jobs/{job['job_id']}/retry")
+    assert again.status_code == 200 and again.json()["status"] == "queued" and again.json()["error"] is None
+    done = wait(client, core, job["job_id"])
+    assert done["status"] == "failed" and done["attempts"] == 2  # the same bad target fails again, recorded
+    assert client.post("/v1/jobs/nope/retry").status_code == 404
+    ok = client.post("/v1/training/jobs", json={**IRIS, "name": "retry-ok"}).json()["job_id"]
+    assert wait(client, core, ok)["status"] == "succeeded"
+    assert client.post(f"/v1/jobs/{ok}/retry").status_code == 409
