@@ -208,12 +208,15 @@ class RegistrySettings(_Section):
 class BatchSettings(_Section):
     """Batch prediction jobs (``POST /v1/batch/jobs``): Ray Data defaults a request may override."""
 
-    batch_size: int = Field(8192, gt=0, description="Rows per predictor call (map_batches batch_size).")
-    concurrency: int = Field(2, ge=1, description="Predictor actors in the pool (one ONNX Runtime session each).")
+    batch_size: int = Field(8192, gt=0, description="Rows per ONNX Runtime call in a predictor (which gets whole blocks).")
+    concurrency: int = Field(
+        2, ge=1, description="Most predictor actors in the pool (one ONNX Runtime session each); a job with little "
+        "model work gets fewer, a request that names concurrency exactly that.",
+    )
     worker_num_cpus: float = Field(0.5, gt=0, description="CPUs each predictor actor reserves.")
-    io_num_cpus: float = Field(0.2, gt=0, description="CPUs each read or write task reserves.")
+    io_num_cpus: float = Field(0.2, gt=0, description="CPUs each CSV read task reserves (parquet is read in the predictors).")
     driver_num_cpus: float = Field(
-        0.1, gt=0, description="CPUs of the job's own task, which only plans and watches the Ray Data pipeline."
+        0.1, gt=0, description="CPUs of the job's own task, which plans the Ray Data pipeline and writes its output."
     )
     onnx_intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads per predictor actor.")
     max_block_retries: int = Field(

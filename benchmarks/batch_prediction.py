@@ -8,7 +8,11 @@ side in one run, on the same file and the same registered ONNX model.
                       job runs, inside a Ray task sized like the JobScheduler sizes it
                       (settings.batch.driver_num_cpus): read parquet, actor pool of ONNX
                       Runtime predictors (settings.batch.concurrency actors x
-                      worker_num_cpus), write parquet, verify the row count.
+                      worker_num_cpus), write parquet, verify the row count;
+  (c) one process,    the loop of (a) with ONNX Runtime's default intra-op threads (one per
+      all cores       core): what one process gets out of the machine on its own. The target
+                      is judged against (a), the loop at the predictors' own thread count;
+                      (b)/(c) is printed beside it so that nobody mistakes the one for the other.
 
 The script makes a temporary MATIH_HOME with SQLite MLflow, trains and registers each model
 with the platform's trainer (app/training/sklearn_trainer.py), generates ROWS rows of
@@ -89,8 +93,10 @@ def train(settings, name: str) -> None:
     train_sklearn(spec, settings, f"bench-train-{name}", lambda progress, line=None: None)
 
 
-def single_process(settings, model_name: str, src: Path, out: Path, batch_size: int) -> float:
-    """(a): the loop a user would write with pandas and ONNX Runtime. Returns seconds."""
+def single_process(settings, model_name: str, src: Path, out: Path, batch_size: int, threads: int | None = None) -> float:
+    """(a): the loop a user would write with pandas and ONNX Runtime. Returns seconds.
+    ``threads``: ONNX Runtime intra-op threads (None: those of a batch predictor; 0: ONNX
+    Runtime's default, one per core)."""
     import onnxruntime as ort
     import pandas as pd
 
@@ -100,7 +106,7 @@ def single_process(settings, model_name: str, src: Path, out: Path, batch_size: 
     onnx_path = next(registry.download(registry.resolve(f"{model_name}@champion")).rglob("*.onnx"))
     started = time.perf_counter()
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = settings.batch.onnx_intra_op_threads
+    opts.intra_op_num_threads = settings.batch.onnx_intra_op_threads if threads is None else threads
     opts.inter_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -194,14 +200,16 @@ def main() -> int:
             name = f"iris_{m}"
             single_process(settings, name, small, home / f"warm-a-{m}", b.batch_size)  # imports, model cache
             ray_job(settings, name, small, home / f"warm-b-{m}", f"warm{m}")  # worker processes, imports
-            runs_a, runs_b = [], []
-            for i in range(args.repeat):  # interleaved, so a passing disturbance hits both paths
+            runs_a, runs_b, runs_c = [], [], []
+            for i in range(args.repeat):  # interleaved, so a passing disturbance hits every path
                 shutil.rmtree(home / f"out-a-{m}", ignore_errors=True)
                 runs_a.append(single_process(settings, name, big, home / f"out-a-{m}", b.batch_size))
+                shutil.rmtree(home / f"out-c-{m}", ignore_errors=True)
+                runs_c.append(single_process(settings, name, big, home / f"out-c-{m}", b.batch_size, threads=0))
                 t, result = ray_job(settings, name, big, home / f"out-b-{m}-{i}", f"bench{m}{i}")
                 assert result["rows"] == args.rows, result
                 runs_b.append(t)
-            t_a, t_b = float(np.median(runs_a)), float(np.median(runs_b))
+            t_a, t_b, t_c = float(np.median(runs_a)), float(np.median(runs_b)), float(np.median(runs_c))
             equal = same_predictions(home / f"out-a-{m}" / "part-0.parquet", home / f"out-b-{m}-0")
             rows_results.append(
                 {
@@ -215,6 +223,10 @@ def main() -> int:
                     "single_rows_s": args.rows / t_a,
                     "ray_rows_s": args.rows / t_b,
                     "ratio": t_a / t_b,
+                    "single_all_cores_s": t_c,
+                    "single_all_cores_runs_s": runs_c,
+                    "single_all_cores_rows_s": args.rows / t_c,
+                    "ratio_all_cores": t_c / t_b,
                     "same_predictions": equal,
                 }
             )
@@ -230,11 +242,13 @@ def main() -> int:
         f"batch_size {b.batch_size}, {b.concurrency} predictor actors x "
         f"{b.worker_num_cpus} CPU, {b.onnx_intra_op_threads} ONNX thread each"
     )
-    print(f"{'model':<10} {'(a) single process':>22} {'(b) Ray Data job':>22} {'(b)/(a)':>8}  same output")
+    print(f"{'model':<10} {'(a) single process':>22} {'(b) Ray Data job':>22} {'(b)/(a)':>8}  same output"
+          f" {'(c) one process, all cores':>28} {'(b)/(c)':>8}")
     for r in rows_results:
         print(
             f"{r['model']:<10} {r['single_rows_s']:>12,.0f} rows/s {r['single_s']:>5.1f}s"
-            f" {r['ray_rows_s']:>12,.0f} rows/s {r['ray_s']:>5.1f}s {r['ratio']:>8.2f}  {r['same_predictions']}"
+            f" {r['ray_rows_s']:>12,.0f} rows/s {r['ray_s']:>5.1f}s {r['ratio']:>8.2f}  {str(r['same_predictions']):<11}"
+            f" {r['single_all_cores_rows_s']:>18,.0f} rows/s {r['single_all_cores_s']:>5.1f}s {r['ratio_all_cores']:>8.2f}"
         )
     for r in rows_results:
         if r["model"] != "logreg":

@@ -4,12 +4,20 @@ Runtime predictors over batches, write parquet or CSV with exactly one row per i
 :func:`plan_batch` checks a request against the model and the input before anything runs
 (the API calls it at submit time, the job again when it starts); :func:`run_batch_prediction`
 is the job itself, executed by ``app.jobs.runner`` inside the Ray task the JobScheduler
-launches. :class:`OnnxBatchPredictor` is plain Python over pyarrow tables, so it is tested
-without Ray; Ray Data runs one instance per actor.
+launches. :class:`~app.batch.predictor.OnnxBatchPredictor` is plain Python over pyarrow
+tables, so it is tested without Ray; Ray Data runs one instance per actor.
 
-Order: Ray Data runs with ``preserve_order``, so write task *n* holds the rows after those
-of task *n-1*; files are named ``part-<job>-<n>``, and reading them in name order gives the
-input order. A ``key_column`` carries the user's own key as well.
+Order: Ray Data runs with ``preserve_order``, so the predicted blocks reach the job in input
+order; the job writes them into files named ``part-<job>-<n>``, and reading them in name
+order gives the input order. A ``key_column`` carries the user's own key as well.
+
+Fixed cost: a job pays for its predictor actors (a process each, which imports Ray Data and
+ONNX Runtime), for Ray Data's planning and for its read tasks; it writes the output itself
+(see :class:`_OutputWriter`). The job times the
+model on a sample of the input before it starts the pool, and sizes the pool and the blocks
+from that: a job with little model work gets one predictor instead of ``concurrency``
+(unless the request names a concurrency), and blocks hold about :data:`_BLOCK_SECONDS` of
+model work, so that the predictors finish together.
 """
 
 from __future__ import annotations
@@ -17,25 +25,30 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from app.batch.predictor import OnnxBatchPredictor
 from app.batch.spec import BatchJobSpec
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, ModelError, NotFound
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable, model_metadata
 from app.settings import Settings
 from app.storage.s3 import configure_s3_env, is_s3, resolve_uri
 
+__all__ = ["BatchPlan", "OnnxBatchPredictor", "plan_batch", "run_batch_prediction"]
+
 log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any], str | None], None]
 _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
-_BATCHES_PER_BLOCK = 16  # predictors iterate the batches of a block inside one call
+_BATCHES_PER_BLOCK = 16  # most batches in a block (predictors iterate them inside one call)
+_MIN_BATCHES_PER_BLOCK = 2  # fewest: each block is a task, a hop through the object store and a scheduling turn
 _MAX_BLOCKS = 2000
+_BLOCK_SECONDS = 0.5  # model work per block: small enough that the predictors finish together
+_SECONDS_PER_PREDICTOR = 1.0  # less model work than this per extra predictor: it would cost more to start
+_SAMPLE_ROWS = 2048  # input rows the driver times the model on before it starts the pool
+_TASKS_IN_FLIGHT_PER_PREDICTOR = 2  # one running, one waiting: no gap between blocks, no long queue
 _NO_PROGRESS_TIMEOUT_S = 600  # no block read, predicted or written for this long: the job fails
 
 
@@ -188,128 +201,79 @@ def plan_batch(
     )
 
 
-# -- the predictor ---------------------------------------------------------------------------
-class OnnxBatchPredictor:
-    """One ONNX Runtime session; called with pyarrow tables, returns the output table
-    (kept columns, ``prediction``, optional probabilities) with the same rows in the same order.
-
-    Ray Data constructs one per actor of the pool (``map_batches(OnnxBatchPredictor, ...)``).
-    """
-
-    def __init__(
-        self,
-        onnx_model: bytes,
-        feature_columns: list[str],
-        keep_columns: list[str] | None = None,
-        *,
-        probabilities: bool = False,
-        classes: list[Any] | None = None,
-        wide_probabilities: bool = False,
-        intra_op_threads: int = 1,
-        counter: Any = None,
-    ):
-        import onnxruntime as ort
-
-        from app.runtimes.onnx import available_providers
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(onnx_model, sess_options=opts, providers=available_providers())
-        except Exception as exc:
-            raise ModelError(f"ONNX Runtime could not load the model: {exc}") from None
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        width = inp.shape[1] if len(inp.shape) == 2 and isinstance(inp.shape[1], int) else None
-        if width is not None and width != len(feature_columns):
-            raise InvalidInput(
-                f"the model takes {width} features but {len(feature_columns)} feature columns were given: "
-                f"{feature_columns}",
-                details={"field": "feature_columns"},
-            )
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.label_out = next((o for o in outputs if o.lower().startswith("label")), outputs[0])
-        self.proba_out = next((o for o in outputs if "prob" in o.lower()), None)
-        self.feature_columns = list(feature_columns)
-        self.keep_columns = list(keep_columns or [])
-        self.probabilities = bool(probabilities and self.proba_out)
-        self.classes = classes
-        self.wide_probabilities = wide_probabilities
-        self.counter = counter
-
-    def features(self, batch) -> np.ndarray:
-        """The batch's feature columns as a C-ordered float32 matrix; nulls are refused."""
-        out = np.empty((batch.num_rows, len(self.feature_columns)), dtype=np.float32)
-        for j, name in enumerate(self.feature_columns):
-            col = batch.column(name)
-            if col.null_count:
-                raise InvalidInput(
-                    f"feature column {name!r} has {col.null_count} empty values in a batch; fill them first"
-                )
-            out[:, j] = col.to_numpy()
-        return out
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        wanted = [self.label_out] + ([self.proba_out] if self.probabilities else [])
-        try:
-            outs = self.session.run(wanted, {self.input_name: self.features(batch)})
-        except InvalidInput:
-            raise
-        except Exception as exc:
-            raise ModelError(f"ONNX Runtime failed on a batch of {batch.num_rows} rows: {exc}") from None
-        pred = np.asarray(outs[0])
-        if pred.ndim == 2 and pred.shape[1] == 1:
-            pred = pred[:, 0]
-        columns = {name: batch.column(name) for name in self.keep_columns}
-        columns["prediction"] = pa.array(pred)
-        if self.probabilities:
-            proba = np.ascontiguousarray(outs[1], dtype=np.float32)
-            if self.wide_probabilities:  # CSV has no list type: one column per class
-                names = self.classes if self.classes and len(self.classes) == proba.shape[1] else range(proba.shape[1])
-                for j, cls in enumerate(names):
-                    columns[f"probability_{cls}"] = pa.array(proba[:, j])
-            else:
-                columns["probabilities"] = pa.FixedSizeListArray.from_arrays(
-                    pa.array(proba.reshape(-1)), proba.shape[1]
-                )
-        if self.counter is not None:
-            self.counter.add.remote(batch.num_rows)  # fire and forget: progress only
-        return pa.table(columns)
-
-
-class RowCounter:
-    """Rows predicted so far, summed from every predictor actor (a retried block counts twice;
-    the driver caps the figure and replaces it by the rows written at the end)."""
-
-    def __init__(self):
-        self.rows = 0
-
-    def add(self, n: int) -> None:
-        self.rows += n
-
-    def total(self) -> int:
-        return self.rows
-
-
 # -- output files ----------------------------------------------------------------------------
 def file_prefix(job_id: str) -> str:
     return f"part-{job_id[:12]}-"
 
 
-def _job_files(job_id: str, fmt: str):
-    from ray.data.datasource import FilenameProvider
+def file_name(job_id: str, index: int, fmt: str) -> str:
+    """Name of a job's ``index``-th output file; name order is row order."""
+    return f"{file_prefix(job_id)}{index:06d}.{fmt}"
 
-    class _JobFiles(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            # Ray requires the write id in the name; task index first keeps name order = row order.
-            return f"{file_prefix(job_id)}{task_index:06d}-{write_uuid}.{fmt}"
 
-    return _JobFiles(file_format=fmt)
+class _OutputWriter:
+    """Writes a job's predicted blocks, in the order they come, into files of at least
+    ``min_rows`` rows (the last may be smaller) named so that name order is row order.
+
+    The job writes from its own process rather than through Ray Data write tasks: on a small
+    node every write task tends to start a fresh worker process (idle workers are reaped after
+    about a second when the predictors hold the node's worker slots), and each such process
+    imports Ray Data again, which costs more CPU than writing the rows. The output of a batch
+    prediction (key, prediction, probabilities) is small next to the model work behind it.
+    """
+
+    def __init__(self, plan: BatchPlan, job_id: str, min_rows: int, uri: str):
+        self.plan, self.job_id, self.min_rows, self.uri = plan, job_id, min_rows, uri
+        self.index = 0
+        self.rows = 0  # in the open file
+        self.sink = self.writer = None
+        self.schema = None
+
+    def _open(self, schema) -> None:
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        path = posixpath.join(self.plan.output_path, file_name(self.job_id, self.index, self.plan.output_format))
+        self.sink = _fs_call(self.uri, lambda: self.plan.output_fs.open_output_stream(path))
+        if self.plan.output_format == "parquet":
+            self.writer = pq.ParquetWriter(self.sink, schema)
+        else:
+            self.writer = pacsv.CSVWriter(self.sink, schema)
+        self.schema = schema
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            writer, sink = self.writer, self.sink
+            self.writer = self.sink = None
+            writer.close()
+            _fs_call(self.uri, sink.close)
+            self.index += 1
+            self.rows = 0
+
+    def write(self, table) -> None:
+        if table.num_rows == 0:
+            return
+        if self.writer is not None and not table.schema.equals(self.schema):
+            try:  # CSV input: a later block may infer int where an earlier one had float
+                table = table.cast(self.schema)
+            except Exception:  # noqa: BLE001 - a different schema starts a new file instead
+                self._close()
+        if self.writer is None:
+            self._open(table.schema)
+        _fs_call(self.uri, lambda: self.writer.write_table(table))
+        self.rows += table.num_rows
+        if self.rows >= self.min_rows:
+            self._close()
+
+    def close(self) -> None:
+        self._close()
+
+    def abort(self) -> None:
+        """Close what is open without raising: the job is failing for another reason."""
+        try:
+            self._close()
+        except Exception:  # noqa: BLE001
+            log.debug("closing the output after a failure failed", exc_info=True)
 
 
 def output_files(path: str, fs, job_id: str) -> list[str]:
@@ -337,13 +301,6 @@ def count_rows(files: list[str], fs, fmt: str) -> int:
 
 
 # -- the job ---------------------------------------------------------------------------------
-def count_input_rows(plan: BatchPlan) -> int:
-    """Rows of a parquet input from its footers alone (no data read)."""
-    import pyarrow.dataset as pads
-
-    return pads.dataset(plan.input_path, filesystem=plan.input_fs, format="parquet").count_rows()
-
-
 def _model_bytes(registry: ModelRegistry, model: ResolvedModel) -> bytes:
     from app.runtimes.onnx import find_onnx_file
 
@@ -357,47 +314,38 @@ def _model_bytes(registry: ModelRegistry, model: ResolvedModel) -> bytes:
     return find_onnx_file(registry.download(model)).read_bytes()
 
 
-class _ProgressWatcher(threading.Thread):
-    """Records rows done from the counter actor every ``interval`` seconds while the write runs."""
-
-    def __init__(self, counter, rows_total: int, report: Reporter, interval: float):
-        super().__init__(daemon=True, name="batch-progress")
-        self.counter, self.rows_total, self.report, self.interval = counter, rows_total, report, interval
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        import ray
-
-        last = -1
-        while not self.stop_event.wait(self.interval):
-            try:
-                done = min(int(ray.get(self.counter.total.remote(), timeout=10)), self.rows_total)
-                if done != last:
-                    self.report({"rows_done": done}, None)
-                    last = done
-            except Exception:  # progress is best effort; the job's outcome does not depend on it
-                log.debug("progress update failed", exc_info=True)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(timeout=15)
+def _columns(plan: BatchPlan) -> list[str]:
+    return list(dict.fromkeys(plan.keep_columns + plan.feature_columns))
 
 
-def _read(plan: BatchPlan, num_cpus: float, blocks: int | None = None):
-    """The input as a Ray Data dataset of just the needed columns; every read task asks for
-    ``num_cpus`` (V1 datasources: V2 parquet reads add a listing task of 1 CPU, which would
-    not fit next to the platform and the predictor pool on 2 cores)."""
+def _read_csv(plan: BatchPlan, num_cpus: float, blocks: int | None = None):
+    """A CSV input as a Ray Data dataset of just the needed columns; every read task asks for
+    ``num_cpus``."""
+    import pyarrow.csv as pacsv
     import ray.data
 
-    columns = list(dict.fromkeys(plan.keep_columns + plan.feature_columns))
     kwargs: dict[str, Any] = {"filesystem": plan.input_fs, "num_cpus": num_cpus}
     if blocks:
         kwargs["override_num_blocks"] = blocks
-    if plan.input_format == "parquet":
-        return ray.data.read_parquet(plan.input_path, columns=columns, **kwargs)
-    import pyarrow.csv as pacsv
+    return ray.data.read_csv(
+        plan.input_path, convert_options=pacsv.ConvertOptions(include_columns=_columns(plan)), **kwargs
+    )
 
-    return ray.data.read_csv(plan.input_path, convert_options=pacsv.ConvertOptions(include_columns=columns), **kwargs)
+
+def _read_parquet(plan: BatchPlan, groups, schema, blocks: int, remote_args: dict[str, Any]):
+    """A parquet input as ``blocks`` contiguous row ranges of just the needed columns. The read
+    tasks ask for the predictors' resources (``remote_args``), which lets Ray Data fuse them
+    into the predictor actors (see app/batch/_parquet.py)."""
+    import pyarrow as pa
+    import ray.data
+
+    from app.batch._parquet import ParquetRowRanges
+
+    columns = _columns(plan)
+    projected = pa.schema([schema.field(c) for c in columns])
+    row_bytes = sum(max(1, f.type.byte_width if pa.types.is_primitive(f.type) else 16) for f in projected)
+    source = ParquetRowRanges(groups, plan.input_fs, columns, projected, row_bytes)
+    return ray.data.read_datasource(source, override_num_blocks=blocks, ray_remote_args=dict(remote_args))
 
 
 def _data_context(settings: Settings):
@@ -434,15 +382,16 @@ def run_batch_prediction(spec: BatchJobSpec, settings: Settings, job_id: str, re
     onnx_model = _model_bytes(registry, model)
     report(
         {"stage": "reading", "model": model.name, "model_version": model.version, "rows_done": 0, "rows_total": None},
-        f"batch prediction with {model.model_id}: {spec.input_uri} -> {spec.output_uri} ({spec.format}), "
-        f"{spec.concurrency or settings.batch.concurrency} predictor(s) x "
-        f"{spec.batch_size or settings.batch.batch_size} rows",
+        f"batch prediction with {model.model_id}: {spec.input_uri} -> {spec.output_uri} ({spec.format})",
     )
-    # Fail fast on a model that cannot take these columns, before any actor starts.
-    OnnxBatchPredictor(onnx_model, plan.feature_columns, plan.keep_columns)
+    # Fail fast on a model that cannot take these columns, before any actor starts; and time it
+    # on the first input rows, to size the pool and the blocks.
+    probe = OnnxBatchPredictor(onnx_model, plan.feature_columns, plan.keep_columns)
+    seconds_per_row = _seconds_per_row(probe, _sample(plan))
+    del probe
 
     with DataContext.current(_data_context(settings)):
-        rows_total = _predict_and_write(spec, settings, plan, onnx_model, job_id, report)
+        rows_total = _predict_and_write(spec, settings, plan, onnx_model, seconds_per_row, job_id, report)
 
     files = output_files(plan.output_path, plan.output_fs, job_id)
     rows_out = count_rows(files, plan.output_fs, plan.output_format)
@@ -467,64 +416,133 @@ def run_batch_prediction(spec: BatchJobSpec, settings: Settings, job_id: str, re
     }
 
 
+def _sample(plan: BatchPlan, rows: int = _SAMPLE_ROWS):
+    """The first ``rows`` input rows (feature columns only), or None when they cannot be read
+    cheaply; the job then runs without a timing and sizes by its settings alone."""
+    import pyarrow.dataset as pads
+
+    try:
+        dataset = pads.dataset(plan.input_path, filesystem=plan.input_fs, format=plan.input_format)
+        return dataset.head(rows, columns=plan.feature_columns)
+    except Exception:  # noqa: BLE001 - sizing is an optimisation; the pipeline reports real read errors
+        log.debug("could not sample the input", exc_info=True)
+        return None
+
+
+def _seconds_per_row(predictor: OnnxBatchPredictor, sample) -> float | None:
+    """Model time per row on ``sample``, measured after one small warm-up call. A sample the
+    model refuses (empty values, say) fails the job here, with the message a predictor would give."""
+    if sample is None or sample.num_rows == 0:
+        return None
+    predictor.predict(sample.slice(0, 16))
+    t0 = time.perf_counter()
+    predictor.predict(sample)
+    return (time.perf_counter() - t0) / sample.num_rows
+
+
+def size_pipeline(
+    rows_total: int, seconds_per_row: float | None, batch_size: int, concurrency: int, *, fixed: bool
+) -> tuple[int, int]:
+    """(predictor actors, input blocks) for a job.
+
+    Each predictor is a process that imports Ray Data and opens a session (about a second of
+    CPU), so a job whose whole model work is short gets fewer predictors than ``concurrency``
+    (never fewer than one, and exactly ``concurrency`` when the request named it: ``fixed``).
+    Blocks carry about ``_BLOCK_SECONDS`` of model work (1 to ``_BATCHES_PER_BLOCK`` batches),
+    and there are at least two per predictor, so that no predictor is left with a long last block
+    while the others wait. Without a timing: ``concurrency`` predictors, blocks of
+    ``_BATCHES_PER_BLOCK`` batches.
+    """
+    predictors = concurrency
+    batches_per_block = _BATCHES_PER_BLOCK
+    if seconds_per_row is not None and seconds_per_row > 0:
+        work = seconds_per_row * rows_total
+        if not fixed:
+            predictors = min(concurrency, max(1, int(work // _SECONDS_PER_PREDICTOR)))
+        batches_per_block = min(
+            _BATCHES_PER_BLOCK, max(_MIN_BATCHES_PER_BLOCK, round(_BLOCK_SECONDS / (seconds_per_row * batch_size)))
+        )
+    blocks = max(math.ceil(rows_total / (batch_size * batches_per_block)), 2 * predictors)
+    return predictors, max(1, min(blocks, _MAX_BLOCKS, rows_total))
+
+
 def _predict_and_write(
-    spec: BatchJobSpec, settings: Settings, plan: BatchPlan, onnx_model: bytes, job_id: str, report: Reporter
+    spec: BatchJobSpec,
+    settings: Settings,
+    plan: BatchPlan,
+    onnx_model: bytes,
+    seconds_per_row: float | None,
+    job_id: str,
+    report: Reporter,
 ) -> int:
-    """The Ray Data pipeline: read -> actor pool of predictors -> write. Returns the input rows."""
+    """The pipeline: Ray Data reads and runs the actor pool of predictors; the predicted blocks
+    stream back in order and are written here, with progress. Returns the input rows."""
     import ray
     from ray.data import ActorPoolStrategy
 
+    from app.batch._parquet import parquet_row_groups
+
     batch = settings.batch
     batch_size = spec.batch_size or batch.batch_size
-    concurrency = spec.concurrency or batch.concurrency
     io_cpus = batch.io_num_cpus
     if plan.input_format == "parquet":
-        rows_total = count_input_rows(plan)
+        groups, schema = _fs_call(spec.input_uri, lambda: parquet_row_groups(plan.input_path, plan.input_fs))
+        rows_total = sum(g.rows for g in groups)  # from the footers: no data read
     else:
-        rows_total = _read(plan, io_cpus).count()  # CSV has no row count short of reading it
-    report({"stage": "predicting", "rows_total": rows_total}, f"{rows_total} input rows")
-    # Blocks of up to _BATCHES_PER_BLOCK batches (each block costs scheduling and a hop through
-    # the object store), but at least two per predictor so that one file keeps them all busy.
-    blocks = min(max(math.ceil(rows_total / (batch_size * _BATCHES_PER_BLOCK)), 2 * concurrency), _MAX_BLOCKS)
-    ds = _read(plan, io_cpus, blocks)
-
-    counter = ray.remote(num_cpus=0)(RowCounter).remote()
+        rows_total = _read_csv(plan, io_cpus).count()  # CSV has no row count short of reading it
+    predictors, blocks = size_pipeline(
+        rows_total,
+        seconds_per_row,
+        batch_size,
+        spec.concurrency or batch.concurrency,
+        fixed=spec.concurrency is not None,
+    )
+    timing = f", model {seconds_per_row * 1e6:.2f} us/row" if seconds_per_row else ""
+    report(
+        {"stage": "predicting", "rows_total": rows_total},
+        f"{rows_total} input rows in {blocks} block(s); {predictors} predictor(s) x {batch_size} rows{timing}",
+    )
+    remote_args = {"num_cpus": spec.num_cpus_per_worker or batch.worker_num_cpus}
+    if spec.num_gpus_per_worker:
+        remote_args["num_gpus"] = spec.num_gpus_per_worker
+    if plan.input_format == "parquet":
+        ds = _read_parquet(plan, groups, schema, blocks, remote_args)
+    else:
+        ds = _read_csv(plan, io_cpus, blocks)
     ds = ds.map_batches(
         OnnxBatchPredictor,
         fn_constructor_kwargs={
-            "onnx_model": onnx_model,
+            "onnx_model": ray.put(onnx_model),  # once in the object store; each actor maps it from there
             "feature_columns": plan.feature_columns,
             "keep_columns": plan.keep_columns,
             "probabilities": spec.return_probabilities,
             "classes": model_metadata(plan.model).get("classes"),
             "wide_probabilities": spec.format == "csv",
             "intra_op_threads": batch.onnx_intra_op_threads,
-            "counter": counter,
+            "batch_size": batch_size,  # rows per ONNX Runtime call; Ray Data hands over whole blocks
         },
-        batch_size=batch_size,
+        batch_size=None,  # (a batch_size here would keep Ray Data from fusing the read into the actors)
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=concurrency),
-        num_cpus=spec.num_cpus_per_worker or batch.worker_num_cpus,
-        num_gpus=spec.num_gpus_per_worker or None,
+        compute=ActorPoolStrategy(size=predictors, max_tasks_in_flight_per_actor=_TASKS_IN_FLIGHT_PER_PREDICTOR),
         udf_modifying_row_count=False,
+        **remote_args,
     )
-    writer = ds.write_parquet if plan.output_format == "parquet" else ds.write_csv
-    watcher = _ProgressWatcher(counter, rows_total, report, batch.progress_interval_s)
-    watcher.start()
+    if not is_s3(spec.output_uri):  # S3 has no folders; no empty marker objects
+        _fs_call(spec.output_uri, lambda: plan.output_fs.create_dir(plan.output_path, recursive=True))
+    out = _OutputWriter(plan, job_id, batch.min_rows_per_file, spec.output_uri)
+    rows_done, reported = 0, time.monotonic()
     try:
-        writer(
-            plan.output_path,
-            filesystem=plan.output_fs,
-            filename_provider=_job_files(job_id, plan.output_format),
-            try_create_dir=not is_s3(spec.output_uri),  # S3 has no folders; no empty marker objects
-            ray_remote_args={"num_cpus": io_cpus},
-            min_rows_per_file=batch.min_rows_per_file,
-        )
+        # preserve_order: blocks come in input order, so files and rows within them keep it.
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            out.write(table)
+            rows_done += table.num_rows
+            if time.monotonic() - reported >= batch.progress_interval_s:
+                report({"rows_done": min(rows_done, rows_total)}, None)
+                reported = time.monotonic()
+        out.close()
     except Exception as exc:
+        out.abort()
         raise _job_error(exc) from None
-    finally:
-        watcher.stop()
-        ray.kill(counter)
     return rows_total
 
 

@@ -90,6 +90,85 @@ def test_predictor_casts_integer_features(iris_onnx):
     assert out.num_rows == 20
 
 
+def test_predictor_runs_a_block_in_batches_of_batch_size(iris_onnx):
+    onnx_model, est = iris_onnx
+    table = _table(1000)
+    whole = OnnxBatchPredictor(onnx_model, FEATURES, ["id"], probabilities=True)(table)
+    sliced = OnnxBatchPredictor(onnx_model, FEATURES, ["id"], probabilities=True, batch_size=64)(table)
+    assert sliced.equals(whole)
+
+
+# -- sizing the pool and the blocks ----------------------------------------------------------
+def test_little_model_work_gets_one_predictor_unless_the_request_names_more():
+    from app.batch.predict import size_pipeline
+
+    # 1M rows at 0.1 us/row: 0.1 s of model work, not worth a second actor process
+    assert size_pipeline(1_000_000, 1e-7, 8192, 2, fixed=False)[0] == 1
+    assert size_pipeline(1_000_000, 1e-7, 8192, 2, fixed=True)[0] == 2
+    # 1M rows at 6 us/row: 6 s of work, every predictor allowed
+    assert size_pipeline(1_000_000, 6e-6, 8192, 2, fixed=False)[0] == 2
+    assert size_pipeline(1_000_000, 6e-6, 8192, 4, fixed=False)[0] == 4
+    # no timing: the configured concurrency
+    assert size_pipeline(1_000_000, None, 8192, 3, fixed=False)[0] == 3
+
+
+def test_blocks_hold_a_bounded_amount_of_model_work():
+    from app.batch.predict import _BATCHES_PER_BLOCK, _MIN_BATCHES_PER_BLOCK, size_pipeline
+
+    cheap = size_pipeline(1_000_000, 1e-7, 8192, 2, fixed=False)[1]
+    costly = size_pipeline(1_000_000, 2e-5, 8192, 2, fixed=False)[1]
+    assert cheap == -(-1_000_000 // (8192 * _BATCHES_PER_BLOCK))  # big blocks: few tasks
+    assert costly > cheap and costly <= -(-1_000_000 // (8192 * _MIN_BATCHES_PER_BLOCK))
+    assert size_pipeline(10, 1e-5, 8192, 2, fixed=False)[1] == 2  # two per predictor, rows permitting
+    assert size_pipeline(1, 1e-5, 8192, 2, fixed=False)[1] == 1
+
+
+# -- reading row ranges, writing in order ----------------------------------------------------
+def test_parquet_row_ranges_cover_every_row_once_in_order(tmp_path):
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    from app.batch._parquet import ParquetRowRanges, parquet_row_groups
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(_table(2500, seed=1), folder / "b.parquet", row_group_size=700)
+    pq.write_table(_table(1000, seed=2), folder / "a.parquet", row_group_size=300)
+    local = pafs.LocalFileSystem()
+    groups, schema = parquet_row_groups(str(folder), local)
+    assert sum(g.rows for g in groups) == 3500 and groups[0].path.endswith("a.parquet")
+    expected = pa.concat_tables(
+        [pq.read_table(folder / f, columns=["id", "petal_width"]) for f in ("a.parquet", "b.parquet")]
+    )
+    source = ParquetRowRanges(groups, local, ["id", "petal_width"], schema, 16)
+    for n in (1, 3, 7, 50):
+        tasks = source.get_read_tasks(n)
+        assert len(tasks) == n and sum(t.metadata.num_rows for t in tasks) == 3500
+        got = pa.concat_tables([t for task in tasks for t in task()])
+        assert got.equals(expected)
+
+
+def test_output_writer_keeps_order_and_rolls_files(tmp_path):
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    from app.batch.predict import BatchPlan, _OutputWriter, count_rows, output_files
+
+    plan = BatchPlan(
+        model=MODEL, input_path="", input_fs=None, input_format="parquet", output_path=str(tmp_path),
+        output_fs=pafs.LocalFileSystem(), output_format="parquet", feature_columns=FEATURES,
+    )
+    out = _OutputWriter(plan, "job-1", min_rows=250, uri=str(tmp_path))
+    table = _table(1000).select(["id", "petal_width"])
+    for start in range(0, 1000, 100):
+        out.write(table.slice(start, 100))
+    out.write(table.slice(0, 0))
+    out.close()
+    files = output_files(str(tmp_path), plan.output_fs, "job-1")
+    assert len(files) == 4 and count_rows(files, plan.output_fs, "parquet") == 1000
+    assert pa.concat_tables([pq.read_table(f) for f in files]).equals(table)
+
+
 # -- the request and its checks --------------------------------------------------------------
 def _spec(**kw) -> BatchJobSpec:
     return BatchJobSpec.model_validate({"model": "iris@champion", "input_uri": "in.parquet", "output_uri": "out", **kw})
@@ -162,10 +241,9 @@ def test_plan_checks_input_output_and_columns(files):
 
 
 def test_output_file_names_sort_in_row_order():
-    from app.batch.predict import _job_files
+    from app.batch.predict import file_name
 
-    provider = _job_files("0123456789abcdef", "parquet")
-    names = [provider.get_filename_for_task("u" * 32, i) for i in (0, 2, 10, 100, 1000)]
+    names = [file_name("0123456789abcdef", i, "parquet") for i in (0, 2, 10, 100, 1000)]
     assert names == sorted(names) and all(n.startswith(file_prefix("0123456789abcdef")) for n in names)
 
 
