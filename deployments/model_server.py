@@ -52,6 +52,9 @@ class ModelServer:
             load
         )
         self._in_flight = 0  # predict calls in this replica now (all on its one event loop)
+        # Since start: predict requests, runtime calls made for them, and requests that went
+        # through @serve.batch; requests / model_calls is how well batching stacks (see stats()).
+        self._counts = {"requests": 0, "model_calls": 0, "batched_requests": 0}
         s = self.settings.serving
         self.reconfigure(
             {
@@ -78,11 +81,19 @@ class ModelServer:
                 self._configs[model_id] = config
             runtime = await self.get_model(model_id)
             matrix, probabilities = runtime.prepare(payload)  # bad input fails here, alone
+            self._counts["requests"] += 1
             if runtime.blocking_io:  # a remote call (triton) must not hold up this replica's other requests
+                self._counts["model_calls"] += 1
                 return await asyncio.to_thread(runtime.predict, matrix, probabilities=probabilities)
             # Batch only when there is company: a request alone in the replica would just wait out
-            # batch_wait_s for nobody, so it runs at once.
+            # batch_wait_s for nobody, so it runs at once. Requests that reached the replica while
+            # a model call held its event loop are all ready now, but each only counts itself in
+            # _in_flight when it runs: one turn of the loop lets them, so that a busy replica
+            # stacks them instead of running them one by one as if each were alone.
+            if self._batching and self._in_flight == 1 and len(matrix) <= self._batch_max_rows:
+                await asyncio.sleep(0)
             if not self._batching or len(matrix) > self._batch_max_rows or self._in_flight == 1:
+                self._counts["model_calls"] += 1
                 return runtime.predict(matrix, probabilities=probabilities)
             out = await self._run_batch(BatchItem(runtime, matrix, probabilities))
             if isinstance(out, BaseException):  # the group failed; each caller gets the error
@@ -93,9 +104,20 @@ class ModelServer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _run_batch(self, items: list) -> list:
-        from app.serving.batching import run_grouped
+        from app.serving.batching import groups_of, run_grouped
 
+        self._counts["batched_requests"] += len(items)
+        self._counts["model_calls"] += len(groups_of(items))
+        # On the event loop, on purpose: @serve.batch gathers the next batch while this one runs
+        # only if the loop is free, so a model call here holding the loop is what lets requests
+        # pile up into the next batch instead of into many one-request batches queued behind it.
         return run_grouped(items)
+
+    async def stats(self) -> dict[str, int]:
+        """Counts since this replica started: ``requests`` (predict calls that passed payload
+        checks), ``model_calls`` (runtime calls made for them; one per group of a batch) and
+        ``batched_requests`` (those that went through ``@serve.batch``)."""
+        return dict(self._counts)
 
     async def signature(self) -> dict[str, Any]:
         runtime = await self.get_model(serve.get_multiplexed_model_id())

@@ -24,13 +24,18 @@ def rows_of(items: list[BatchItem]) -> int:
     return sum(len(item.matrix) for item in items)
 
 
-def run_grouped(items: list[BatchItem]) -> list[dict[str, Any] | BaseException]:
-    """One result per item, in order. A failing group fails only its own items."""
-    results: list[dict[str, Any] | BaseException | None] = [None] * len(items)
+def groups_of(items: list[BatchItem]) -> dict[tuple[int, bool], list[int]]:
+    """Item indexes by (runtime, probabilities): each group is one runtime call."""
     groups: dict[tuple[int, bool], list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault((id(item.runtime), item.probabilities), []).append(i)
-    for (_, probabilities), idxs in groups.items():
+    return groups
+
+
+def run_grouped(items: list[BatchItem]) -> list[dict[str, Any] | BaseException]:
+    """One result per item, in order. A failing group fails only its own items."""
+    results: list[dict[str, Any] | BaseException | None] = [None] * len(items)
+    for (_, probabilities), idxs in groups_of(items).items():
         runtime = items[idxs[0]].runtime
         try:
             if len(idxs) == 1:
