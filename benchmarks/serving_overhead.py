@@ -520,7 +520,7 @@ def extended(base: str, token: str, onnx_bytes: bytes, home: str, n: int, rounds
     models = {"iris": single, "seq": seq}
     blat = {(m, k): [] for m in models for k in ("on", "off")}
     bwall = {key: 0.0 for key in blat}
-    counts = {key: {"requests": 0, "model_calls": 0, "batched_requests": 0} for key in blat}
+    counts = {key: {"requests": 0, "model_calls": 0, "batched_requests": 0, "in_flight_sum": 0} for key in blat}
     direct = {key: {"requests": 0, "model_calls": 0, "wall_s": 0.0} for key in blat}
     from app.registry.mlflow_registry import ModelRegistry
     from app.settings import load_settings
@@ -547,7 +547,9 @@ def extended(base: str, token: str, onnx_bytes: bytes, home: str, n: int, rounds
                     direct[(m, mode)][k] += after[k] - before[k]
     batch = {f"{m}_{mode}": {**summarize(blat[(m, mode)], bwall[(m, mode)]), **counts[(m, mode)],
                              "requests_per_model_call": counts[(m, mode)]["requests"]
-                             / max(1, counts[(m, mode)]["model_calls"])}
+                             / max(1, counts[(m, mode)]["model_calls"]),
+                             "in_flight_on_arrival": counts[(m, mode)]["in_flight_sum"]
+                             / max(1, counts[(m, mode)]["requests"])}
              for (m, mode) in blat}
     for (m, mode), d in direct.items():
         d["throughput_rps"] = d["requests"] / d["wall_s"] if d["wall_s"] else 0.0
@@ -572,7 +574,7 @@ def extended(base: str, token: str, onnx_bytes: bytes, home: str, n: int, rounds
 def print_extended(ext: dict[str, Any]) -> None:
     c16 = ext["concurrency"]
     print(f"\n{'extended (c=' + str(c16) + ')':<44}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>10}"
-          f"{'req/call':>10}")
+          f"{'req/call':>10}{'in replica':>11}")
     rows = [("one model (iris)", ext["multiplex"]["single"]),
             (f"{EXT_MODELS} models, {EXT_PER_REPLICA} per replica", ext["multiplex"]["multi"])]
     for m in ("iris", "seq"):
@@ -580,8 +582,11 @@ def print_extended(ext: dict[str, Any]) -> None:
             rows.append((f"{m}, @serve.batch {mode}", ext["batching"][f"{m}_{mode}"]))
     for label, r in rows:
         per_call = f"{r['requests_per_model_call']:>10.1f}" if "requests_per_model_call" in r else f"{'':>10}"
+        seen = f"{r['in_flight_on_arrival']:>11.1f}" if "in_flight_on_arrival" in r else ""
         print(f"{label:<44}{r['requests']:>9}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['throughput_rps']:>10.1f}"
-              f"{per_call}")
+              f"{per_call}{seen}")
+    print("  (req/call: requests per ONNX Runtime call in the ModelServer; in replica: predict calls a request\n"
+          "   found in the ModelServer on arrival, itself included, on average)")
     print(f"  throughput {EXT_MODELS} models / one model = {ext['multiplex_throughput_ratio']:.2f}")
     for m in ("iris", "seq"):
         on, off = ext["direct"][f"{m}_on"], ext["direct"][f"{m}_off"]

@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import serve
+
+_SLOW_CALL_S = 0.002  # models whose calls take longer (moving average) go through the CallQueue
 
 
 def _fetch_from_object_store(cache, model_id: str) -> Path:
@@ -31,6 +35,7 @@ class ModelServer:
     def __init__(self, settings_kwargs: dict[str, Any]):
         from actors.registry_cache import get_registry_cache
         from app.serving.loader import ModelLoader
+        from app.serving.batching import CallQueue
         from app.settings import Settings
 
         self.settings = Settings(**settings_kwargs)
@@ -54,7 +59,15 @@ class ModelServer:
         self._in_flight = 0  # predict calls in this replica now (all on its one event loop)
         # Since start: predict requests, runtime calls made for them, and requests that went
         # through @serve.batch; requests / model_calls is how well batching stacks (see stats()).
-        self._counts = {"requests": 0, "model_calls": 0, "batched_requests": 0}
+        self._counts = {
+            "requests": 0, "model_calls": 0, "batched_requests": 0, "slow_requests": 0,
+            "in_flight_sum": 0, "max_in_flight": 0,
+        }
+        # Seconds per runtime call of each loaded model (moving average, by runtime id). Models
+        # slower than _SLOW_CALL_S are batched by _slow_queue, off the event loop; see
+        # app.serving.batching.CallQueue for why not @serve.batch.
+        self._call_s: dict[int, float] = {}
+        self._slow_queue = CallQueue(32, self.settings.serving.batch_max_rows, on_call=self._slow_call_done)
         s = self.settings.serving
         self.reconfigure(
             {
@@ -70,11 +83,14 @@ class ModelServer:
         self._batch_max_rows = int(config.get("batch_max_rows", self.settings.serving.batch_max_rows))
         self._run_batch.set_max_batch_size(int(config.get("batch_max_requests", 32)))
         self._run_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_s", 0.002)))
+        self._slow_queue.configure(int(config.get("batch_max_requests", 32)), self._batch_max_rows)
 
     async def predict(self, payload: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
         from app.serving.batching import BatchItem
 
         self._in_flight += 1
+        self._counts["in_flight_sum"] += self._in_flight
+        self._counts["max_in_flight"] = max(self._counts["max_in_flight"], self._in_flight)
         try:
             model_id = serve.get_multiplexed_model_id()
             if config:
@@ -85,6 +101,9 @@ class ModelServer:
             if runtime.blocking_io:  # a remote call (triton) must not hold up this replica's other requests
                 self._counts["model_calls"] += 1
                 return await asyncio.to_thread(runtime.predict, matrix, probabilities=probabilities)
+            if self._batching and self._is_slow(runtime) and len(matrix) <= self._batch_max_rows:
+                self._counts["slow_requests"] += 1
+                return await self._slow_queue.submit(BatchItem(runtime, matrix, probabilities))
             # Batch only when there is company: a request alone in the replica would just wait out
             # batch_wait_s for nobody, so it runs at once. Requests that reached the replica while
             # a model call held its event loop are all ready now, but each only counts itself in
@@ -94,7 +113,7 @@ class ModelServer:
                 await asyncio.sleep(0)
             if not self._batching or len(matrix) > self._batch_max_rows or self._in_flight == 1:
                 self._counts["model_calls"] += 1
-                return runtime.predict(matrix, probabilities=probabilities)
+                return self._timed([runtime], partial(runtime.predict, matrix, probabilities=probabilities))
             out = await self._run_batch(BatchItem(runtime, matrix, probabilities))
             if isinstance(out, BaseException):  # the group failed; each caller gets the error
                 raise out
@@ -111,12 +130,40 @@ class ModelServer:
         # On the event loop, on purpose: @serve.batch gathers the next batch while this one runs
         # only if the loop is free, so a model call here holding the loop is what lets requests
         # pile up into the next batch instead of into many one-request batches queued behind it.
-        return run_grouped(items)
+        # (Slow models never come here: see _slow_queue.)
+        return self._timed([item.runtime for item in items], partial(run_grouped, items))
+
+    def _is_slow(self, runtime) -> bool:
+        return self._call_s.get(id(runtime), 0.0) > _SLOW_CALL_S
+
+    def _record(self, runtimes: list, seconds: float) -> None:
+        if len(self._call_s) > 4096:  # ids of runtimes evicted long ago
+            self._call_s.clear()
+        for key in {id(r) for r in runtimes}:
+            prev = self._call_s.get(key)
+            self._call_s[key] = seconds if prev is None else 0.8 * prev + 0.2 * seconds
+
+    def _timed(self, runtimes: list, call):
+        """``call()`` on the event loop, timed into each runtime's moving average."""
+        started = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self._record(runtimes, time.perf_counter() - started)
+
+    def _slow_call_done(self, items: list, seconds: float) -> None:
+        from app.serving.batching import groups_of
+
+        self._counts["model_calls"] += len(groups_of(items))
+        self._record([item.runtime for item in items], seconds)
 
     async def stats(self) -> dict[str, int]:
         """Counts since this replica started: ``requests`` (predict calls that passed payload
         checks), ``model_calls`` (runtime calls made for them; one per group of a batch) and
-        ``batched_requests`` (those that went through ``@serve.batch``)."""
+        ``batched_requests`` (those that went through ``@serve.batch``), ``slow_requests``
+        (those of slow models, through the CallQueue); ``in_flight_sum`` /
+        ``requests`` is how many predict calls a request found in the replica on arrival,
+        itself included, on average, and ``max_in_flight`` the most."""
         return dict(self._counts)
 
     async def signature(self) -> dict[str, Any]:

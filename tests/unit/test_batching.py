@@ -56,3 +56,69 @@ def test_models_and_output_options_are_never_mixed_and_failures_stay_in_their_gr
     assert out[2]["probabilities"] == [[1.0]]
     assert isinstance(out[3], ModelError)
     assert sorted(a.calls) == [(1, 2), (2, 2)]
+
+
+class SlowModel(SumModel):
+    """SumModel that takes a while per call (in the queue's worker thread)."""
+
+    def __init__(self, seconds: float, **kw):
+        super().__init__(**kw)
+        self.seconds = seconds
+
+    def predict(self, features, *, probabilities=False):
+        import time
+
+        time.sleep(self.seconds)
+        return super().predict(features, probabilities=probabilities)
+
+
+def test_call_queue_runs_a_lone_request_at_once_and_stacks_those_that_arrive_meanwhile():
+    import asyncio
+
+    from app.serving.batching import CallQueue
+
+    model = SlowModel(0.05)
+    calls: list[int] = []
+    queue = CallQueue(max_items=32, max_rows=1000, on_call=lambda items, s: calls.append(len(items)))
+
+    async def main():
+        first = asyncio.create_task(queue.submit(BatchItem(model, m([1, 1]), False)))
+        await asyncio.sleep(0.01)  # the first call is running: these wait and go together
+        rest = [asyncio.create_task(queue.submit(BatchItem(model, m([i, 0]), False))) for i in range(10)]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    assert first["predictions"] == [2.0]
+    assert [r["predictions"] for r in rest] == [[float(i)] for i in range(10)]
+    assert calls == [1, 10] and model.calls == [(1, 2), (10, 2)]
+    assert not queue.busy
+
+
+def test_call_queue_limits_items_and_rows_per_call_and_fails_only_the_failing_call():
+    import asyncio
+
+    import pytest
+
+    from app.serving.batching import CallQueue
+
+    good, bad = SlowModel(0.02), SlowModel(0.02, fail=True)
+    calls: list[int] = []
+    queue = CallQueue(max_items=3, max_rows=4, on_call=lambda items, s: calls.append(len(items)))
+
+    async def main():
+        blocker = asyncio.create_task(queue.submit(BatchItem(good, m([0, 0]), False)))
+        await asyncio.sleep(0.005)
+        waiting = [asyncio.create_task(queue.submit(BatchItem(good, m([1, 0]), False))) for _ in range(4)]
+        waiting.append(asyncio.create_task(queue.submit(BatchItem(good, m([1, 0], [1, 0], [1, 0]), False))))
+        failing = asyncio.create_task(queue.submit(BatchItem(bad, m([1, 0]), False)))
+        await blocker
+        results = await asyncio.gather(*waiting)
+        with pytest.raises(ModelError):
+            await failing
+        return results
+
+    results = asyncio.run(main())
+    assert [r["predictions"] for r in results[:4]] == [[1.0]] * 4
+    assert results[4]["predictions"] == [1.0, 1.0, 1.0]
+    # 1 alone; then at most 3 items / 4 rows a call: [1,1,1], [1, 3-row] -> 4 rows, [bad]
+    assert calls == [1, 3, 2, 1]
