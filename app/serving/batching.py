@@ -75,6 +75,7 @@ class CallQueue:
         self.on_call = on_call  # on_call(items, seconds): after each call (counts, timings)
         self._pending: list[tuple[BatchItem, Any]] = []
         self._running = False
+        self._task: Any = None  # the running drain (held: the loop keeps only weak references)
 
     @property
     def busy(self) -> bool:
@@ -90,7 +91,7 @@ class CallQueue:
         self._pending.append((item, future))
         if not self._running:
             self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._task = asyncio.get_running_loop().create_task(self._drain())
         result = await future
         if isinstance(result, BaseException):
             raise result
