@@ -43,6 +43,7 @@ class MlflowServer:
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{self.uri}/health", timeout=1).status_code == 200:
+                    self._warm_up(deadline)
                     return
             except httpx.HTTPError:
                 pass
@@ -50,6 +51,15 @@ class MlflowServer:
                 raise RuntimeError(f"mlflow server exited; see {self.home / 'mlflow-server.log'}")
             time.sleep(0.3)
         raise RuntimeError(f"mlflow server not up after {timeout}s")
+
+    def _warm_up(self, deadline: float) -> None:
+        """One registry and one tracking call: the server answers /health before its first
+        store call has run (it sets up the database then, which can take seconds on a busy
+        machine), and a first caller with a short timeout, such as /ready's probe, would
+        otherwise see MLflow as down."""
+        for path in ("/api/2.0/mlflow/registered-models/search?max_results=1",
+                     "/api/2.0/mlflow/experiments/search?max_results=1"):
+            httpx.get(f"{self.uri}{path}", timeout=max(5.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

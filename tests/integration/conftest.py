@@ -64,6 +64,23 @@ def _own_dashboard_agent_port(port: int) -> None:
     parameter.RayParams = _RayParams
 
 
+def _wait_ready(url: str, timeout: float = 120) -> None:
+    """Until /ready says every dependency is up. Right after deploy, the Gateway's first MLflow
+    call (imports, the client's first request) can outlast /ready's probe limit on a busy
+    2-core machine, and /ready then reports MLflow down for a moment."""
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            body = httpx.get(f"{url}/ready", timeout=30).json()
+            if body.get("status") == "ok":
+                return
+        except httpx.HTTPError as exc:
+            body = {"error": repr(exc)}
+        time.sleep(1)
+    raise RuntimeError(f"the platform did not become ready in {timeout}s: {body}")
+
+
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory) -> Platform:
     import ray
@@ -90,6 +107,7 @@ def platform(tmp_path_factory) -> Platform:
     ray.init(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=2, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build({"settings": overrides}), name="matih", route_prefix="/")
+    _wait_ready(f"http://127.0.0.1:{port}")
     token = (home / "admin_token").read_text().strip()
     p = Platform(f"http://127.0.0.1:{port}", home, token, load_settings("local", **overrides), mlflow_server, s3,
                  dashboard=f"http://127.0.0.1:{dashboard_port}")
