@@ -1,6 +1,7 @@
 """ModelServer: loads any registered version by id with ``@serve.multiplexed`` (LRU per
 replica), so a new or changed endpoint never redeploys anything, and batches concurrent
-small requests for the same model with ``@serve.batch``.
+small requests for the same model: with ``@serve.batch`` on the event loop for cheap models,
+with a :class:`~app.serving.batching.CallQueue` in a worker thread for slow ones.
 
 Batching is tuned at run time through ``user_config`` (see serve_config.yaml):
 ``{"batching": bool, "batch_max_requests": int, "batch_wait_s": float, "batch_max_rows": int}``.
