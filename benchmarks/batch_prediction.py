@@ -100,14 +100,13 @@ def single_process(settings, model_name: str, src: Path, out: Path, batch_size: 
     import onnxruntime as ort
     import pandas as pd
 
+    from app.batch.predictor import session_options  # the predictors' own options
     from app.registry.mlflow_registry import ModelRegistry
 
     registry = ModelRegistry(settings)
     onnx_path = next(registry.download(registry.resolve(f"{model_name}@champion")).rglob("*.onnx"))
     started = time.perf_counter()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = settings.batch.onnx_intra_op_threads if threads is None else threads
-    opts.inter_op_num_threads = 1
+    opts = session_options(settings.batch.onnx_intra_op_threads if threads is None else threads)
     session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     label = session.get_outputs()[0].name
