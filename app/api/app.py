@@ -34,7 +34,7 @@ from app.schemas import (
     TokenCreate,
 )
 from app.settings import Settings
-from app.store import MetadataStore
+from app.store import MetadataStore, redacted_endpoint
 
 
 class Predictor(Protocol):
@@ -262,18 +262,18 @@ def create_app(ctx: ApiContext) -> FastAPI:
         row = await asyncio.to_thread(
             ctx.store.create_endpoint, body.name, body.target, body.runtime, body.config, who.name
         )
-        return {**_public(row), "model_version": resolved.version}
+        return {**redacted_endpoint(row), "model_version": resolved.version}
 
     @api.get("/v1/endpoints", response_model=Page, tags=["serving"], summary="List endpoints")
     async def list_endpoints(
         limit: int = Query(50, ge=1, le=500), page_token: str | None = None, _: Principal = viewer
     ) -> dict[str, Any]:
         items, nxt = await asyncio.to_thread(ctx.store.list_endpoints, limit=limit, page_token=page_token)
-        return {"items": [_public(i) for i in items], "next_page_token": nxt}
+        return {"items": [redacted_endpoint(i) for i in items], "next_page_token": nxt}
 
     @api.get("/v1/endpoints/{name}", tags=["serving"], summary="An endpoint and the version it serves now")
     async def get_endpoint(name: str, _: Principal = viewer) -> dict[str, Any]:
-        row = _public(await asyncio.to_thread(ctx.store.get_endpoint, name))
+        row = redacted_endpoint(await asyncio.to_thread(ctx.store.get_endpoint, name))
         try:
             resolved = await _resolve(ctx, row["target"])
             row["model_version"] = resolved.version
@@ -289,7 +289,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             await _resolve(ctx, body.target, use_cache=False)
         row = await asyncio.to_thread(ctx.store.update_endpoint, name, body.model_dump(exclude_unset=True), who.name)
         ctx.forget_endpoint(name)
-        return _public(row)
+        return redacted_endpoint(row)
 
     @api.delete("/v1/endpoints/{name}", status_code=204, tags=["serving"], summary="Delete an endpoint")
     async def delete_endpoint(name: str, who: Principal = developer) -> Response:
@@ -370,16 +370,6 @@ async def _resolve(ctx: ApiContext, target: str, use_cache: bool = True) -> Reso
         model = await asyncio.to_thread(ctx.registry.resolve, ref, use_cache=use_cache)
     check_servable(model)
     return model
-
-
-def _public(endpoint: dict[str, Any]) -> dict[str, Any]:
-    """An endpoint row as the API shows it: header values in the runtime config (credentials
-    for a remote server) are kept in the store but never sent back."""
-    config = endpoint.get("config") or {}
-    if isinstance(config.get("headers"), dict):
-        config = {**config, "headers": {k: "***" for k in config["headers"]}}
-        return {**endpoint, "config": config}
-    return endpoint
 
 
 def _check_device(ctx: ApiContext, config: dict[str, Any]) -> None:

@@ -74,6 +74,17 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def redacted_endpoint(endpoint: dict[str, Any]) -> dict[str, Any]:
+    """An endpoint with the values of ``config.headers`` (credentials for a remote server, e.g.
+    a Triton ``Authorization`` header) replaced by ``***`` and the names kept: what the API
+    sends back and what the audit log keeps. The credential itself lives only in the endpoint
+    row."""
+    config = endpoint.get("config") or {}
+    if isinstance(config.get("headers"), dict):
+        return {**endpoint, "config": {**config, "headers": {k: "***" for k in config["headers"]}}}
+    return endpoint
+
+
 class MetadataStore:
     """Facade over the metadata database. Thread-safe; one per process is enough."""
 
@@ -160,7 +171,7 @@ class MetadataStore:
                 s.add(row)
                 s.flush()
                 after = self._endpoint_dict(row)
-                self._audit(s, actor, "endpoint.create", "endpoint", name, None, after)
+                self._audit(s, actor, "endpoint.create", "endpoint", name, None, redacted_endpoint(after))
         except IntegrityError:
             raise Conflict(f"endpoint {name!r} exists already; PUT /v1/endpoints/{name} changes it") from None
         return after
@@ -195,7 +206,7 @@ class MetadataStore:
             row.updated_at = _now()
             s.flush()
             after = self._endpoint_dict(row)
-            self._audit(s, actor, "endpoint.update", "endpoint", name, before, after)
+            self._audit(s, actor, "endpoint.update", "endpoint", name, redacted_endpoint(before), redacted_endpoint(after))
         return after
 
     def delete_endpoint(self, name: str, actor: str) -> dict[str, Any]:
@@ -205,7 +216,7 @@ class MetadataStore:
                 raise NotFound(f"endpoint {name!r} does not exist")
             before = self._endpoint_dict(row)
             s.delete(row)
-            self._audit(s, actor, "endpoint.delete", "endpoint", name, before, None)
+            self._audit(s, actor, "endpoint.delete", "endpoint", name, redacted_endpoint(before), None)
         return before
 
     # -- jobs ------------------------------------------------------------------------------

@@ -161,6 +161,10 @@ def test_triton_runtime_serves_an_endpoint_from_a_remote_v2_server(platform, iri
         # the credentials stay in the store; the API never shows them back
         assert r.json()["config"]["headers"] == {"Authorization": "***"}
         assert c.get("/v1/endpoints/iris-triton").json()["config"]["headers"] == {"Authorization": "***"}
+        audit = c.get("/v1/audit", params={"resource_type": "endpoint", "limit": 500}).json()["items"]
+        created = [a for a in audit if a["resource_id"] == "iris-triton" and a["action"] == "endpoint.create"]
+        assert created and created[0]["after"]["config"]["headers"] == {"Authorization": "***"}
+        assert auth["Authorization"] not in repr(audit)  # nor does the audit log keep them
         try:
             want = c.post("/v1/endpoints/iris/predict", json=body).json()
             got = c.post("/v1/endpoints/iris-triton/predict", json=body)

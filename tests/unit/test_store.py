@@ -31,6 +31,18 @@ def test_endpoint_lifecycle_writes_audit_records(store):
     assert update["before"]["target"] == "iris@champion" and update["after"]["target"] == "iris/2"
 
 
+def test_audit_records_keep_header_names_but_not_their_values(store):
+    secret = {"headers": {"Authorization": "Bearer s3cr3t"}, "url": "http://triton:8000"}
+    store.create_endpoint("remote", "iris@champion", "triton", secret, "alice")
+    store.update_endpoint("remote", {"config": {**secret, "headers": {"Authorization": "Bearer n3w"}}}, "alice")
+    store.delete_endpoint("remote", "alice")
+    records, _ = store.list_audit(resource_type="endpoint")
+    assert len(records) == 3
+    assert "s3cr3t" not in repr(records) and "n3w" not in repr(records)
+    create = records[2]["after"]["config"]
+    assert create == {"headers": {"Authorization": "***"}, "url": "http://triton:8000"}
+
+
 def test_listing_pages_with_tokens(store):
     for i in range(5):
         store.create_endpoint(f"ep{i}", "m@champion", "onnx", {}, "a")
