@@ -106,3 +106,11 @@ class ModelError(MatihError):
     """A model failed while loading or predicting for reasons that are not the caller's input."""
 
     code = "model_error"
+
+
+# The request's fault, not the service's (4xx). A Serve replica hands these back to its caller
+# as return values instead of raising them, so that Serve does not log a bad payload as a
+# replica failure with a traceback (see deployments/model_server.py and deployments/gateway.py).
+CALLER_ERRORS: tuple[type[MatihError], ...] = (
+    BadRequest, InvalidInput, Unauthenticated, PermissionDenied, NotFound, Conflict, PayloadTooLarge,
+)

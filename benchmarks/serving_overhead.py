@@ -456,7 +456,9 @@ def handle_load(model_id: str, n: int, concurrency: int) -> float:
 
         async def one() -> None:
             async with sem:
-                await handle.predict.remote(BODY)
+                out = await handle.predict.remote(BODY)
+                if isinstance(out, BaseException):  # a caller's error comes back as a value
+                    raise out
 
         t0 = time.perf_counter()
         await asyncio.gather(*[one() for _ in range(n)])

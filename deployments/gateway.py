@@ -33,7 +33,7 @@ class _ServePredictor:
         model_id = model_id_for(model, runtime, config)
         try:
             handle = self.gpu_handle if (config or {}).get("device") == "gpu" and self.gpu_handle else self.handle
-            return await handle.options(multiplexed_model_id=model_id).predict.remote(payload, config)
+            out = await handle.options(multiplexed_model_id=model_id).predict.remote(payload, config)
         except MatihError:
             raise  # raised in the replica: same class, same message (RayTaskError subclasses it)
         except BackPressureError:
@@ -45,6 +45,9 @@ class _ServePredictor:
             raise
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             raise DependencyUnavailable(f"model server unavailable: {exc}", retry_after_s=2) from None
+        if isinstance(out, MatihError):  # the caller's error, handed back as a value (see ModelServer.predict)
+            raise out
+        return out
 
 
 class _CachedResolver:

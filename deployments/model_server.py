@@ -87,6 +87,18 @@ class ModelServer:
         self._slow_queue.configure(int(config.get("batch_max_requests", 32)), self._batch_max_rows)
 
     async def predict(self, payload: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The prediction for ``payload``; or, when the request itself is wrong (bad payload,
+        unknown model: an ``app.errors.CALLER_ERRORS`` class), that error as the return value,
+        which the Gateway raises. Serve logs every raised error as a replica failure with its
+        traceback; a client's 4xx is not one."""
+        from app.errors import CALLER_ERRORS
+
+        try:
+            return await self._predict(payload, config)
+        except CALLER_ERRORS as exc:
+            return exc
+
+    async def _predict(self, payload: dict[str, Any], config: dict[str, Any] | None) -> dict[str, Any]:
         from app.serving.batching import BatchItem
 
         self._in_flight += 1

@@ -88,3 +88,27 @@ def test_bad_training_specs_and_targets(platform, iris):
         _assert_error(r, 422, "invalid_input")
         assert c.get("/v1/endpoints/iris").json()["target"] == "iris@champion"  # nothing stored was lost
         _still_serves(c)
+
+
+def test_a_bad_payload_is_not_logged_as_a_model_server_failure(platform, iris):
+    """The ModelServer hands a caller's error back as a value: the client gets its 422 and the
+    replica's log has no failure (no traceback, no error message) for it."""
+    import glob
+    import os
+    import uuid
+
+    import ray
+
+    marker = f"not_a_feature_{uuid.uuid4().hex[:8]}"
+    row = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2, marker: 1.0}
+    with platform.client() as c:
+        r = c.post("/v1/endpoints/iris/predict", json={"instances": [row]})
+        _assert_error(r, 422, "invalid_input")
+        assert marker in r.json()["error"]  # the message names the unknown field
+        _still_serves(c)
+    logs = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve")
+    replica_logs = glob.glob(os.path.join(logs, "replica_matih_ModelServer_*.log"))
+    assert replica_logs
+    for path in replica_logs:
+        with open(path, errors="replace") as fh:
+            assert marker not in fh.read(), path
