@@ -191,6 +191,12 @@ class RegistrySettings(_Section):
         True,
         description="A version moves to production only after an admin's POST .../approve (tag matih.approved_by).",
     )
+    convert_num_cpus: float = Field(
+        0.25,
+        gt=0,
+        description="CPUs reserved by the Ray task that checks and converts a model file at registration "
+        "(an upload, a source file, POST .../convert): that work runs in its own worker process, not in the Gateway.",
+    )
     skops_trusted_types: list[str] = Field(
         default_factory=lambda: [
             "sklearn.tree._tree.Tree",

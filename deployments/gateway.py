@@ -11,7 +11,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.errors import DependencyUnavailable, MatihError, Overloaded
+from app.errors import DependencyUnavailable, MatihError, ModelError, Overloaded
 from app.registry.targets import model_name_of
 from app.serving.loader import model_id_for
 
@@ -138,6 +138,48 @@ class _GpuControl:
         await self.actor.ping.remote()
 
 
+def _matih_cause(exc: ray.exceptions.RayTaskError) -> Exception:
+    """The MatihError a failed Ray task raised (the caller's 4xx, say), else ``exc`` itself."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, MatihError) else exc
+
+
+@ray.remote(max_retries=0)
+def _registry_task(settings_kwargs: dict[str, Any], method: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """One RegistryService call (a registration that converts a model file) in a worker
+    process of its own, with its own MLflow client and metadata-store connection."""
+    from app.registry.mlflow_registry import ModelRegistry
+    from app.registry.service import RegistryService
+    from app.settings import Settings
+    from app.store import MetadataStore
+
+    settings = Settings(**settings_kwargs)
+    store = MetadataStore(settings.database_url)
+    try:
+        return getattr(RegistryService(settings, ModelRegistry(settings), store), method)(*args, **kwargs)
+    finally:
+        store.engine.dispose()
+
+
+def _registry_offload(settings_kwargs: dict[str, Any], num_cpus: float):
+    task = _registry_task.options(num_cpus=num_cpus)
+
+    async def offload(method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await task.remote(settings_kwargs, method, args, kwargs)
+        except MatihError:
+            raise
+        except ray.exceptions.RayTaskError as exc:
+            raise _matih_cause(exc) from None
+        except (ray.exceptions.OutOfMemoryError, ray.exceptions.WorkerCrashedError) as exc:
+            raise ModelError(
+                f"the worker that checks and converts the model died ({type(exc).__name__}); nothing was "
+                "registered. A model this large may need more memory on the cluster's nodes"
+            ) from None
+
+    return offload
+
+
 async def _cluster_resources() -> dict[str, float]:
     return await asyncio.to_thread(ray.cluster_resources)
 
@@ -191,6 +233,7 @@ class Gateway:
                        "gpu_manager": gpus.ping},
             cluster_resources=_cluster_resources,
             gpus=gpus,
+            registry_offload=_registry_offload(settings_kwargs, settings.registry.convert_num_cpus),
         )
 
     def __serve_build_asgi_app__(self):

@@ -81,6 +81,12 @@ class ApiContext:
     cluster_resources: Callable[[], Awaitable[dict[str, float]]] | None = None
     # GPU inventory and reservations (the GPUManager actor); None = no GPU manager here.
     gpus: GpuControl | None = None
+    # Runs a RegistryService method that reads and converts a model file (registration from an
+    # upload or a source file, POST .../convert): ``await registry_offload(method, *args, **kw)``.
+    # None = a thread of this process. The Gateway runs them as Ray tasks, so that a conversion
+    # (skl2onnx or torch.onnx and the parity check: seconds of CPU, much memory) holds neither
+    # the ingress's interpreter lock nor its memory while it serves predictions.
+    registry_offload: Callable[..., Awaitable[Any]] | None = None
     _endpoints: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
 
     async def notify_model_changed(self, name: str) -> None:

@@ -180,6 +180,13 @@ def router(ctx) -> APIRouter:
     def run(fn, *args, **kwargs):
         return asyncio.to_thread(fn, *args, **kwargs)
 
+    async def convert_run(method: str, *args, **kwargs):
+        """A RegistryService call that reads and converts a model file: where the context
+        runs such work (a Ray task in the Gateway), else in a thread here."""
+        if ctx.registry_offload is None:
+            return await run(getattr(svc, method), *args, **kwargs)
+        return await ctx.registry_offload(method, *args, **kwargs)
+
     # -- registered models -----------------------------------------------------------------
     @api.post("/v1/models", status_code=201, summary="Create a registered model")
     async def create_model(body: ModelCreate, who: Principal = developer) -> dict[str, Any]:
@@ -234,8 +241,8 @@ def router(ctx) -> APIRouter:
                 body = _parse(_UploadFields, {k: v for k, v in fields.items() if v is not None})
                 data = await upload.read()
             hints = Hints(body.n_features, body.task, body.feature_names, body.classes)
-            view = await run(
-                svc.register_upload, name, body.format, data, who.name, filename=filename,
+            view = await convert_run(
+                "register_upload", name, body.format, data, who.name, filename=filename,
                 description=body.description, tags=body.tags, hints=hints,
             )
         else:
@@ -259,7 +266,7 @@ def router(ctx) -> APIRouter:
                 view = await run(svc.register_from_job, name, body.job_id, who.name, artifact_path=body.artifact_path,
                                  **common)
             else:
-                view = await run(svc.register_from_source, name, body.source, who.name, fmt=body.format, hints=hints,
+                view = await convert_run("register_from_source", name, body.source, who.name, fmt=body.format, hints=hints,
                                  **common)
         await ctx.notify_model_changed(name)
         return view
@@ -326,7 +333,7 @@ def router(ctx) -> APIRouter:
         summary="Make a new ONNX version from a skops, TorchScript or trusted pickle version",
     )
     async def convert(name: str, version: str, who: Principal = developer) -> dict[str, Any]:
-        view = await run(svc.convert, name, version, who.name)
+        view = await convert_run("convert", name, version, who.name)
         await ctx.notify_model_changed(name)
         return view
 

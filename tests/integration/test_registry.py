@@ -86,3 +86,30 @@ def test_a_pickle_never_runs_in_the_model_servers(platform):
         bad = c.post("/v1/models/reg-evil/versions", json={"source": "file:///etc/passwd", "format": "onnx"})
         assert bad.status_code == 422 and bad.json()["code"] == "unsafe_source"
     assert not marker.exists()
+
+
+def test_registrations_convert_in_a_ray_task_and_its_errors_keep_their_status(platform, iris):
+    """An upload's check and conversion run in a Ray task of their own, not in the Gateway;
+    a refusal raised there reaches the client as the same 4xx."""
+    import time
+
+    from ray.util.state import list_tasks
+
+    def finished_tasks() -> int:
+        tasks = list_tasks(filters=[("func_or_class_name", "=", "_registry_task")], detail=True, limit=1000)
+        return sum(1 for t in tasks if t.state in ("FINISHED", "FAILED"))
+
+    before = finished_tasks()
+    with platform.client() as c:
+        r = _upload(c, "reg-task", "skops", _skops_model())
+        assert r.status_code == 201, r.text
+        assert r.json()["formats"] == ["onnx", "skops"] and r.json()["validation"] == "passed"
+        bad = _upload(c, "reg-task", "skops", b"not a skops file")
+        assert bad.status_code == 422, bad.text
+        assert set(bad.json()) >= {"error", "code"}
+        versions = c.get("/v1/models/reg-task/versions").json()["items"]
+        assert [v["version"] for v in versions] == ["1"]  # the refused upload stored nothing
+    deadline = time.monotonic() + 30  # the state API catches up with task events within seconds
+    while finished_tasks() < before + 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert finished_tasks() >= before + 2
