@@ -48,7 +48,7 @@ def parquet_row_groups(path: str, filesystem) -> tuple[list[_RowGroup], Any]:
     return groups, dataset.schema
 
 
-def _read_range(filesystem, groups: list[_RowGroup], first: int, stop: int, columns: list[str]):
+def read_range(filesystem, groups: list[_RowGroup], first: int, stop: int, columns: list[str]):
     """Rows [first, stop) as pyarrow tables, one per row group touched."""
     import pyarrow.parquet as pq
 
@@ -101,7 +101,7 @@ class ParquetRowRanges(Datasource):
             fs, columns = self._fs, self._columns
             tasks.append(
                 ReadTask(
-                    lambda fs=fs, groups=groups, first=first, stop=stop, columns=columns: _read_range(
+                    lambda fs=fs, groups=groups, first=first, stop=stop, columns=columns: read_range(
                         fs, groups, first, stop, columns
                     ),
                     meta,

@@ -369,6 +369,8 @@ def run_batch_prediction(spec: BatchJobSpec, settings: Settings, job_id: str, re
     """The ``batch_prediction`` job: resolve, check, predict every row, write, verify the count."""
     from ray.data import DataContext
 
+    from app.batch._parquet import parquet_row_groups
+
     configure_s3_env(settings)
     started = time.monotonic()
     registry = ModelRegistry(settings)
@@ -386,12 +388,17 @@ def run_batch_prediction(spec: BatchJobSpec, settings: Settings, job_id: str, re
     )
     # Fail fast on a model that cannot take these columns, before any actor starts; and time it
     # on the first input rows, to size the pool and the blocks.
+    groups = schema = None
+    if plan.input_format == "parquet":  # the row-group layout, from the footers: read once, used twice
+        groups, schema = _fs_call(spec.input_uri, lambda: parquet_row_groups(plan.input_path, plan.input_fs))
     probe = OnnxBatchPredictor(onnx_model, plan.feature_columns, plan.keep_columns)
-    seconds_per_row = _seconds_per_row(probe, _sample(plan))
+    seconds_per_row = _seconds_per_row(probe, _sample(plan, groups))
     del probe
 
     with DataContext.current(_data_context(settings)):
-        rows_total = _predict_and_write(spec, settings, plan, onnx_model, seconds_per_row, job_id, report)
+        rows_total = _predict_and_write(
+            spec, settings, plan, onnx_model, seconds_per_row, job_id, report, (groups, schema)
+        )
 
     files = output_files(plan.output_path, plan.output_fs, job_id)
     rows_out = count_rows(files, plan.output_fs, plan.output_format)
@@ -416,12 +423,21 @@ def run_batch_prediction(spec: BatchJobSpec, settings: Settings, job_id: str, re
     }
 
 
-def _sample(plan: BatchPlan, rows: int = _SAMPLE_ROWS):
+def _sample(plan: BatchPlan, groups: list | None = None, rows: int = _SAMPLE_ROWS):
     """The first ``rows`` input rows (feature columns only), or None when they cannot be read
-    cheaply; the job then runs without a timing and sizes by its settings alone."""
+    cheaply; the job then runs without a timing and sizes by its settings alone. For parquet,
+    ``groups`` (``parquet_row_groups``) says where they are, so no footer is read again."""
+    import pyarrow as pa
     import pyarrow.dataset as pads
 
+    from app.batch._parquet import read_range
+
     try:
+        if groups is not None:
+            stop = min(rows, sum(g.rows for g in groups))
+            head = [g for g in groups if g.start < stop]  # the row groups the first rows are in
+            tables = list(read_range(plan.input_fs, head, 0, stop, plan.feature_columns))
+            return pa.concat_tables(tables) if tables else None
         dataset = pads.dataset(plan.input_path, filesystem=plan.input_fs, format=plan.input_format)
         return dataset.head(rows, columns=plan.feature_columns)
     except Exception:  # noqa: BLE001 - sizing is an optimisation; the pipeline reports real read errors
@@ -474,19 +490,19 @@ def _predict_and_write(
     seconds_per_row: float | None,
     job_id: str,
     report: Reporter,
+    layout: tuple[list | None, Any],
 ) -> int:
     """The pipeline: Ray Data reads and runs the actor pool of predictors; the predicted blocks
-    stream back in order and are written here, with progress. Returns the input rows."""
+    stream back in order and are written here, with progress. ``layout``: a parquet input's
+    (row groups, schema). Returns the input rows."""
     import ray
     from ray.data import ActorPoolStrategy
-
-    from app.batch._parquet import parquet_row_groups
 
     batch = settings.batch
     batch_size = spec.batch_size or batch.batch_size
     io_cpus = batch.io_num_cpus
+    groups, schema = layout
     if plan.input_format == "parquet":
-        groups, schema = _fs_call(spec.input_uri, lambda: parquet_row_groups(plan.input_path, plan.input_fs))
         rows_total = sum(g.rows for g in groups)  # from the footers: no data read
     else:
         rows_total = _read_csv(plan, io_cpus).count()  # CSV has no row count short of reading it

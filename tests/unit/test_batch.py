@@ -146,6 +146,14 @@ def test_parquet_row_ranges_cover_every_row_once_in_order(tmp_path):
         assert len(tasks) == n and sum(t.metadata.num_rows for t in tasks) == 3500
         got = pa.concat_tables([t for task in tasks for t in task()])
         assert got.equals(expected)
+    # the job's timing sample is the first rows, read from the same layout (no second footer read)
+    from app.batch.predict import BatchPlan, _sample
+
+    plan = BatchPlan(None, str(folder), local, "parquet", str(tmp_path / "out"), local, "parquet", ["id", "petal_width"])
+    for rows in (1, 300, 301, 1500, 9999):
+        want = expected.slice(0, rows)
+        assert _sample(plan, groups, rows=rows).equals(want)
+        assert _sample(plan, None, rows=rows).equals(want)  # without the layout: pyarrow's own head
 
 
 def test_output_writer_keeps_order_and_rolls_files(tmp_path):
