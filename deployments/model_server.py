@@ -147,7 +147,10 @@ class ModelServer:
         return self._timed([item.runtime for item in items], partial(run_grouped, items))
 
     def _is_slow(self, runtime) -> bool:
-        return self._call_s.get(id(runtime), 0.0) > _SLOW_CALL_S
+        seconds = self._call_s.get(id(runtime))
+        if seconds is None:  # no request served yet: the 1-row call timed when it was loaded
+            seconds = runtime.warm_call_s or 0.0
+        return seconds > _SLOW_CALL_S
 
     def _record(self, runtimes: list, seconds: float) -> None:
         if len(self._call_s) > 4096:  # ids of runtimes evicted long ago

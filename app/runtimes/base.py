@@ -9,6 +9,7 @@ its stores, so configuration picks them by name.
 from __future__ import annotations
 
 import importlib
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class ModelRuntime(ABC):
         self.options = options or {}
         self.signature: ModelSignature | None = None
         self.ready = False
+        self.warm_call_s: float | None = None  # one 1-row call, timed by warm_up()
 
     @abstractmethod
     def load(self, model_dir: Path, metadata: dict[str, Any]) -> None:
@@ -55,9 +57,15 @@ class ModelRuntime(ABC):
         """
 
     def warm_up(self) -> None:
-        """Run one prediction so the first real request does not pay for lazy initialisation."""
+        """Run one prediction so the first real request does not pay for lazy initialisation,
+        then time a second one into ``warm_call_s``: a server knows what a call of this model
+        costs before its first request (the ModelServer picks its batching path by it)."""
         if self.signature and self.signature.n_features:
-            self.predict(np.zeros((1, self.signature.n_features), dtype=np.float32))
+            row = np.zeros((1, self.signature.n_features), dtype=np.float32)
+            self.predict(row)
+            started = time.perf_counter()
+            self.predict(row)
+            self.warm_call_s = time.perf_counter() - started
 
     def prepare(self, payload: dict[str, Any]) -> tuple[np.ndarray, bool]:
         """Validate a payload against the signature: (float32 matrix, want probabilities)."""

@@ -122,3 +122,21 @@ def test_call_queue_limits_items_and_rows_per_call_and_fails_only_the_failing_ca
     assert results[4]["predictions"] == [1.0, 1.0, 1.0]
     # 1 alone; then at most 3 items / 4 rows a call: [1,1,1], [1, 3-row] -> 4 rows, [bad]
     assert calls == [1, 3, 2, 1]
+
+
+class FiveMsModel(SumModel):
+    def predict(self, features, *, probabilities=False):
+        import time
+
+        time.sleep(0.005)
+        return super().predict(features, probabilities=probabilities)
+
+
+def test_warm_up_times_a_steady_call_so_a_server_knows_the_cost_before_any_request():
+    fast, slow = SumModel(), FiveMsModel()
+    for model in (fast, slow):
+        assert model.warm_call_s is None
+        model.load(None, {})
+        model.warm_up()
+        assert model.calls == [(1, 2), (1, 2)]  # one call to initialise, one timed
+    assert fast.warm_call_s > 0 and slow.warm_call_s >= 0.005  # the sleep is a floor, not a timing
