@@ -13,6 +13,9 @@ side in one run, on the same file and the same registered ONNX model.
       all cores       core): what one process gets out of the machine on its own. The target
                       is judged against (a), the loop at the predictors' own thread count;
                       (b)/(c) is printed beside it so that nobody mistakes the one for the other.
+  (d) bare Ray Data   read_parquet -> map_batches setting a constant -> write_parquet, no model
+                      and no platform code, once per run: the floor under any Ray Data job on
+                      this file, to set beside (a) for a model whose work is almost nothing.
 
 The script makes a temporary MATIH_HOME with SQLite MLflow, trains and registers each model
 with the platform's trainer (app/training/sklearn_trainer.py), generates ROWS rows of
@@ -140,6 +143,20 @@ def ray_job(settings, model_name: str, src: Path, out: Path, job_id: str) -> tup
     return time.perf_counter() - started, result
 
 
+def bare_ray_data(src: Path, out: Path) -> float:
+    """(d): Ray Data with no model and no platform code: ``read_parquet`` -> a ``map_batches``
+    that only sets a constant prediction -> ``write_parquet``. What any Ray Data job over this
+    file costs before it does any work. Returns seconds."""
+    import ray
+
+    def constant(batch: dict) -> dict:
+        return {"id": batch["id"], "prediction": np.zeros(len(batch["id"]), dtype=np.int64)}
+
+    started = time.perf_counter()
+    ray.data.read_parquet(str(src)).map_batches(constant, batch_format="numpy", batch_size=None).write_parquet(str(out))
+    return time.perf_counter() - started
+
+
 def same_predictions(a: Path, b: Path) -> bool:
     import pandas as pd
 
@@ -194,6 +211,10 @@ def main() -> int:
             log_to_driver=False,
         )
         b = settings.batch
+        bare_ray_data(small, home / "warm-d")
+        runs_d = []
+        for i in range(args.repeat):
+            runs_d.append(bare_ray_data(big, home / f"out-d-{i}"))
         rows_results = []
         for m in models:
             name = f"iris_{m}"
@@ -249,12 +270,20 @@ def main() -> int:
             f" {r['ray_rows_s']:>12,.0f} rows/s {r['ray_s']:>5.1f}s {r['ratio']:>8.2f}  {str(r['same_predictions']):<11}"
             f" {r['single_all_cores_rows_s']:>18,.0f} rows/s {r['single_all_cores_s']:>5.1f}s {r['ratio_all_cores']:>8.2f}"
         )
+    t_d = float(np.median(runs_d))
+    print(
+        f"(d) bare Ray Data, no model (read_parquet -> constant map_batches -> write_parquet): "
+        f"{args.rows / t_d:,.0f} rows/s {t_d:.1f}s; the floor of any Ray Data job over this file"
+    )
     for r in rows_results:
         if r["model"] != "logreg":
             verdict = "met" if r["ratio"] >= TARGET_RATIO else "NOT met"
             print(f"target (b)/(a) >= {TARGET_RATIO} for the model-bound case {r['model']}: {verdict}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpus": cpus, "results": rows_results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"cpus": cpus, "results": rows_results, "bare_ray_data_s": t_d, "bare_ray_data_runs_s": runs_d},
+                       indent=2)
+        )
     return 0 if all(r["same_predictions"] for r in rows_results) else 1
 
 
