@@ -193,9 +193,10 @@ class RegistrySettings(_Section):
     )
     convert_num_cpus: float = Field(
         0.25,
-        gt=0,
+        ge=0,
         description="CPUs reserved by the Ray task that checks and converts a model file at registration "
-        "(an upload, a source file, POST .../convert): that work runs in its own worker process, not in the Gateway.",
+        "(an upload, a source file, POST .../convert): that work runs in its own worker process, not in the "
+        "Gateway. The registration waits until Ray has them free; 0 never waits, at the price of CPU accounting.",
     )
     skops_trusted_types: list[str] = Field(
         default_factory=lambda: [
