@@ -156,7 +156,10 @@ def _registry_task(settings_kwargs: dict[str, Any], method: str, args: tuple, kw
     settings = Settings(**settings_kwargs)
     store = MetadataStore(settings.database_url)
     try:
-        return getattr(RegistryService(settings, ModelRegistry(settings), store), method)(*args, **kwargs)
+        # serving=True: MLflow calls time out as the Gateway's own registry calls do, and are not
+        # retried, so a request made while MLflow is down gets its 503 at once
+        registry = ModelRegistry(settings, serving=True)
+        return getattr(RegistryService(settings, registry, store), method)(*args, **kwargs)
     finally:
         store.engine.dispose()
 

@@ -13,6 +13,16 @@ from pathlib import Path
 import httpx
 
 
+def skops_iris_model() -> bytes:
+    """A logistic regression on iris, saved with skops: an upload that is checked and converted."""
+    import skops.io as sio
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = load_iris(return_X_y=True)
+    return sio.dumps(LogisticRegression(max_iter=300).fit(X, y))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,6 +3,8 @@ models carry on, /ready says MLflow is down, and what truly needs MLflow fails w
 
 import time
 
+from tests.support import skops_iris_model
+
 GOOD = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
 
 
@@ -25,6 +27,11 @@ def test_serving_survives_an_mlflow_outage(platform, iris):
             r = c.post("/v1/endpoints", json={"name": "during-outage", "target": "never-seen@champion"})
             assert r.status_code == 503 and r.json()["code"] == "dependency_unavailable"
             assert int(r.headers["retry-after"]) >= 1
+            # a registration (checked and converted in a Ray task) gets the same 503 from there
+            up = c.post("/v1/models/during-outage/versions", files={"file": ("m", skops_iris_model())},
+                        data={"format": "skops"})
+            assert up.status_code == 503 and up.json()["code"] == "dependency_unavailable", up.text
+            assert int(up.headers["retry-after"]) >= 1
         finally:
             platform.mlflow.start()
         deadline = time.monotonic() + 30

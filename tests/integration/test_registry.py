@@ -7,6 +7,8 @@ import pickle
 
 from mlflow import MlflowClient
 
+from tests.support import skops_iris_model
+
 ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
 
 
@@ -18,15 +20,6 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
-def _skops_model() -> bytes:
-    import skops.io as sio
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-
-    X, y = load_iris(return_X_y=True)
-    return sio.dumps(LogisticRegression(max_iter=300).fit(X, y))
-
-
 def _upload(c, name: str, fmt: str, data: bytes):
     return c.post(f"/v1/models/{name}/versions", files={"file": ("m", data)}, data={"format": fmt})
 
@@ -34,7 +27,7 @@ def _upload(c, name: str, fmt: str, data: bytes):
 def test_skops_upload_served_by_onnx_and_native_and_stage_rules(platform, iris):
     mlflow = MlflowClient(platform.settings.mlflow_tracking_uri)
     with platform.client() as c:
-        r = _upload(c, "reg-skops", "skops", _skops_model())
+        r = _upload(c, "reg-skops", "skops", skops_iris_model())
         assert r.status_code == 201, r.text
         assert r.json()["formats"] == ["onnx", "skops"] and r.json()["validation"] == "passed"
         mv = mlflow.get_model_version("reg-skops", "1")
@@ -101,7 +94,7 @@ def test_registrations_convert_in_a_ray_task_and_its_errors_keep_their_status(pl
 
     before = finished_tasks()
     with platform.client() as c:
-        r = _upload(c, "reg-task", "skops", _skops_model())
+        r = _upload(c, "reg-task", "skops", skops_iris_model())
         assert r.status_code == 201, r.text
         assert r.json()["formats"] == ["onnx", "skops"] and r.json()["validation"] == "passed"
         bad = _upload(c, "reg-task", "skops", b"not a skops file")
