@@ -103,7 +103,7 @@ def single_process(settings, model_name: str, src: Path, out: Path, batch_size: 
     import onnxruntime as ort
     import pandas as pd
 
-    from app.batch.predictor import session_options  # the predictors' own options
+    from app.runtimes.onnx import session_options  # the predictors' own options
     from app.registry.mlflow_registry import ModelRegistry
 
     registry = ModelRegistry(settings)

@@ -75,14 +75,9 @@ def onnx_session(path: str | bytes):
     """An InferenceSession with the options OnnxModelRuntime.load uses (serving defaults)."""
     import onnxruntime as ort
 
-    from app.runtimes.onnx import available_providers
+    from app.runtimes.onnx import available_providers, session_options
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path, sess_options=opts, providers=available_providers())
+    return ort.InferenceSession(path, sess_options=session_options(1, 1), providers=available_providers())
 
 
 def label_output(session) -> str:

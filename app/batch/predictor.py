@@ -16,19 +16,6 @@ import numpy as np
 from app.errors import InvalidInput, ModelError
 
 
-def session_options(intra_op_threads: int = 1):
-    """The ONNX Runtime options of a batch predictor (and of the single-process reference in
-    the benchmark): one inter-op thread, ``intra_op_threads`` intra-op threads."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = intra_op_threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return opts
-
-
 class OnnxBatchPredictor:
     """One ONNX Runtime session; called with pyarrow tables, returns the output table
     (kept columns, ``prediction``, optional probabilities) with the same rows in the same order.
@@ -54,7 +41,7 @@ class OnnxBatchPredictor:
     ):
         import onnxruntime as ort
 
-        from app.runtimes.onnx import available_providers
+        from app.runtimes.onnx import available_providers, session_options
 
         if not isinstance(onnx_model, (bytes, bytearray, memoryview)):
             import ray

@@ -44,6 +44,21 @@ def available_providers() -> list[str]:
     return wanted
 
 
+def session_options(intra_op_threads: int = 1, inter_op_threads: int = 1):
+    """The ONNX Runtime session options of every platform session (serving runtime, batch
+    predictors, the benchmarks' in-process references): the thread counts given, all graph
+    optimisations, warnings and errors only in the log. 0 threads: ONNX Runtime's default
+    (one per core)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(intra_op_threads)
+    opts.inter_op_num_threads = int(inter_op_threads)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
 def find_onnx_file(model_dir: Path) -> Path:
     candidates = sorted(model_dir.rglob("*.onnx"))
     if not candidates:
@@ -66,11 +81,7 @@ class OnnxModelRuntime(ModelRuntime):
                 details={"format": metadata.get("format")},
             )
         path = find_onnx_file(Path(model_dir))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(self.options.get("intra_op_threads", 1))
-        opts.inter_op_num_threads = int(self.options.get("inter_op_threads", 1))
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        opts = session_options(self.options.get("intra_op_threads", 1), self.options.get("inter_op_threads", 1))
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=available_providers())
         except Exception as exc:
