@@ -16,6 +16,12 @@ from app.registry.targets import model_name_of
 from app.serving.loader import model_id_for
 
 
+def _matih_cause(exc: ray.exceptions.RayTaskError) -> Exception:
+    """The MatihError a failed Ray task raised (the caller's 4xx, say), else ``exc`` itself."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, MatihError) else exc
+
+
 class _ServePredictor:
     """ModelServer calls; endpoints whose config says ``"device": "gpu"`` go to the GPU pool."""
 
@@ -39,10 +45,7 @@ class _ServePredictor:
         except BackPressureError:
             raise Overloaded("the model servers are at their request limit; retry shortly", retry_after_s=1) from None
         except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), MatihError) else None
-            if cause is not None:
-                raise cause from None
-            raise
+            raise _matih_cause(exc) from None
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             raise DependencyUnavailable(f"model server unavailable: {exc}", retry_after_s=2) from None
         if isinstance(out, MatihError):  # the caller's error, handed back as a value (see ModelServer.predict)
@@ -74,8 +77,7 @@ class _CachedResolver:
         except MatihError:
             raise
         except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            raise (cause if isinstance(cause, MatihError) else exc) from None
+            raise _matih_cause(exc) from None
         self._cache[key] = (now + self.ttl_s, model)
         return model
 
@@ -136,12 +138,6 @@ class _GpuControl:
 
     async def ping(self) -> None:
         await self.actor.ping.remote()
-
-
-def _matih_cause(exc: ray.exceptions.RayTaskError) -> Exception:
-    """The MatihError a failed Ray task raised (the caller's 4xx, say), else ``exc`` itself."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, MatihError) else exc
 
 
 @ray.remote(max_retries=0)
