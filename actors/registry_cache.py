@@ -8,11 +8,11 @@ import asyncio
 import logging
 import shutil
 import tempfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import ray
+from cachetools import LRUCache
 
 from actors import get_or_create_actor
 
@@ -30,8 +30,7 @@ class RegistryCache:
         settings = Settings(**settings_kwargs)
         self._registry = ModelRegistry(settings, serving=True)
         self._core = RegistryCacheCore(self._registry, settings.serving.resolve_ttl_s)
-        self._max_artifacts = settings.serving.object_store_models
-        self._artifacts: OrderedDict[str, ray.ObjectRef] = OrderedDict()
+        self._artifacts: LRUCache = LRUCache(maxsize=settings.serving.object_store_models)
         self._pending: dict[str, asyncio.Future] = {}
 
     async def resolve(self, target: str):
@@ -51,7 +50,6 @@ class RegistryCache:
         list so the caller gets the reference (owned here) rather than the bytes."""
         ref = self._artifacts.get(model_id)
         if ref is not None:
-            self._artifacts.move_to_end(model_id)
             return [ref]
         pending = self._pending.get(model_id)
         if pending is None:  # single flight: concurrent replicas share one download
@@ -79,9 +77,7 @@ class RegistryCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         ref = ray.put(data)
-        self._artifacts[model_id] = ref
-        while len(self._artifacts) > self._max_artifacts:
-            self._artifacts.popitem(last=False)
+        self._artifacts[model_id] = ref  # the least recently used one drops out (its object is freed)
         return ref
 
 

@@ -13,9 +13,10 @@ import io
 import logging
 import tarfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cachetools import LRUCache
 
 from app.errors import DependencyUnavailable
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel
@@ -24,17 +25,14 @@ from app.registry.targets import ModelRef, model_name_of, parse_target
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Entry:
-    model: ResolvedModel
-    fresh_until: float
-
-
 class RegistryCacheCore:
-    def __init__(self, registry: ModelRegistry, ttl_s: float):
+    def __init__(self, registry: ModelRegistry, ttl_s: float, max_entries: int = 4096):
         self.registry = registry
         self.ttl_s = ttl_s
-        self._entries: dict[str, _Entry] = {}
+        # Resolutions are fresh for ttl_s; a stale one stays as the last known good answer while
+        # MLflow is down, which cachetools' TTLCache (it drops expired entries) cannot keep, so the
+        # freshness is an LRU of (fresh until, model) and the expiry check is ours.
+        self._entries: LRUCache = LRUCache(maxsize=max_entries)
         self.epoch = 0
         self._changed = asyncio.Event()
         self._recent: list[tuple[int, str]] = []
@@ -47,17 +45,17 @@ class RegistryCacheCore:
         key = str(ref)
         now = time.monotonic()
         entry = self._entries.get(key)
-        if entry is not None and entry.fresh_until > now:
-            return entry.model
+        if entry is not None and entry[0] > now:
+            return entry[1]
         try:
             model = self.registry.resolve(ref, use_cache=False)
         except DependencyUnavailable as exc:
             self._mark_down(exc.message)
             if entry is not None:  # serve on with the last known good answer
-                return entry.model
+                return entry[1]
             raise
         self._mark_up()
-        self._entries[key] = _Entry(model, now + self.ttl_s)
+        self._entries[key] = (now + self.ttl_s, model)
         return model
 
     def _mark_down(self, message: str) -> None:
@@ -76,8 +74,8 @@ class RegistryCacheCore:
     # -- invalidation ----------------------------------------------------------------------
     def invalidate(self, name: str) -> int:
         """Drop every cached resolution of ``name`` and tell subscribers. Returns the new epoch."""
-        for key in [k for k in self._entries if model_name_of(k) == name]:
-            del self._entries[key]
+        for key in [k for k in list(self._entries.keys()) if model_name_of(k) == name]:
+            self._entries.pop(key, None)
         self.registry.invalidate(name)
         self.epoch += 1
         self._recent.append((self.epoch, name))

@@ -11,10 +11,11 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cachetools import TTLCache
 
 from app.errors import Conflict, DependencyUnavailable, NotFound
 from app.registry.targets import ModelRef, model_name_of, parse_target
@@ -90,23 +91,22 @@ class ModelRegistry:
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-        self._ttl = settings.serving.resolve_ttl_s
-        self._cache: dict[str, tuple[float, ResolvedModel]] = {}
-        self._lock = threading.Lock()
+        self._cache: TTLCache = TTLCache(maxsize=4096, ttl=settings.serving.resolve_ttl_s)
+        self._lock = threading.Lock()  # cachetools caches are not thread-safe
         self.cache_dir = settings.matih_home / "model_cache"
 
     # -- resolution ------------------------------------------------------------------------
     def resolve(self, target: str | ModelRef, *, use_cache: bool = True) -> ResolvedModel:
         ref = parse_target(target) if isinstance(target, str) else target
         key = str(ref)
-        now = time.monotonic()
         if use_cache:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] > now:
-                return hit[1]
+            with self._lock:
+                hit = self._cache.get(key)
+            if hit is not None:
+                return hit
         resolved = self._resolve_uncached(ref)
         with self._lock:
-            self._cache[key] = (now + self._ttl, resolved)
+            self._cache[key] = resolved
         return resolved
 
     def invalidate(self, name: str | None = None) -> None:
@@ -114,8 +114,8 @@ class ModelRegistry:
             if name is None:
                 self._cache.clear()
             else:
-                for key in [k for k in self._cache if model_name_of(k) == name]:
-                    del self._cache[key]
+                for key in [k for k in list(self._cache.keys()) if model_name_of(k) == name]:
+                    self._cache.pop(key, None)
 
     def _resolve_uncached(self, ref: ModelRef) -> ResolvedModel:
         from mlflow.exceptions import MlflowException

@@ -7,10 +7,11 @@ import asyncio
 import hashlib
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from cachetools import LRUCache
 
 from app.errors import InvalidInput
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable, model_metadata
@@ -100,17 +101,13 @@ class LocalPredictor:
     def __init__(self, loader: ModelLoader, max_models: int = 8):
         self.loader = loader
         self.max_models = max_models
-        self._models: OrderedDict[str, ModelRuntime] = OrderedDict()
+        self._models: LRUCache = LRUCache(maxsize=max_models)
 
     def get(self, model_id: str, config: dict[str, Any] | None = None) -> ModelRuntime:
         rt = self._models.get(model_id)
         if rt is None:
             rt = self.loader.load(model_id, config)
             self._models[model_id] = rt
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
-        else:
-            self._models.move_to_end(model_id)
         return rt
 
     async def predict(
