@@ -102,6 +102,18 @@ class DependencyUnavailable(MatihError):
         self.details.setdefault("retry_after_s", retry_after_s)
 
 
+class DependencyTimeout(DependencyUnavailable):
+    """A store, actor or task the request needs did not answer within its time limit."""
+
+    code = "dependency_timeout"
+
+
+class RequestTimeout(MatihError):
+    """The request did not finish within its time limit (a model slower than the limit, say)."""
+
+    code = "request_timeout"
+
+
 class ModelError(MatihError):
     """A model failed while loading or predicting for reasons that are not the caller's input."""
 

@@ -54,6 +54,16 @@ class HttpSettings(_Section):
     )
     gateway_replicas: int = Field(1, ge=1, description="Gateway replicas (each one a FastAPI app).")
     gateway_num_cpus: float = Field(0.1, gt=0, description="CPUs reserved per gateway replica.")
+    request_timeout_s: float = Field(
+        60.0, gt=1, description="End-to-end limit of one HTTP request. Set Serve's http_options.request_timeout_s "
+        "(serve_config.yaml) to the same value: the Gateway answers 504 with an error body just before it "
+        "(Serve's own answer would be a bare 408). A client may ask for less with the x-request-timeout-seconds "
+        "header, never for more.",
+    )
+    gateway_max_queued_requests: int = Field(
+        512, ge=1, description="Requests the Serve proxy queues for the Gateway when every replica has "
+        "max_ongoing_requests in flight; more get 503 with Retry-After (Serve's max_queued_requests)."
+    )
 
 
 class AutoscalingSettings(_Section):
@@ -117,6 +127,34 @@ class ServingSettings(_Section):
     )
     object_store_models: int = Field(
         32, ge=1, description="Model artifacts the RegistryCache keeps in Ray's object store (LRU)."
+    )
+    model_server_max_queued_requests: int = Field(
+        128, ge=1, description="Predict calls a Gateway replica queues for the ModelServer when every replica has "
+        "max_ongoing_requests in flight; more get 429 with Retry-After (Serve's max_queued_requests)."
+    )
+    predict_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait of the Gateway for the ModelServer's answer to one predict call, "
+        "a model load included; over it: 504."
+    )
+    replica_retries: int = Field(
+        2, ge=0, description="Times the Gateway sends a predict call again when its ModelServer replica died or "
+        "is unreachable (predictions have no side effects), within predict_timeout_s."
+    )
+    actor_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for a control actor's answer on the request path (RegistryCache "
+        "resolution, JobScheduler, GPUManager); over it: 503 with Retry-After. A backstop for an actor that is "
+        "stuck or restarting: MLflow being down is answered sooner (mlflow_timeout_s)."
+    )
+    model_fetch_timeout_s: float = Field(
+        120.0, gt=0, description="Longest wait of a ModelServer replica for a model's packed artifact from the "
+        "RegistryCache (which downloads it from MLflow once); over it the load fails with 503."
+    )
+    model_io_threads: int = Field(
+        2, ge=1, description="Threads per ModelServer replica that load models and call remote runtimes (triton)."
+    )
+    model_call_threads: int = Field(
+        2, ge=1, description="Threads per ModelServer replica for model calls that must not hold its event loop: "
+        "slow models (the call queue) and requests over batch_max_rows."
     )
 
 
@@ -197,6 +235,11 @@ class RegistrySettings(_Section):
         description="CPUs reserved by the Ray task that checks and converts a model file at registration "
         "(an upload, a source file, POST .../convert): that work runs in its own worker process, not in the "
         "Gateway. The registration waits until Ray has them free; 0 never waits, at the price of CPU accounting.",
+    )
+    convert_timeout_s: float = Field(
+        50.0, gt=0, description="Longest wait of the Gateway for the Ray task that checks and converts a model file; "
+        "over it: 503 with Retry-After (the task may still finish: list the versions before retrying). Keep it "
+        "under http.request_timeout_s.",
     )
     skops_trusted_types: list[str] = Field(
         default_factory=lambda: [

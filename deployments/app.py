@@ -53,6 +53,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     model_server = ModelServer.options(
         ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus, "runtime_env": env},
         logging_config={"enable_access_log": settings.serving.model_server_access_log},
+        max_queued_requests=settings.serving.model_server_max_queued_requests,
         **replicas,
     ).bind(kwargs)
     gpu_pool = None
@@ -60,11 +61,17 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
         gpu_pool = ModelServer.options(
             name="ModelServerGPU",
             num_replicas=settings.serving.gpu_replicas,
+            max_queued_requests=settings.serving.model_server_max_queued_requests,
             ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus,
                                "num_gpus": settings.serving.gpu_num_gpus, "runtime_env": env},
         ).bind(kwargs)
+    from ray.serve.config import BackpressureConfig
+
     return Gateway.options(
         num_replicas=settings.http.gateway_replicas,
+        # Past the queue the proxy itself answers 503 with Retry-After (its body is Serve's text).
+        max_queued_requests=settings.http.gateway_max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         ray_actor_options={"num_cpus": settings.http.gateway_num_cpus, "runtime_env": env},
     ).bind(kwargs, model_server, prepared.admin_token, gpu_pool)
 

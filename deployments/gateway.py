@@ -4,16 +4,20 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import ray
+from cachetools import TTLCache
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from app.errors import DependencyUnavailable, MatihError, ModelError, Overloaded
+from app.errors import DependencyUnavailable, MatihError, ModelError, Overloaded, RequestTimeout
 from app.registry.targets import model_name_of
 from app.serving.loader import model_id_for
+from app.waits import bounded
+
+_RESOLVE_CACHE_SIZE = 4096  # alias resolutions a Gateway replica keeps (least recently used go first)
 
 
 def _matih_cause(exc: ray.exceptions.RayTaskError) -> Exception:
@@ -22,45 +26,88 @@ def _matih_cause(exc: ray.exceptions.RayTaskError) -> Exception:
     return cause if isinstance(cause, MatihError) else exc
 
 
-class _ServePredictor:
-    """ModelServer calls; endpoints whose config says ``"device": "gpu"`` go to the GPU pool."""
+class _ReplicaGone(Exception):
+    """The ModelServer replica of a call died or cannot be reached; the call may go again."""
 
-    def __init__(self, handle: DeploymentHandle, gpu_handle: DeploymentHandle | None = None, grpc: bool = True):
+
+class _ServePredictor:
+    """ModelServer calls; endpoints whose config says ``"device": "gpu"`` go to the GPU pool.
+
+    A call is bounded by ``timeout_s`` (504 past it, a model load included) and sent again, up
+    to ``retries`` times, when its replica died under it: a prediction has no side effects, and
+    Serve routes the next try to a live replica (or waits for the replacement)."""
+
+    def __init__(
+        self, handle: DeploymentHandle, gpu_handle: DeploymentHandle | None = None, grpc: bool = True,
+        *, timeout_s: float = 30.0, retries: int = 2,
+    ):
         # _by_reference=False: Serve's direct gRPC channel to the replica instead of a Ray
         # actor task per call (payloads and results are small JSON-like values).
         self.handle = handle.options(_by_reference=False) if grpc else handle
         self.gpu_handle = (gpu_handle.options(_by_reference=False) if grpc else gpu_handle) if gpu_handle else None
+        self.timeout_s = timeout_s
+        self.retries = retries
 
     async def predict(
         self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
     ) -> dict[str, Any]:
-        from ray.serve.exceptions import BackPressureError
-
         model_id = model_id_for(model, runtime, config)
+        handle = self.gpu_handle if (config or {}).get("device") == "gpu" and self.gpu_handle else self.handle
+        call = handle.options(multiplexed_model_id=model_id).predict
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_exponential(multiplier=0.25, max=2.0),
+            retry=retry_if_exception_type(_ReplicaGone),
+            reraise=True,
+        )
+
+        async def attempts() -> Any:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._call(call, payload, config)
+
         try:
-            handle = self.gpu_handle if (config or {}).get("device") == "gpu" and self.gpu_handle else self.handle
-            out = await handle.options(multiplexed_model_id=model_id).predict.remote(payload, config)
-        except MatihError:
-            raise  # raised in the replica: same class, same message (RayTaskError subclasses it)
-        except BackPressureError:
-            raise Overloaded("the model servers are at their request limit; retry shortly", retry_after_s=1) from None
-        except ray.exceptions.RayTaskError as exc:
-            raise _matih_cause(exc) from None
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            out = await asyncio.wait_for(attempts(), self.timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"model {model_id} did not answer within {self.timeout_s:g} s (serving.predict_timeout_s)",
+                details={"timeout_s": self.timeout_s},
+            ) from None
+        except _ReplicaGone as exc:
             raise DependencyUnavailable(f"model server unavailable: {exc}", retry_after_s=2) from None
         if isinstance(out, MatihError):  # the caller's error, handed back as a value (see ModelServer.predict)
             raise out
         return out
+
+    @staticmethod
+    async def _call(call, payload: dict[str, Any], config: dict | None) -> Any:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        gone = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        try:
+            return await call.remote(payload, config)
+        except MatihError:
+            raise  # raised in the replica: same class, same message (RayTaskError subclasses it)
+        except BackPressureError:
+            raise Overloaded("the model servers are at their request limit; retry shortly", retry_after_s=1) from None
+        except DeploymentUnavailableError as exc:
+            raise DependencyUnavailable(f"the model servers are unavailable: {exc}", retry_after_s=5) from None
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(getattr(exc, "cause", None), gone):
+                raise _ReplicaGone(str(exc.cause)) from None
+            raise _matih_cause(exc) from None
+        except gone as exc:
+            raise _ReplicaGone(str(exc)) from None
 
 
 class _CachedResolver:
     """Alias resolution through the RegistryCache actor, cached in this replica and dropped
     the moment the actor announces a change (a long poll runs in the background)."""
 
-    def __init__(self, actor, ttl_s: float):
+    def __init__(self, actor, ttl_s: float, timeout_s: float = 30.0):
         self.actor = actor
-        self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, Any]] = {}
+        self.timeout_s = timeout_s
+        self._cache: TTLCache = TTLCache(maxsize=_RESOLVE_CACHE_SIZE, ttl=ttl_s)
         self._epoch = 0
         self._watcher: asyncio.Task | None = None
 
@@ -68,34 +115,35 @@ class _CachedResolver:
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
         key = str(ref)
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if use_cache and hit is not None and hit[0] > now:
-            return hit[1]
+        model = self._cache.get(key) if use_cache else None
+        if model is not None:
+            return model
         try:
-            model = await self.actor.resolve.remote(key)
+            model = await bounded(self.actor.resolve.remote(key), self.timeout_s, "the registry cache")
         except MatihError:
             raise
         except ray.exceptions.RayTaskError as exc:
             raise _matih_cause(exc) from None
-        self._cache[key] = (now + self.ttl_s, model)
+        self._cache[key] = model
         return model
 
     def drop(self, name: str | None) -> None:
         if name is None:
             self._cache.clear()
         else:
-            for key in [k for k in self._cache if model_name_of(k) == name]:
-                del self._cache[key]
+            for key in [k for k in list(self._cache.keys()) if model_name_of(k) == name]:
+                self._cache.pop(key, None)
 
     async def changed(self, name: str) -> None:
         self.drop(name)
-        await self.actor.invalidate.remote(name)
+        await bounded(self.actor.invalidate.remote(name), self.timeout_s, "the registry cache")
 
     async def _watch(self) -> None:
         while True:
             try:
-                epoch, names = await self.actor.changes_since.remote(self._epoch, 30.0)
+                epoch, names = await bounded(
+                    self.actor.changes_since.remote(self._epoch, 30.0), 30.0 + self.timeout_s, "the registry cache"
+                )
             except Exception:  # actor restarting: its epochs start over, so forget everything
                 self._cache.clear()
                 self._epoch = 0
@@ -110,34 +158,36 @@ class _CachedResolver:
 
 
 class _SchedulerControl:
-    def __init__(self, settings_kwargs: dict[str, Any], num_cpus: float):
+    def __init__(self, settings_kwargs: dict[str, Any], num_cpus: float, timeout_s: float = 30.0):
         from actors.job_scheduler import get_job_scheduler
 
         self.actor = get_job_scheduler(settings_kwargs, num_cpus)
+        self.timeout_s = timeout_s
 
     async def notify(self) -> None:
-        await self.actor.notify.remote()
+        await bounded(self.actor.notify.remote(), self.timeout_s, "the job scheduler")
 
     async def cancel(self, job_id: str, actor: str) -> dict[str, Any]:
-        return await self.actor.cancel.remote(job_id, actor)
+        return await bounded(self.actor.cancel.remote(job_id, actor), self.timeout_s, "the job scheduler")
 
     async def ping(self) -> None:
-        await self.actor.ping.remote()
+        await bounded(self.actor.ping.remote(), self.timeout_s, "the job scheduler")
 
 
 class _GpuControl:
     """GPU inventory from the GPUManager actor."""
 
-    def __init__(self, num_cpus: float):
+    def __init__(self, num_cpus: float, timeout_s: float = 30.0):
         from actors.gpu_manager import get_gpu_manager
 
         self.actor = get_gpu_manager(num_cpus)
+        self.timeout_s = timeout_s
 
     async def snapshot(self) -> dict[str, Any]:
-        return await self.actor.snapshot.remote()
+        return await bounded(self.actor.snapshot.remote(), self.timeout_s, "the GPU manager")
 
     async def ping(self) -> None:
-        await self.actor.ping.remote()
+        await bounded(self.actor.ping.remote(), self.timeout_s, "the GPU manager")
 
 
 @ray.remote(max_retries=0)
@@ -160,12 +210,19 @@ def _registry_task(settings_kwargs: dict[str, Any], method: str, args: tuple, kw
         store.engine.dispose()
 
 
-def _registry_offload(settings_kwargs: dict[str, Any], num_cpus: float):
+def _registry_offload(settings_kwargs: dict[str, Any], num_cpus: float, timeout_s: float = 50.0):
     task = _registry_task.options(num_cpus=num_cpus)
 
     async def offload(method: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await task.remote(settings_kwargs, method, args, kwargs)
+            # Past the limit the task is left to finish (no ray.cancel): a registration stopped
+            # half-way is worse than one that completes after its caller stopped waiting.
+            return await bounded(
+                task.remote(settings_kwargs, method, args, kwargs), timeout_s,
+                "the task that checks and converts the model (it may still finish: list the model's versions "
+                "before retrying)",
+                retry_after_s=5,
+            )
         except MatihError:
             raise
         except ray.exceptions.RayTaskError as exc:
@@ -179,13 +236,16 @@ def _registry_offload(settings_kwargs: dict[str, Any], num_cpus: float):
     return offload
 
 
-async def _cluster_resources() -> dict[str, float]:
-    return await asyncio.to_thread(ray.cluster_resources)
+def _cluster_resources(timeout_s: float):
+    async def resources() -> dict[str, float]:
+        return await bounded(asyncio.to_thread(ray.cluster_resources), timeout_s, "the Ray cluster (GCS)")
+
+    return resources
 
 
-def _pinger(actor):
+def _pinger(actor, timeout_s: float):
     async def ping() -> None:
-        await actor.health.remote()
+        await bounded(actor.health.remote(), timeout_s, "the registry cache")
 
     return ping
 
@@ -210,29 +270,35 @@ class Gateway:
 
         settings = Settings(**settings_kwargs)
         store = MetadataStore(settings.database_url)
-        scheduler = _SchedulerControl(settings_kwargs, settings.actors.num_cpus)
+        timeout_s = settings.serving.actor_timeout_s
+        scheduler = _SchedulerControl(settings_kwargs, settings.actors.num_cpus, timeout_s)
         cache = get_registry_cache(settings_kwargs, settings.actors.num_cpus)
-        resolver = _CachedResolver(cache, settings.serving.resolve_ttl_s)
+        resolver = _CachedResolver(cache, settings.serving.resolve_ttl_s, timeout_s)
 
         async def ray_ready() -> None:
             await asyncio.to_thread(ray.cluster_resources)
 
-        gpus = _GpuControl(settings.actors.num_cpus)
+        gpus = _GpuControl(settings.actors.num_cpus, timeout_s)
         self.ctx = ApiContext(
             settings=settings,
             store=store,
             registry=ModelRegistry(settings, serving=True),
             authenticator=Authenticator(settings, store, admin_token),
-            predictor=_ServePredictor(model_server, gpu_pool, grpc=settings.serving.handle_grpc),
+            predictor=_ServePredictor(
+                model_server, gpu_pool, grpc=settings.serving.handle_grpc,
+                timeout_s=settings.serving.predict_timeout_s, retries=settings.serving.replica_retries,
+            ),
             gpu_pool=gpu_pool is not None,
             jobs=scheduler,
             resolver=resolver,
             model_changed=resolver.changed,
-            readiness={"ray": ray_ready, "job_scheduler": scheduler.ping, "registry_cache": _pinger(cache),
+            readiness={"ray": ray_ready, "job_scheduler": scheduler.ping, "registry_cache": _pinger(cache, timeout_s),
                        "gpu_manager": gpus.ping},
-            cluster_resources=_cluster_resources,
+            cluster_resources=_cluster_resources(timeout_s),
             gpus=gpus,
-            registry_offload=_registry_offload(settings_kwargs, settings.registry.convert_num_cpus),
+            registry_offload=_registry_offload(
+                settings_kwargs, settings.registry.convert_num_cpus, settings.registry.convert_timeout_s
+            ),
         )
 
     def __serve_build_asgi_app__(self):

@@ -1,7 +1,10 @@
 """ModelServer: loads any registered version by id with ``@serve.multiplexed`` (LRU per
-replica), so a new or changed endpoint never redeploys anything, and batches concurrent
-small requests for the same model: with ``@serve.batch`` on the event loop for cheap models,
-with a :class:`~app.serving.batching.CallQueue` in a worker thread for slow ones.
+replica, Serve's own), so a new or changed endpoint never redeploys anything, and batches
+concurrent small requests for the same model: with ``@serve.batch`` on the event loop for
+cheap models, with a :class:`~app.serving.batching.CallQueue` in a worker thread for slow ones.
+
+Two thread pools keep the event loop free: model I/O (loads, remote runtimes) and model calls
+(slow models, requests over ``batch_max_rows``), so a burst of loads never holds up calls.
 
 Batching is tuned at run time through ``user_config`` (see serve_config.yaml):
 ``{"batching": bool, "batch_max_requests": int, "batch_wait_s": float, "batch_max_rows": int}``.
@@ -13,6 +16,7 @@ import asyncio
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,12 +27,24 @@ from ray import serve
 _SLOW_CALL_S = 0.002  # models whose calls take longer (moving average) go through the CallQueue
 
 
-def _fetch_from_object_store(cache, model_id: str) -> Path:
+def _get(ref, timeout_s: float, what: str):
+    """``ray.get`` for at most ``timeout_s`` seconds (DependencyTimeout past it: 503)."""
+    from app.waits import timed_out
+
+    try:
+        return ray.get(ref, timeout=max(timeout_s, 0.001))
+    except ray.exceptions.GetTimeoutError:
+        raise timed_out(what, timeout_s) from None
+
+
+def _fetch_from_object_store(cache, model_id: str, timeout_s: float) -> Path:
     """Unpack the model that the RegistryCache keeps in the object store into a temp dir."""
     from app.registry.cache import unpack_to
 
-    [ref] = ray.get(cache.artifact.remote(model_id))
-    return unpack_to(ray.get(ref), Path(tempfile.mkdtemp(prefix="matih-model-")))
+    deadline = time.monotonic() + timeout_s
+    [ref] = _get(cache.artifact.remote(model_id), timeout_s, f"the registry cache (artifact of {model_id})")
+    data = _get(ref, deadline - time.monotonic(), f"the object store (artifact of {model_id})")
+    return unpack_to(data, Path(tempfile.mkdtemp(prefix="matih-model-")))
 
 
 @serve.deployment(name="ModelServer", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -40,20 +56,28 @@ class ModelServer:
         from app.settings import Settings
 
         self.settings = Settings(**settings_kwargs)
+        s = self.settings.serving
         cache = get_registry_cache(settings_kwargs, self.settings.actors.num_cpus)
         self.loader = ModelLoader(
             self.settings,
-            resolve=lambda model_id: ray.get(cache.resolve.remote(model_id)),
-            fetch=lambda model: _fetch_from_object_store(cache, model.model_id),
+            resolve=lambda model_id: _get(cache.resolve.remote(model_id), s.actor_timeout_s, "the registry cache"),
+            fetch=lambda model: _fetch_from_object_store(cache, model.model_id, s.model_fetch_timeout_s),
             release=lambda path: shutil.rmtree(path, ignore_errors=True),
         )
-        loader = self.loader
+        # Model I/O (loads, remote runtimes) and model calls off the event loop, each in its own
+        # pool: loads waiting on the registry cache never hold up the calls of loaded models.
+        self._io_pool = ThreadPoolExecutor(s.model_io_threads, thread_name_prefix="matih-model-io")
+        self._call_pool = ThreadPoolExecutor(s.model_call_threads, thread_name_prefix="matih-model-call")
+        loader, io_pool = self.loader, self._io_pool
         configs = self._configs = {}  # model id -> the endpoint runtime config it was asked with
 
         async def load(model_id: str):
-            return await asyncio.to_thread(loader.load, model_id, configs.get(model_id))
+            return await asyncio.get_running_loop().run_in_executor(
+                io_pool, loader.load, model_id, configs.get(model_id)
+            )
 
         # Wired at init time so the LRU size comes from settings (Serve detects it on the instance).
+        # Serve's multiplexing owns this LRU (no cache of ours to replace with cachetools).
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.settings.serving.max_models_per_replica)(
             load
         )
@@ -68,8 +92,9 @@ class ModelServer:
         # slower than _SLOW_CALL_S are batched by _slow_queue, off the event loop; see
         # app.serving.batching.CallQueue for why not @serve.batch.
         self._call_s: dict[int, float] = {}
-        self._slow_queue = CallQueue(32, self.settings.serving.batch_max_rows, on_call=self._slow_call_done)
-        s = self.settings.serving
+        self._slow_queue = CallQueue(
+            32, self.settings.serving.batch_max_rows, on_call=self._slow_call_done, executor=self._call_pool
+        )
         self.reconfigure(
             {
                 "batching": s.batching,
@@ -99,7 +124,7 @@ class ModelServer:
             return exc
 
     async def _predict(self, payload: dict[str, Any], config: dict[str, Any] | None) -> dict[str, Any]:
-        from app.serving.batching import BatchItem
+        from app.serving.batching import BatchItem, payload_rows
 
         self._in_flight += 1
         self._counts["in_flight_sum"] += self._in_flight
@@ -109,22 +134,27 @@ class ModelServer:
             if config:
                 self._configs[model_id] = config
             runtime = await self.get_model(model_id)
+            # A remote call (triton) waits on the network: the I/O pool; a request over
+            # batch_max_rows is checked and called in the call pool, never on the event loop.
+            pool = self._io_pool if runtime.blocking_io else self._call_pool
+            if runtime.blocking_io or payload_rows(payload) > self._batch_max_rows:
+                return await self._in_pool(pool, runtime, payload)
             matrix, probabilities = runtime.prepare(payload)  # bad input fails here, alone
             self._counts["requests"] += 1
-            if runtime.blocking_io:  # a remote call (triton) must not hold up this replica's other requests
-                self._counts["model_calls"] += 1
-                return await asyncio.to_thread(runtime.predict, matrix, probabilities=probabilities)
-            if self._batching and self._is_slow(runtime) and len(matrix) <= self._batch_max_rows:
+            large = len(matrix) > self._batch_max_rows
+            if self._batching and not large and self._is_slow(runtime):
                 self._counts["slow_requests"] += 1
                 return await self._slow_queue.submit(BatchItem(runtime, matrix, probabilities))
+            if large or self._is_slow(runtime):  # slow model calls never run on the event loop
+                return await self._in_pool(pool, runtime, payload, (matrix, probabilities))
             # Batch only when there is company: a request alone in the replica would just wait out
             # batch_wait_s for nobody, so it runs at once. Requests that reached the replica while
             # a model call held its event loop are all ready now, but each only counts itself in
             # _in_flight when it runs: one turn of the loop lets them, so that a busy replica
             # stacks them instead of running them one by one as if each were alone.
-            if self._batching and self._in_flight == 1 and len(matrix) <= self._batch_max_rows:
+            if self._batching and self._in_flight == 1:
                 await asyncio.sleep(0)
-            if not self._batching or len(matrix) > self._batch_max_rows or self._in_flight == 1:
+            if not self._batching or self._in_flight == 1:
                 self._counts["model_calls"] += 1
                 return self._timed([runtime], partial(runtime.predict, matrix, probabilities=probabilities))
             out = await self._run_batch(BatchItem(runtime, matrix, probabilities))
@@ -158,6 +188,22 @@ class ModelServer:
         for key in {id(r) for r in runtimes}:
             prev = self._call_s.get(key)
             self._call_s[key] = seconds if prev is None else 0.8 * prev + 0.2 * seconds
+
+    async def _in_pool(self, pool, runtime, payload: dict[str, Any], prepared=None) -> dict[str, Any]:
+        """Check ``payload`` (unless ``prepared``: checked and counted already) and call the
+        model in a thread of ``pool``."""
+
+        def run():
+            matrix, probabilities = prepared or runtime.prepare(payload)
+            started = time.perf_counter()
+            return runtime.predict(matrix, probabilities=probabilities), time.perf_counter() - started
+
+        out, seconds = await asyncio.get_running_loop().run_in_executor(pool, run)
+        if prepared is None:
+            self._counts["requests"] += 1
+        self._counts["model_calls"] += 1
+        self._record([runtime], seconds)
+        return out
 
     def _timed(self, runtimes: list, call):
         """``call()`` on the event loop, timed into each runtime's moving average."""

@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
+from cachetools import TTLCache
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import __version__
+from app.api.deadline import RequestDeadline
 from app.api.errors import install_error_handlers
 from app.auth import Authenticator, Principal, Role
 from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge
@@ -35,6 +36,9 @@ from app.schemas import (
 )
 from app.settings import Settings
 from app.store import MetadataStore, redacted_endpoint
+
+
+_ENDPOINT_CACHE_SIZE = 4096  # endpoint rows a replica keeps (least recently used go first)
 
 
 class Predictor(Protocol):
@@ -87,7 +91,11 @@ class ApiContext:
     # (skl2onnx or torch.onnx and the parity check: seconds of CPU, much memory) holds neither
     # the ingress's interpreter lock nor its memory while it serves predictions.
     registry_offload: Callable[..., Awaitable[Any]] | None = None
-    _endpoints: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    # Endpoint rows by name, trusted for serving.resolve_ttl_s (only this replica's event loop uses it).
+    _endpoints: TTLCache = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._endpoints = TTLCache(maxsize=_ENDPOINT_CACHE_SIZE, ttl=self.settings.serving.resolve_ttl_s)
 
     async def notify_model_changed(self, name: str) -> None:
         self.registry.invalidate(name)
@@ -95,12 +103,10 @@ class ApiContext:
             await self.model_changed(name)
 
     async def endpoint(self, name: str) -> dict[str, Any]:
-        now = time.monotonic()
-        hit = self._endpoints.get(name)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        row = await asyncio.to_thread(self.store.get_endpoint, name)
-        self._endpoints[name] = (now + self.settings.serving.resolve_ttl_s, row)
+        row = self._endpoints.get(name)
+        if row is None:
+            row = await asyncio.to_thread(self.store.get_endpoint, name)
+            self._endpoints[name] = row
         return row
 
     def forget_endpoint(self, name: str) -> None:
@@ -163,6 +169,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     api.state.ctx = ctx
     install_error_handlers(api)
     api.add_middleware(BodySizeLimit, limit=ctx.settings.http.max_body_bytes)
+    api.add_middleware(RequestDeadline, limit_s=ctx.settings.http.request_timeout_s)
 
     viewer, predictor, developer, admin = role_dependencies(ctx)
 

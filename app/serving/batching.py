@@ -19,6 +19,25 @@ class BatchItem:
     probabilities: bool
 
 
+def payload_rows(payload: dict[str, Any]) -> int:
+    """Rows of a predict payload (``instances``, ``tensor`` or ``inputs`` columns), counted
+    without reading its values, so that a large request is known before any work on it;
+    0 for a shape this does not know (the payload check then names what is wrong)."""
+    for key in ("instances", "tensor"):
+        if key in payload:
+            try:
+                return len(payload[key])
+            except TypeError:
+                return 0
+    inputs = payload.get("inputs")
+    if isinstance(inputs, dict) and inputs:
+        try:
+            return len(next(iter(inputs.values())))
+        except TypeError:
+            return 0
+    return 0
+
+
 def rows_of(items: list[BatchItem]) -> int:
     """Batch size in rows, so one large request does not ride with many others."""
     return sum(len(item.matrix) for item in items)
@@ -60,8 +79,9 @@ class CallQueue:
 
     A request that finds nothing running is called at once, alone. Requests that arrive while
     a call runs wait, and the next call takes all of them (up to ``max_items``, at most
-    ``max_rows`` rows, grouped by :func:`run_grouped`). Calls run in a worker thread, so the
-    event loop keeps taking in requests meanwhile.
+    ``max_rows`` rows, grouped by :func:`run_grouped`). Calls run in a thread of ``executor``
+    (the replica's model-call pool; None: asyncio's default), so the event loop keeps taking in
+    requests meanwhile.
 
     Why not ``@serve.batch`` for these: it forms the next batch while the current one is still
     running (its ``max_concurrent_batches`` only limits how many run), so with the call off the
@@ -70,9 +90,10 @@ class CallQueue:
     where a running call holds back batch forming until it returns.
     """
 
-    def __init__(self, max_items: int, max_rows: int, on_call: Any = None):
+    def __init__(self, max_items: int, max_rows: int, on_call: Any = None, executor: Any = None):
         self.max_items, self.max_rows = max_items, max_rows
         self.on_call = on_call  # on_call(items, seconds): after each call (counts, timings)
+        self.executor = executor  # a concurrent.futures.Executor for the calls
         self._pending: list[tuple[BatchItem, Any]] = []
         self._running = False
         self._task: Any = None  # the running drain (held: the loop keeps only weak references)
@@ -117,7 +138,7 @@ class CallQueue:
                 items = [item for item, _ in batch]
                 started = time.perf_counter()
                 try:
-                    results = await asyncio.to_thread(run_grouped, items)
+                    results = await asyncio.get_running_loop().run_in_executor(self.executor, run_grouped, items)
                 except BaseException as exc:  # noqa: BLE001 - every waiter of this call gets it
                     results = [exc] * len(batch)
                 if self.on_call is not None:

@@ -105,7 +105,15 @@ def platform(tmp_path_factory) -> Platform:
     dashboard_port = free_port()
     _own_dashboard_agent_port(free_port())
     ray.init(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=2, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = load_settings("local", **overrides)
+    # A short queue in front of the ModelServer (more than the 32 clients of the replica-kill test
+    # wait in it while no replica is up), so that test_serving_chaos can overload it with
+    # a few hundred requests (no other test sends more than max_ongoing_requests at once). A
+    # section given here replaces the profile's, so it is the profile's with that one key changed.
+    overrides["serving"] = {**base.serving.model_dump(mode="json"), "model_server_max_queued_requests": 48}
+    # Serve's end-to-end request limit, as serve_config.yaml sets it (the Gateway answers 504 just before)
+    timeout_s = base.http.request_timeout_s
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s})
     serve.run(build({"settings": overrides}), name="matih", route_prefix="/")
     _wait_ready(f"http://127.0.0.1:{port}")
     token = (home / "admin_token").read_text().strip()

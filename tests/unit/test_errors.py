@@ -20,6 +20,7 @@ def test_errors_survive_pickling_with_code_and_details():
         (E.BadRequest("x"), 400), (E.InvalidInput("x"), 422), (E.Unauthenticated("x"), 401),
         (E.PermissionDenied("x"), 403), (E.NotFound("x"), 404), (E.Conflict("x"), 409),
         (E.PayloadTooLarge("x"), 413), (E.Overloaded("x"), 429), (E.DependencyUnavailable("x"), 503),
+        (E.DependencyTimeout("x"), 503), (E.RequestTimeout("x"), 504),
         (E.ModelError("x"), 500), (E.MatihError("x"), 500),
     ],
 )
