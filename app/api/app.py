@@ -129,21 +129,34 @@ class BodySizeLimit:
         for key, value in scope.get("headers", []):
             if key == b"content-length" and value.isdigit() and int(value) > self.limit:
                 return await self._reject(send)
-        seen = 0
+        seen, too_large, rejected = 0, False, False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    too_large = True
                     raise PayloadTooLarge(f"request body is over {self.limit} bytes")
             return message
 
+        async def guarded_send(message):
+            # FastAPI turns an error raised while it reads the body into its own 400; once the
+            # body is over the limit, whatever the app answers is replaced by the 413.
+            nonlocal rejected
+            if not too_large:
+                return await send(message)
+            if not rejected:
+                rejected = True
+                await self._reject(send)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except PayloadTooLarge:
-            await self._reject(send)
+            if not rejected:
+                rejected = True
+                await self._reject(send)
 
     async def _reject(self, send):
         body = json.dumps(
