@@ -1,0 +1,151 @@
+"""What every part of the registry service shares: the platform's own version tags, MLflow's
+errors as ours, the audit hook, and the version view.
+
+``RegistryService`` (``app/registry/service.py``) is composed of the mixins in
+``app/registry/models.py``, ``registration.py``, ``lifecycle.py``, ``cards.py`` and
+``tracking.py``, each built on ``RegistryBase``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from app.errors import Conflict, DependencyUnavailable, InvalidInput, MatihError, NotFound
+from app.registry import formats as F
+from app.registry.checks import check_model_name, check_version
+from app.registry.mlflow_registry import (
+    TAG_APPROVED_BY,
+    TAG_STAGE,
+    TAG_VALIDATION,
+    ModelRegistry,
+    ResolvedModel,
+    ensure_experiment,
+    model_metadata,
+)
+from app.settings import Settings
+
+TAG_INTENDED_USE = "matih.intended_use"
+TAG_APPROVED_AT = "matih.approved_at"
+TAG_APPROVAL_COMMENT = "matih.approval_comment"
+TAG_TRUSTED_BY = "matih.trusted_by"
+TAG_TRUSTED_AT = "matih.trusted_at"
+TAG_REGISTERED_BY = "matih.registered_by"
+TAG_SOURCE_KIND = "matih.source_kind"  # run | job | uri | upload | conversion
+TAG_SOURCE = "matih.source"  # the run, URI or upload file the version came from
+TAG_SHA256 = "matih.artifact_sha256"  # of the uploaded or referenced model file
+TAG_CONVERTED_FROM = "matih.converted_from"
+
+
+def _iso(ms: int | None) -> str | None:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat() if ms else None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _token(tok: Any) -> str | None:
+    if not tok:
+        return None
+    return tok.decode() if isinstance(tok, bytes) else str(tok)
+
+
+
+class RegistryBase:
+    """Plain Python over ``MlflowClient``; one per process. ``store`` receives the audit log."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, store=None):
+        self.settings = settings
+        self.registry = registry
+        self.client = registry.client
+        self.store = store
+
+    # -- plumbing --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _mlflow(self, what: str, fix: str = "") -> Iterator[None]:
+        """MLflow's errors as ours: unknown -> NotFound, exists -> Conflict, bad value -> InvalidInput."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except MatihError:
+            raise
+        except MlflowException as exc:
+            code = getattr(exc, "error_code", "")
+            msg = getattr(exc, "message", str(exc))
+            if code == "RESOURCE_DOES_NOT_EXIST" or "not found" in msg.lower() or "does not exist" in msg.lower():
+                raise NotFound(f"{what} does not exist{'; ' + fix if fix else ''}") from None
+            if code == "RESOURCE_ALREADY_EXISTS" or "already exists" in msg.lower():
+                raise Conflict(f"{what} exists already{'; ' + fix if fix else ''}") from None
+            if code == "INVALID_PARAMETER_VALUE":
+                raise InvalidInput(f"{what}: {msg}") from None
+            raise DependencyUnavailable(f"MLflow failed on {what}: {msg}") from None
+        except (ConnectionError, TimeoutError) as exc:
+            raise DependencyUnavailable(f"MLflow is unavailable: {exc}") from None
+
+    def _audit(self, actor: str, action: str, rtype: str, rid: str, before: Any, after: Any) -> None:
+        if self.store is not None:
+            self.store.record_audit(actor, action, rtype, rid, before, after)
+
+    def _experiment_id(self) -> str:
+        return ensure_experiment(self.client, self.settings)
+
+    def _rm(self, name: str):
+        check_model_name(name)
+        with self._mlflow(f"model {name!r}", "GET /v1/models lists the registered models"):
+            return self.client.get_registered_model(name)
+
+    def _mv(self, name: str, version: str | int):
+        check_model_name(name)
+        version = check_version(version)
+        with self._mlflow(f"version {version} of model {name!r}", f"GET /v1/models/{name}/versions lists them"):
+            return self.client.get_model_version(name, version)
+
+    def _set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        with self._mlflow(f"version {version} of {name!r}"):
+            for key, value in tags.items():
+                self.client.set_model_version_tag(name, version, key, value)
+
+
+    def _version_view(self, mv, aliases: dict[str, str] | None = None) -> dict[str, Any]:
+        tags = dict(mv.tags or {})
+        meta = model_metadata(ResolvedModel(mv.name, str(mv.version), tags))
+        if aliases is None:
+            mine = list(mv.aliases or [])
+        else:
+            mine = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
+        return {
+            "name": mv.name,
+            "version": str(mv.version),
+            "description": mv.description or "",
+            "status": mv.status,
+            "source": mv.source,
+            "run_id": mv.run_id,
+            "created_at": _iso(mv.creation_timestamp),
+            "updated_at": _iso(mv.last_updated_timestamp),
+            "aliases": mine,
+            "stage": tags.get(TAG_STAGE, "none"),
+            "format": meta["format"],
+            "formats": meta["formats"],
+            "trusted": meta["trusted"] if meta["format"] in F.PICKLE_FORMATS else None,
+            "validation": tags.get(TAG_VALIDATION, "none"),
+            "approved_by": tags.get(TAG_APPROVED_BY),
+            "intended_use": tags.get(TAG_INTENDED_USE, ""),
+            "task": meta["task"],
+            "feature_names": meta["feature_names"],
+            "classes": meta["classes"],
+            "tags": tags,
+        }
+
+    def _run(self, run_id: str | None):
+        from mlflow.exceptions import MlflowException
+
+        if not run_id:
+            return None
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            return None  # the run was deleted; the version stands on its own

@@ -1,0 +1,173 @@
+"""A version's lifecycle: aliases, stages, approval and trust.
+
+
+- ``staging`` and ``production`` are the aliases of the same names plus the tag
+  ``matih.stage``; moving one to a version takes it from the version that held it (which
+  loses its stage, or is archived with ``archive_existing``).
+- ``production`` needs ``matih.validation=passed`` (``registry.production_requires_validation``),
+  an admin's approval (``registry.production_requires_approval``), and, for pickle-based
+  versions, trust. An archived version goes back to ``staging`` first.
+- ``archived`` removes every alias from the version and sets the tag; archived versions are
+  never served (``check_servable``) and take no aliases until restored to staging.
+"""
+
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.errors import Conflict, InvalidInput, NotFound
+from app.registry import formats as F
+from app.registry.base import TAG_APPROVAL_COMMENT, TAG_APPROVED_AT, TAG_TRUSTED_AT, TAG_TRUSTED_BY, RegistryBase, _now
+from app.registry.checks import check_alias
+from app.registry.mlflow_registry import TAG_APPROVED_BY, TAG_FORMAT, TAG_FORMATS, TAG_STAGE, TAG_TRUSTED, TAG_VALIDATION
+
+STAGES = ("staging", "production", "archived")
+STAGE_ALIASES = ("staging", "production")
+
+
+class LifecycleMixin(RegistryBase):
+    def set_alias(self, name: str, alias: str, version: str | int, actor: str) -> dict[str, Any]:
+        check_alias(alias)
+        if alias.lower() in STAGE_ALIASES:
+            raise Conflict(
+                f"alias {alias!r} is a stage and follows the stage rules; use POST /v1/models/{name}/versions/"
+                f"{{v}}/stage with {{\"stage\": \"{alias.lower()}\"}}",
+                details={"alias": alias},
+            )
+        mv = self._mv(name, version)
+        if (mv.tags or {}).get(TAG_STAGE) == "archived":
+            raise Conflict(
+                f"version {mv.version} of {name!r} is archived and takes no aliases; move it to staging first",
+                details={"version": str(mv.version)},
+            )
+        before = self.get_model(name)["aliases"].get(alias)
+        with self._mlflow(f"alias {alias!r} of {name!r}"):
+            self.client.set_registered_model_alias(name, alias, str(mv.version))
+        self._audit(actor, "model.alias.set", "model", name, {alias: before}, {alias: str(mv.version)})
+        return {"name": name, "alias": alias, "version": str(mv.version), "previous_version": before}
+
+    def delete_alias(self, name: str, alias: str, actor: str) -> None:
+        check_alias(alias)
+        if alias.lower() in STAGE_ALIASES:
+            raise Conflict(
+                f"alias {alias!r} is a stage; move the version to another stage (POST .../stage) instead",
+                details={"alias": alias},
+            )
+        before = self.get_model(name)["aliases"].get(alias)
+        if before is None:
+            raise NotFound(f"model {name!r} has no alias {alias!r}; GET /v1/models/{name} shows its aliases")
+        with self._mlflow(f"alias {alias!r} of {name!r}"):
+            self.client.delete_registered_model_alias(name, alias)
+        self._audit(actor, "model.alias.delete", "model", name, {alias: before}, None)
+
+    def set_stage(
+        self, name: str, version: str | int, stage: str, actor: str, archive_existing: bool = False
+    ) -> dict[str, Any]:
+        if stage not in STAGES:
+            raise InvalidInput(f"stage {stage!r} is not one of {', '.join(STAGES)}", details={"field": "stage"})
+        mv = self._mv(name, version)
+        version = str(mv.version)
+        tags = dict(mv.tags or {})
+        current = tags.get(TAG_STAGE, "none")
+        rm = self._rm(name)
+        aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
+        before = {"stage": current, "aliases": sorted(a for a, v in aliases.items() if v == version)}
+        if stage == "production":
+            self._check_production(name, version, tags, current)
+        if stage == "archived":
+            with self._mlflow(f"aliases of {name!r}"):
+                for alias, held in aliases.items():
+                    if held == version:
+                        self.client.delete_registered_model_alias(name, alias)
+        else:
+            if current == "archived" and stage == "production":  # _check_production says so; belt and braces
+                raise Conflict(f"version {version} of {name!r} is archived; move it to staging first")
+            previous = aliases.get(stage)
+            if previous and previous != version:
+                self._leave_stage(name, previous, stage, actor, archive_existing)
+            with self._mlflow(f"alias {stage!r} of {name!r}"):
+                self.client.set_registered_model_alias(name, stage, version)
+                other = "staging" if stage == "production" else "production"
+                if aliases.get(other) == version:
+                    self.client.delete_registered_model_alias(name, other)
+        self._set_tags(name, version, {TAG_STAGE: stage})
+        after_mv = self._mv(name, version)
+        view = self._version_view(after_mv)
+        self._audit(actor, f"model_version.stage.{stage}", "model_version", f"{name}/{version}", before,
+                    {"stage": stage, "aliases": view["aliases"]})
+        return view
+
+    def _check_production(self, name: str, version: str, tags: dict[str, str], current: str) -> None:
+        base = f"/v1/models/{name}/versions/{version}"
+        if current == "archived":
+            raise Conflict(
+                f"version {version} of {name!r} is archived; move it to staging first (POST {base}/stage)",
+                code="illegal_transition", details={"missing": ["restore to staging"]},
+            )
+        missing = []
+        rules = self.settings.registry
+        if rules.production_requires_validation and tags.get(TAG_VALIDATION) != "passed":
+            missing.append(
+                f"a passed validation (matih.validation is {tags.get(TAG_VALIDATION, 'unset')}: train it through a "
+                "job, or register a format whose ONNX conversion passes parity, or POST "
+                f"{base}/convert)"
+            )
+        if rules.production_requires_approval and not tags.get(TAG_APPROVED_BY):
+            missing.append(f"an admin's approval (POST {base}/approve)")
+        if tags.get(TAG_FORMAT) in F.PICKLE_FORMATS and "onnx" not in json.loads(tags.get(TAG_FORMATS, "[]")) \
+                and tags.get(TAG_TRUSTED) != "true":
+            missing.append(f"trust, since it is pickle-based (an admin's POST {base}/trust)")
+        if missing:
+            raise Conflict(
+                f"version {version} of {name!r} cannot move to production; missing: " + "; ".join(missing),
+                code="illegal_transition",
+                details={"missing": missing},
+            )
+
+    def _leave_stage(self, name: str, version: str, stage: str, actor: str, archive: bool) -> None:
+        """The version that held ``stage`` loses it (or is archived with ``archive``)."""
+        mv = self._mv(name, version)
+        if archive:
+            self.set_stage(name, version, "archived", actor)
+            return
+        if (mv.tags or {}).get(TAG_STAGE) == stage:
+            with self._mlflow(f"version {version} of {name!r}"):
+                self.client.delete_model_version_tag(name, version, TAG_STAGE)
+            self._audit(actor, "model_version.stage.none", "model_version", f"{name}/{version}",
+                        {"stage": stage}, {"stage": "none"})
+
+    def approve(self, name: str, version: str | int, actor: str, comment: str = "") -> dict[str, Any]:
+        mv = self._mv(name, version)
+        version = str(mv.version)
+        if (mv.tags or {}).get(TAG_STAGE) == "archived":
+            raise Conflict(f"version {version} of {name!r} is archived; move it to staging before approving it")
+        before = {"approved_by": (mv.tags or {}).get(TAG_APPROVED_BY)}
+        tags = {TAG_APPROVED_BY: actor, TAG_APPROVED_AT: _now()}
+        if comment:
+            tags[TAG_APPROVAL_COMMENT] = comment[:4000]
+        self._set_tags(name, version, tags)
+        view = self._version_view(self._mv(name, version))
+        self._audit(actor, "model_version.approve", "model_version", f"{name}/{version}", before,
+                    {"approved_by": actor, "comment": comment})
+        return view
+
+    def trust(self, name: str, version: str | int, actor: str) -> dict[str, Any]:
+        """Mark a pickle-based version trusted: from now on the native runtime may unpickle it and
+        ``convert`` may load it. Only for pickle-based versions; the admin vouches for the file."""
+        mv = self._mv(name, version)
+        version = str(mv.version)
+        tags = dict(mv.tags or {})
+        fmt = tags.get(TAG_FORMAT, "onnx")
+        if fmt not in F.PICKLE_FORMATS:
+            raise Conflict(
+                f"version {version} of {name!r} is {fmt}, which loads without executing code; only pickle-based "
+                "versions (sklearn-pickle) need trust",
+                details={"format": fmt},
+            )
+        before = {"trusted": tags.get(TAG_TRUSTED) == "true"}
+        self._set_tags(name, version, {TAG_TRUSTED: "true", TAG_TRUSTED_BY: actor, TAG_TRUSTED_AT: _now()})
+        view = self._version_view(self._mv(name, version))
+        self._audit(actor, "model_version.trust", "model_version", f"{name}/{version}", before, {"trusted": True})
+        return view
