@@ -124,7 +124,8 @@ def _fit(spec: TrainingJobSpec, data: PreparedData, settings: Settings, job_id: 
          report: Reporter) -> tuple[Any, float, float, dict[str, Any]]:
     """Train; returns (onnx ModelProto, max |onnx - native|, label agreement, extra result fields)."""
     if spec.framework == "sklearn":
-        from app.training.sklearn_trainer import build_estimator, onnx_parity, to_onnx
+        from app.onnx.sklearn_export import onnx_parity, to_onnx
+        from app.training.sklearn_trainer import build_estimator
 
         est = build_estimator(spec, settings, hparams)
         report({"stage": "fitting", "rows_train": len(data.X_train), "rows_holdout": len(data.X_holdout)},
@@ -138,7 +139,8 @@ def _fit(spec: TrainingJobSpec, data: PreparedData, settings: Settings, job_id: 
         diff, agreement = onnx_parity(onnx_model, est, data.X_holdout, is_clf)
         scale = 1.0 if is_clf else max(1.0, float(np.max(np.abs(est.predict(data.X_holdout)))))
         return onnx_model, diff, agreement, {"parity_scale": scale}
-    from app.training.torch_train import export_onnx, fit_torch
+    from app.onnx.torch_export import export_onnx
+    from app.training.torch_train import fit_torch
 
     report({"stage": "training", "strategy": spec.strategy, "workers": spec.resources.num_workers},
            f"training {spec.model.kind} with strategy {spec.strategy} on {spec.resources.num_workers} worker(s)")
@@ -238,6 +240,11 @@ def run_training(spec: TrainingJobSpec, settings: Settings, job_id: str, report:
     else:
         report({"stage": "done"}, "trained; not registered (no register_as)")
     return result
+
+
+def train_sklearn(spec: TrainingJobSpec, settings: Settings, job_id: str, report: Reporter) -> dict[str, Any]:
+    """A scikit-learn job end to end (see run_training)."""
+    return run_training(spec, settings, job_id, report)
 
 
 def onnx_outputs_first(model_bytes: bytes, X: np.ndarray) -> np.ndarray:

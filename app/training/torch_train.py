@@ -33,14 +33,12 @@ again within one ``fit_torch`` call.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -63,8 +61,6 @@ from app.training.torch_models import (
 from app.training.validation import classification_metrics, regression_metrics
 
 if TYPE_CHECKING:
-    import onnx
-
     from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -798,96 +794,3 @@ def fit_torch(spec: TrainingJobSpec, data: PreparedData, settings: Settings, job
         best_checkpoint=spec.checkpoint.resume_from if chosen is resume else _checkpoint_uri(chosen.path, storage_uri),
         storage_dir=storage_dir,
     )
-
-
-# -- ONNX -----------------------------------------------------------------------------------
-
-
-def _label_kind(classes: list) -> str:
-    """How an exported classifier's ``label`` output holds the classes: "int" (the integer
-    classes themselves), "string" (the string classes, through an ONNX-ML LabelEncoder) or
-    "index" (class indices: booleans, which compare equal to 0 and 1, and mixed types)."""
-    if all(isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, (bool, np.bool_))
-           and float(c).is_integer() for c in classes):
-        return "int"
-    if all(isinstance(c, str) for c in classes):
-        return "string"
-    return "index"
-
-
-class _OnnxClassifier(nn.Module):
-    """Outputs what validation and the ONNX serving runtime read: ``label`` first,
-    ``probabilities`` (softmax of the logits) second."""
-
-    def __init__(self, inner: nn.Module, classes: list):
-        super().__init__()
-        self.inner = inner
-        values = [int(c) for c in classes] if _label_kind(classes) == "int" else list(range(len(classes)))
-        self.register_buffer("labels", torch.tensor(values, dtype=torch.int64))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.inner(x)
-        return self.labels[torch.argmax(z, dim=1)], torch.softmax(z, dim=1)
-
-
-def _string_labels(proto: onnx.ModelProto, classes: list[str]) -> None:
-    """Turn the int64 ``label`` output into the string classes (torch cannot emit strings)."""
-    from onnx import TensorProto, helper
-
-    graph = proto.graph
-    for node in graph.node:
-        node.output[:] = ["label_index" if name == "label" else name for name in node.output]
-    graph.node.append(helper.make_node(
-        "LabelEncoder", ["label_index"], ["label"], domain="ai.onnx.ml", name="classes",
-        keys_int64s=list(range(len(classes))), values_strings=list(classes), default_string="",
-    ))
-    next(o for o in graph.output if o.name == "label").type.tensor_type.elem_type = TensorProto.STRING
-    proto.opset_import.append(helper.make_opsetid("ai.onnx.ml", 2))
-
-
-def export_onnx(model: nn.Module, data: PreparedData) -> tuple[onnx.ModelProto, float]:
-    """ONNX (opset 17, input ``input`` with a dynamic batch axis) of a trained zoo model, and
-    the largest |ONNX - torch| difference on the holdout rows (class probabilities, or
-    predictions for a regression). Classifiers output ``label`` and ``probabilities``;
-    ``label`` holds the original classes when they are integers or strings (the model's
-    metadata ``matih.label_output`` is then "classes"), else class indices ("index", which
-    the caller maps). Regressors output ``variable`` ([N, 1])."""
-    import onnx
-    import onnxruntime as ort
-
-    model = model.to("cpu").eval()
-    width = data.n_features
-    if data.task == "classification":
-        target: nn.Module = _OnnxClassifier(model, data.classes).eval()
-        names = ["label", "probabilities"]
-    else:
-        target, names = model, ["variable"]
-    buf = io.BytesIO()
-    # Traced with autograd on: under no_grad an eval-mode TransformerEncoderLayer takes its fused
-    # fast path (aten::_transformer_encoder_layer_fwd), which has no ONNX export.
-    with warnings.catch_warnings(), torch.enable_grad():
-        warnings.simplefilter("ignore")  # tracer and deprecation chatter about the TorchScript exporter
-        torch.onnx.export(
-            target, (torch.zeros(2, width),), buf, dynamo=False, input_names=["input"], output_names=names,
-            dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}}, opset_version=17,
-        )
-    proto = onnx.load_from_string(buf.getvalue())
-    if data.task == "classification":
-        kind = _label_kind(data.classes)
-        if kind == "string":
-            _string_labels(proto, data.classes)
-            onnx.checker.check_model(proto)
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "matih.label_output", "index" if kind == "index" else "classes"
-
-    X = np.ascontiguousarray(data.X_holdout if len(data.X_holdout) else data.X_train[:64], dtype=np.float32)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    outs = sess.run(None, {"input": X})
-    with torch.no_grad():
-        reference = model(torch.from_numpy(X))
-    if data.task == "classification":
-        expected = torch.softmax(reference, dim=1).numpy()
-        got = outs[1]
-    else:
-        expected, got = reference.numpy().reshape(-1), np.asarray(outs[0]).reshape(-1)
-    return proto, float(np.max(np.abs(np.asarray(got, dtype=np.float64) - expected))) if len(X) else 0.0

@@ -276,7 +276,7 @@ def api(tmp_path_factory):
     from app.api.app import create_app
     from app.bootstrap import prepare
     from app.schemas import TrainingJobSpec
-    from app.training.sklearn_trainer import train_sklearn
+    from app.training.pipeline import train_sklearn
 
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which load_settings reads: name this
     # module's MLflow explicitly and put the environment back afterwards.

@@ -21,7 +21,7 @@ from app.bootstrap import prepare
 from app.registry.mlflow_registry import ModelRegistry
 from app.schemas import TrainingJobSpec
 from app.settings import load_settings
-from app.training.sklearn_trainer import train_sklearn
+from app.training.pipeline import train_sklearn
 
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 
@@ -97,7 +97,7 @@ def skops_bytes(model=None) -> bytes:
 
 
 def onnx_bytes() -> bytes:
-    from app.training.sklearn_trainer import to_onnx
+    from app.onnx.sklearn_export import to_onnx
 
     X, _ = _iris()
     return to_onnx(_logreg(), X, True).SerializeToString()
@@ -189,7 +189,7 @@ def test_register_from_run_and_from_job(reg):
     # an MLflow model under the run's own artifacts (the runs:/ layout)
     import tempfile
 
-    from app.training.sklearn_trainer import to_onnx
+    from app.onnx.sklearn_export import to_onnx
 
     X, _ = _iris()
     with tempfile.TemporaryDirectory() as tmp:
@@ -307,7 +307,7 @@ def test_bad_uploads_are_refused_and_store_nothing(reg):
 def test_register_from_source_inside_the_root_and_every_bad_source(reg, tmp_path):
     import mlflow.onnx
 
-    from app.training.sklearn_trainer import to_onnx
+    from app.onnx.sklearn_export import to_onnx
 
     root = reg.settings.artifact_root
     inside = os.path.join(root, "incoming")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from app.errors import InvalidInput
+from app.onnx.torch_export import export_onnx
 from app.training.data import PreparedData, prepare_data
 from app.training.spec import TorchModelSpec, TrainingJobSpec
 from app.training.torch_models import (
@@ -26,7 +27,6 @@ from app.training.torch_train import (
     _read_checkpoint_dir,
     _write_checkpoint,
     evaluate_model,
-    export_onnx,
     list_checkpoints,
     torch_hparams,
     train_in_process,

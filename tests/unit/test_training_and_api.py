@@ -21,7 +21,7 @@ from app.registry.mlflow_registry import TAG_JOB, TAG_PARITY
 from app.schemas import TrainingJobSpec
 from app.settings import load_settings
 from app.store import MetadataStore
-from app.training.sklearn_trainer import train_sklearn
+from app.training.pipeline import train_sklearn
 
 IRIS = DEMO_JOB  # the README's first job, one definition in app/cli.py
 
