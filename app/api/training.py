@@ -114,7 +114,7 @@ def router(ctx: ApiContext) -> APIRouter:
         where = run_dir(spec, ctx.settings, job_id)
         if spec.framework != "torch":
             return {"job_id": job_id, "storage_dir": where, "items": []}
-        from app.training.torch_train import list_checkpoints
+        from app.training.torch_checkpoints import list_checkpoints
 
         items = await asyncio.to_thread(list_checkpoints, where, ctx.settings)
         return {"job_id": job_id, "storage_dir": where, "items": items}
@@ -127,7 +127,7 @@ def router(ctx: ApiContext) -> APIRouter:
     )
     async def resume(job_id: str, body: ResumeRequest | None = None, who: Principal = developer) -> dict[str, Any]:
         from app.training.pipeline import run_dir
-        from app.training.torch_train import list_checkpoints
+        from app.training.torch_checkpoints import list_checkpoints
 
         body = body or ResumeRequest()
         job = await _training_job(job_id)
