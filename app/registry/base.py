@@ -53,7 +53,6 @@ def _token(tok: Any) -> str | None:
     return tok.decode() if isinstance(tok, bytes) else str(tok)
 
 
-
 class RegistryBase:
     """Plain Python over ``MlflowClient``; one per process. ``store`` receives the audit log."""
 

@@ -13,6 +13,8 @@ from app.registry.mlflow_registry import TAG_APPROVED_BY, TAG_PARITY, TAG_VALIDA
 
 
 class CardsMixin(RegistryBase):
+    """Model cards and comparisons of versions."""
+
     def card(self, name: str, version: str | int) -> dict[str, Any]:
         v = self.get_version(name, version)
         tags = v["tags"]

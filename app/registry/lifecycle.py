@@ -1,5 +1,6 @@
 """A version's lifecycle: aliases, stages, approval and trust.
 
+Stage rules (``POST .../stage``):
 
 - ``staging`` and ``production`` are the aliases of the same names plus the tag
   ``matih.stage``; moving one to a version takes it from the version that held it (which
@@ -28,6 +29,8 @@ STAGE_ALIASES = ("staging", "production")
 
 
 class LifecycleMixin(RegistryBase):
+    """Aliases, stages (the rules above), approval and trust."""
+
     def set_alias(self, name: str, alias: str, version: str | int, actor: str) -> dict[str, Any]:
         check_alias(alias)
         if alias.lower() in STAGE_ALIASES:

@@ -23,6 +23,8 @@ from app.registry.mlflow_registry import TAG_CODE_VERSION, TAG_DATASET_SHA256, T
 
 
 class ModelsMixin(RegistryBase):
+    """Registered models; version lists, details and edits."""
+
     def _model_view(self, rm) -> dict[str, Any]:
         latest = max((int(v.version) for v in (rm.latest_versions or [])), default=None)
         return {
@@ -159,7 +161,6 @@ class ModelsMixin(RegistryBase):
         after = self._version_view(self._mv(name, version))
         self._audit(actor, "model_version.update", "model_version", f"{name}/{version}", before, after)
         return after
-
 
 
 def endpoints_using(store, name: str) -> list[str]:

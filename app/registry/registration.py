@@ -43,6 +43,8 @@ _LINEAGE_TAGS = (TAG_JOB, TAG_DATASET_URI, TAG_DATASET_SHA256, TAG_CODE_VERSION,
 
 
 class RegistrationMixin(RegistryBase):
+    """Every way a version comes to be; all go through ``_create_version``."""
+
     def _create_version(
         self,
         name: str,

@@ -8,7 +8,6 @@ state. Tags written by the platform start with ``matih.``; callers may not set t
 Every mutation records an audit entry in the metadata store (who, what, before, after).
 The HTTP layer (``app/api/registry.py``) adds roles and cache invalidation.
 
-Stage rules (``POST .../stage``):
 The service is split by concern; ``RegistryService`` is their composition:
 
 - ``app/registry/checks.py``: name, version, alias and tag checks;

@@ -10,6 +10,8 @@ from app.registry.base import RegistryBase, _iso, _token
 
 
 class TrackingMixin(RegistryBase):
+    """Reads of MLflow experiments and runs."""
+
     @staticmethod
     def _experiment_view(e) -> dict[str, Any]:
         return {

@@ -134,7 +134,6 @@ def _pick_start(config: dict[str, Any]) -> tuple[Any, dict[str, Any] | None, str
     return None, None, "scratch"
 
 
-
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     """Every rank runs this: restore, then per epoch train, score on rank 0, checkpoint, report."""
     import ray
