@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 # Most specific first: the first class in this table that the error is an instance of wins.
 STATUS_BY_ERROR: list[tuple[type[E.MatihError], int]] = [
     (E.BadRequest, 400),
+    (E.RegistryRejected, 422),
     (E.InvalidInput, 422),
     (E.Unauthenticated, 401),
     (E.PermissionDenied, 403),
+    (E.RegistryForbidden, 403),
     (E.NotFound, 404),
     (E.Conflict, 409),
     (E.PayloadTooLarge, 413),

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from app.errors import Conflict, DependencyUnavailable, InvalidInput, MatihError, NotFound
+from app.errors import DependencyUnavailable, MatihError
 from app.registry import formats as F
 from app.registry.checks import check_model_name, check_version
 from app.registry.mlflow_registry import (
@@ -23,6 +23,7 @@ from app.registry.mlflow_registry import (
     ModelRegistry,
     ResolvedModel,
     ensure_experiment,
+    mlflow_error,
     model_metadata,
 )
 from app.settings import Settings
@@ -65,7 +66,8 @@ class RegistryBase:
     # -- plumbing --------------------------------------------------------------------------
     @contextlib.contextmanager
     def _mlflow(self, what: str, fix: str = "") -> Iterator[None]:
-        """MLflow's errors as ours: unknown -> NotFound, exists -> Conflict, bad value -> InvalidInput."""
+        """MLflow's errors as ours (:func:`app.registry.mlflow_registry.mlflow_error`): unknown ->
+        NotFound, exists -> Conflict, MLflow's 400 -> RegistryRejected, 401/403 -> RegistryForbidden."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -73,15 +75,7 @@ class RegistryBase:
         except MatihError:
             raise
         except MlflowException as exc:
-            code = getattr(exc, "error_code", "")
-            msg = getattr(exc, "message", str(exc))
-            if code == "RESOURCE_DOES_NOT_EXIST" or "not found" in msg.lower() or "does not exist" in msg.lower():
-                raise NotFound(f"{what} does not exist{'; ' + fix if fix else ''}") from None
-            if code == "RESOURCE_ALREADY_EXISTS" or "already exists" in msg.lower():
-                raise Conflict(f"{what} exists already{'; ' + fix if fix else ''}") from None
-            if code == "INVALID_PARAMETER_VALUE":
-                raise InvalidInput(f"{what}: {msg}") from None
-            raise DependencyUnavailable(f"MLflow failed on {what}: {msg}") from None
+            raise mlflow_error(exc, what, fix) from None
         except (ConnectionError, TimeoutError) as exc:
             raise DependencyUnavailable(f"MLflow is unavailable: {exc}") from None
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.errors import Conflict, DependencyUnavailable, NotFound
+from app.errors import Conflict, DependencyUnavailable, MatihError, NotFound, RegistryForbidden, RegistryRejected
 from app.registry.targets import ModelRef, model_name_of, parse_target
 from app.settings import Settings
 from app.storage.s3 import configure_s3_env
@@ -67,6 +67,45 @@ def _is_unavailable(exc: Exception) -> bool:
             exc
         ).lower()
     return isinstance(exc, (ConnectionError, OSError, TimeoutError))
+
+
+_NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+_EXISTS_CODES = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS", "RESOURCE_CONFLICT", "INVALID_STATE", "ABORTED")
+
+
+def mlflow_error(exc: Exception, what: str, fix: str = "") -> MatihError:
+    """One of our errors for an error MLflow raised about ``what``: unknown -> NotFound,
+    exists (or a state that forbids it) -> Conflict, MLflow's 400 -> RegistryRejected, its
+    401/403 -> RegistryForbidden (the platform's MLflow identity, not the caller), anything
+    else -> DependencyUnavailable. By MLflow's error code first; the message decides only
+    for codes that say nothing (a local store's INTERNAL_ERROR "... not found")."""
+    from mlflow.exceptions import MlflowException
+
+    hint = f"; {fix}" if fix else ""
+    if not isinstance(exc, MlflowException):
+        return DependencyUnavailable(f"MLflow is unavailable: {exc}")
+    code = getattr(exc, "error_code", "") or ""
+    msg = getattr(exc, "message", str(exc))
+    status = exc.get_http_status_code()
+    if code in _NOT_FOUND_CODES:
+        return NotFound(f"{what} does not exist{hint}")
+    if code in _EXISTS_CODES:
+        if code in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS") or "already exists" in msg.lower():
+            return Conflict(f"{what} exists already{hint}")
+        return Conflict(f"MLflow refused the change to {what}: {msg}")
+    if status in (401, 403):
+        return RegistryForbidden(
+            f"MLflow refused the platform access to {what} (HTTP {status}: {msg}); an operator must grant the "
+            "platform's MLflow user that permission",
+            details={"mlflow_error_code": code},
+        )
+    if status == 400:
+        return RegistryRejected(f"MLflow refused {what}: {msg}", details={"mlflow_error_code": code})
+    if code not in ("ENDPOINT_NOT_FOUND", "TEMPORARILY_UNAVAILABLE") and (
+        "not found" in msg.lower() or "does not exist" in msg.lower()
+    ):
+        return NotFound(f"{what} does not exist{hint}")
+    return DependencyUnavailable(f"MLflow failed on {what}: {msg}")
 
 
 class ModelRegistry:
@@ -128,6 +167,9 @@ class ModelRegistry:
         except MlflowException as exc:
             if _is_unavailable(exc):
                 raise DependencyUnavailable(f"MLflow is unavailable at {self.tracking_uri}: {exc}") from None
+            err = mlflow_error(exc, f"model {ref}")
+            if isinstance(err, (RegistryForbidden, RegistryRejected)):
+                raise err from None
             raise NotFound(
                 f"model {ref} is not in the registry; register a version first "
                 "(POST /v1/training/jobs with register_as) or fix the endpoint's target",
