@@ -27,8 +27,11 @@ class RegistryCache:
         from app.registry.mlflow_registry import ModelRegistry
         from app.settings import Settings
 
+        from app.store import MetadataStore
+
         settings = Settings(**settings_kwargs)
         self._registry = ModelRegistry(settings, serving=True)
+        self._store = MetadataStore(settings.database_url)
         self._core = RegistryCacheCore(self._registry, settings.serving.resolve_ttl_s)
         self._max_artifacts = settings.serving.object_store_models
         self._artifacts: OrderedDict[str, ray.ObjectRef] = OrderedDict()
@@ -36,6 +39,11 @@ class RegistryCache:
 
     async def resolve(self, target: str):
         return await asyncio.to_thread(self._core.resolve, target)
+
+    async def trust(self, name: str, version: str) -> dict[str, Any] | None:
+        """The metadata store's trust record of a pickle-based version (read each time, never
+        cached: a replica loads a pickle only with the digest recorded now)."""
+        return await asyncio.to_thread(self._store.get_trust, name, version)
 
     async def invalidate(self, name: str) -> int:
         return self._core.invalidate(name)

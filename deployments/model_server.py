@@ -46,6 +46,7 @@ class ModelServer:
             resolve=lambda model_id: ray.get(cache.resolve.remote(model_id)),
             fetch=lambda model: _fetch_from_object_store(cache, model.model_id),
             release=lambda path: shutil.rmtree(path, ignore_errors=True),
+            trust=lambda name, version: ray.get(cache.trust.remote(name, version)),
         )
         loader = self.loader
         configs = self._configs = {}  # model id -> the endpoint runtime config it was asked with

@@ -96,6 +96,6 @@ def in_process_context(settings, admin_token: str | None, jobs):
         store=store,
         registry=registry,
         authenticator=Authenticator(settings, store, admin_token),
-        predictor=LocalPredictor(ModelLoader(settings, registry)),
+        predictor=LocalPredictor(ModelLoader(settings, registry, trust=store.get_trust)),
         jobs=jobs,
     )

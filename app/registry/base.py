@@ -17,7 +17,6 @@ from app.errors import DependencyUnavailable, MatihError
 from app.registry import formats as F
 from app.registry.checks import check_model_name, check_version
 from app.registry.mlflow_registry import (
-    TAG_APPROVED_BY,
     TAG_STAGE,
     TAG_VALIDATION,
     ModelRegistry,
@@ -103,9 +102,30 @@ class RegistryBase:
                 self.client.set_model_version_tag(name, version, key, value)
 
 
-    def _version_view(self, mv, aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    def _grants(self, name: str) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+        """(version -> trust record, version -> approvals) of ``name`` from the metadata store,
+        the authority on both (the matih.trusted / matih.approved_by tags only mirror them)."""
+        if self.store is None:
+            return {}, {}
+        approvals: dict[str, list[dict]] = {}
+        for a in self.store.approvals(name):
+            approvals.setdefault(a["version"], []).append(a)
+        return self.store.trust_of_model(name), approvals
+
+    def _require_store(self, what: str) -> Any:
+        if self.store is None:
+            raise DependencyUnavailable(f"{what} live in the metadata store, and this registry service has none")
+        return self.store
+
+    def _version_view(
+        self, mv, aliases: dict[str, str] | None = None,
+        grants: tuple[dict[str, dict], dict[str, list[dict]]] | None = None,
+    ) -> dict[str, Any]:
         tags = dict(mv.tags or {})
-        meta = model_metadata(ResolvedModel(mv.name, str(mv.version), tags))
+        trust, approvals = grants if grants is not None else self._grants(mv.name)
+        record = trust.get(str(mv.version))
+        approved = approvals.get(str(mv.version)) or []
+        meta = model_metadata(ResolvedModel(mv.name, str(mv.version), tags, record["sha256"] if record else None))
         if aliases is None:
             mine = list(mv.aliases or [])
         else:
@@ -125,7 +145,7 @@ class RegistryBase:
             "formats": meta["formats"],
             "trusted": meta["trusted"] if meta["format"] in F.PICKLE_FORMATS else None,
             "validation": tags.get(TAG_VALIDATION, "none"),
-            "approved_by": tags.get(TAG_APPROVED_BY),
+            "approved_by": approved[-1]["by"] if approved else None,
             "intended_use": tags.get(TAG_INTENDED_USE, ""),
             "task": meta["task"],
             "feature_names": meta["feature_names"],

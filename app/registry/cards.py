@@ -7,9 +7,9 @@ from typing import Any
 
 from app.errors import InvalidInput
 from app.registry import formats as F
-from app.registry.base import TAG_APPROVAL_COMMENT, TAG_APPROVED_AT, TAG_TRUSTED_BY, RegistryBase
+from app.registry.base import RegistryBase
 from app.registry.checks import check_version
-from app.registry.mlflow_registry import TAG_APPROVED_BY, TAG_PARITY, TAG_VALIDATION_REPORT
+from app.registry.mlflow_registry import TAG_PARITY, TAG_VALIDATION_REPORT
 
 
 class CardsMixin(RegistryBase):
@@ -18,11 +18,10 @@ class CardsMixin(RegistryBase):
     def card(self, name: str, version: str | int) -> dict[str, Any]:
         v = self.get_version(name, version)
         tags = v["tags"]
-        approvals = []
-        if tags.get(TAG_APPROVED_BY):
-            approvals.append(
-                {"by": tags[TAG_APPROVED_BY], "at": tags.get(TAG_APPROVED_AT), "comment": tags.get(TAG_APPROVAL_COMMENT, "")}
-            )
+        trust, approved = self._grants(name)  # the metadata store's records, not the mirror tags
+        approvals = [{"by": a["by"], "at": a["at"], "comment": a["comment"], "sha256": a["sha256"]}
+                     for a in approved.get(v["version"], [])]
+        record = trust.get(v["version"]) if v["trusted"] else None
         parity = tags.get(TAG_PARITY)
         return {
             "name": v["name"],
@@ -52,7 +51,8 @@ class CardsMixin(RegistryBase):
             "aliases": v["aliases"],
             "approvals": approvals,
             "trusted": v["trusted"],
-            "trusted_by": tags.get(TAG_TRUSTED_BY),
+            "trusted_by": record["trusted_by"] if record else None,
+            "trusted_sha256": record["sha256"] if record else None,
         }
 
     def compare(self, name: str, versions: list[str]) -> dict[str, Any]:

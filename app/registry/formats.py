@@ -605,19 +605,32 @@ def native_entry(model_dir: Path) -> tuple[str, Path, dict[str, Any]]:
 
 
 def load_native(model_dir: Path, metadata: dict[str, Any]) -> NativeModel:
-    """Load a version's native file. Pickle-based files load only when the version's tags say
-    an admin trusted it; skops files trust only the types the registry accepted at
-    registration (tag ``matih.skops_trusted_types``); TorchScript through ``torch.jit.load``."""
+    """Load a version's native file. Pickle-based files load only when the bytes hash to the
+    digest an admin trusted (``metadata["trusted_sha256"]``, from the metadata store's trust
+    record, never from an MLflow tag); skops files trust only the types the registry
+    accepted at registration (tag ``matih.skops_trusted_types``); TorchScript through
+    ``torch.jit.load``."""
+    from app.registry.trust import file_sha256
+
     fmt, path, conf = native_entry(model_dir)
     tags = metadata.get("tags") or {}
     model_id = metadata.get("model", "this version")
     if fmt in PICKLE_FORMATS or metadata.get("format") in PICKLE_FORMATS:
-        if not metadata.get("trusted"):
+        expected = metadata.get("trusted_sha256")
+        if not expected:
             raise Conflict(
                 f"model {model_id} is pickle-based ({fmt}) and not trusted, so it is never unpickled; an admin "
                 "may POST /v1/models/{name}/versions/{v}/trust after reviewing it, or register it as ONNX or skops",
                 code="untrusted_model",
                 details={"model": model_id, "format": fmt},
+            )
+        actual = file_sha256(path)
+        if actual != expected:
+            raise Conflict(
+                f"model {model_id} is pickle-based and its file is not the one an admin trusted (sha256 {actual}, "
+                f"trusted {expected}), so it is not unpickled; an admin may review it and trust it again",
+                code="untrusted_model",
+                details={"model": model_id, "format": fmt, "sha256": actual, "trusted_sha256": expected},
             )
         import joblib
 

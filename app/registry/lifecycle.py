@@ -7,7 +7,8 @@ Stage rules (``POST .../stage``):
   loses its stage, or is archived with ``archive_existing``).
 - ``production`` needs ``matih.validation=passed`` (``registry.production_requires_validation``),
   an admin's approval (``registry.production_requires_approval``), and, for pickle-based
-  versions, trust. An archived version goes back to ``staging`` first.
+  versions, trust. Approval and trust are records in the metadata store, with the sha256 of
+  the version's model file; the ``matih.approved_by`` / ``matih.trusted`` tags mirror them. An archived version goes back to ``staging`` first.
 - ``archived`` removes every alias from the version and sets the tag; archived versions are
   never served (``check_servable``) and take no aliases until restored to staging.
 """
@@ -16,13 +17,34 @@ Stage rules (``POST .../stage``):
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from app.errors import Conflict, InvalidInput, NotFound
+from app.errors import Conflict, InvalidInput, MatihError, NotFound
 from app.registry import formats as F
-from app.registry.base import TAG_APPROVAL_COMMENT, TAG_APPROVED_AT, TAG_TRUSTED_AT, TAG_TRUSTED_BY, RegistryBase, _now
+from app.registry.base import (
+    TAG_APPROVAL_COMMENT,
+    TAG_APPROVED_AT,
+    TAG_SHA256,
+    TAG_TRUSTED_AT,
+    TAG_TRUSTED_BY,
+    RegistryBase,
+    _now,
+)
 from app.registry.checks import check_alias
-from app.registry.mlflow_registry import TAG_APPROVED_BY, TAG_FORMAT, TAG_FORMATS, TAG_STAGE, TAG_TRUSTED, TAG_VALIDATION
+from app.registry.mlflow_registry import (
+    TAG_APPROVED_BY,
+    TAG_FORMAT,
+    TAG_FORMATS,
+    TAG_STAGE,
+    TAG_TRUSTED,
+    TAG_VALIDATION,
+    ResolvedModel,
+)
+
+log = logging.getLogger(__name__)
 
 STAGES = ("staging", "production", "archived")
 STAGE_ALIASES = ("staging", "production")
@@ -117,10 +139,11 @@ class LifecycleMixin(RegistryBase):
                 "job, or register a format whose ONNX conversion passes parity, or POST "
                 f"{base}/convert)"
             )
-        if rules.production_requires_approval and not tags.get(TAG_APPROVED_BY):
+        trust, approvals = self._grants(name)  # the metadata store's records; tags only mirror them
+        if rules.production_requires_approval and not approvals.get(version):
             missing.append(f"an admin's approval (POST {base}/approve)")
         if tags.get(TAG_FORMAT) in F.PICKLE_FORMATS and "onnx" not in json.loads(tags.get(TAG_FORMATS, "[]")) \
-                and tags.get(TAG_TRUSTED) != "true":
+                and version not in trust:
             missing.append(f"trust, since it is pickle-based (an admin's POST {base}/trust)")
         if missing:
             raise Conflict(
@@ -141,24 +164,43 @@ class LifecycleMixin(RegistryBase):
             self._audit(actor, "model_version.stage.none", "model_version", f"{name}/{version}",
                         {"stage": stage}, {"stage": "none"})
 
+    def _artifact_sha256(self, name: str, version: str) -> str:
+        """sha256 of the version's model file as MLflow holds it now (downloaded to hash it)."""
+        from app.registry.trust import model_sha256
+
+        with tempfile.TemporaryDirectory(prefix="matih-digest-") as tmp:
+            path = self.registry.download_to(ResolvedModel(name, version), Path(tmp) / "model")
+            return model_sha256(path)
+
+    def _mirror_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        """Mirror a store record into MLflow tags for people reading MLflow; nothing decides on them."""
+        try:
+            self._set_tags(name, version, tags)
+        except MatihError as exc:
+            log.warning("could not mirror %s onto %s/%s in MLflow: %s", sorted(tags), name, version, exc.message)
+
     def approve(self, name: str, version: str | int, actor: str, comment: str = "") -> dict[str, Any]:
+        """Record an admin's approval for production in the metadata store, with the sha256 of
+        the version's model file (the tags matih.approved_by/_at mirror it in MLflow)."""
+        store = self._require_store("approvals")
         mv = self._mv(name, version)
         version = str(mv.version)
         if (mv.tags or {}).get(TAG_STAGE) == "archived":
             raise Conflict(f"version {version} of {name!r} is archived; move it to staging before approving it")
-        before = {"approved_by": (mv.tags or {}).get(TAG_APPROVED_BY)}
+        store.add_approval(name, version, self._artifact_sha256(name, version), actor, comment[:4000])
         tags = {TAG_APPROVED_BY: actor, TAG_APPROVED_AT: _now()}
         if comment:
             tags[TAG_APPROVAL_COMMENT] = comment[:4000]
-        self._set_tags(name, version, tags)
-        view = self._version_view(self._mv(name, version))
-        self._audit(actor, "model_version.approve", "model_version", f"{name}/{version}", before,
-                    {"approved_by": actor, "comment": comment})
-        return view
+        self._mirror_tags(name, version, tags)
+        return self._version_view(self._mv(name, version))
 
     def trust(self, name: str, version: str | int, actor: str) -> dict[str, Any]:
-        """Mark a pickle-based version trusted: from now on the native runtime may unpickle it and
-        ``convert`` may load it. Only for pickle-based versions; the admin vouches for the file."""
+        """Trust a pickle-based version: the metadata store records the sha256 of its file as
+        MLflow holds it now, and from then on the native runtime and ``convert`` unpickle that
+        file, and only while its bytes still hash to it. Only for pickle-based versions; the
+        admin vouches for the file. (The tag matih.trusted mirrors the record; setting it by
+        hand in MLflow trusts nothing.)"""
+        store = self._require_store("trust records")
         mv = self._mv(name, version)
         version = str(mv.version)
         tags = dict(mv.tags or {})
@@ -169,8 +211,15 @@ class LifecycleMixin(RegistryBase):
                 "versions (sklearn-pickle) need trust",
                 details={"format": fmt},
             )
-        before = {"trusted": tags.get(TAG_TRUSTED) == "true"}
-        self._set_tags(name, version, {TAG_TRUSTED: "true", TAG_TRUSTED_BY: actor, TAG_TRUSTED_AT: _now()})
-        view = self._version_view(self._mv(name, version))
-        self._audit(actor, "model_version.trust", "model_version", f"{name}/{version}", before, {"trusted": True})
-        return view
+        digest = self._artifact_sha256(name, version)
+        registered = tags.get(TAG_SHA256)
+        if registered and registered != digest:
+            raise Conflict(
+                f"version {version} of {name!r}: its file in MLflow (sha256 {digest}) is not the file registered "
+                f"(sha256 {registered}); it was replaced after registration, so it is not trusted",
+                code="artifact_changed",
+                details={"sha256": digest, "registered_sha256": registered},
+            )
+        store.set_trust(name, version, digest, actor)
+        self._mirror_tags(name, version, {TAG_TRUSTED: "true", TAG_TRUSTED_BY: actor, TAG_TRUSTED_AT: _now()})
+        return self._version_view(self._mv(name, version))

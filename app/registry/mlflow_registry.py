@@ -28,7 +28,7 @@ TAG_FEATURES = "matih.feature_names"
 TAG_TASK = "matih.task"
 TAG_CLASSES = "matih.classes"
 TAG_STAGE = "matih.stage"  # staging | production | archived
-TAG_TRUSTED = "matih.trusted"  # "true" once an admin marks a pickle-based version trusted
+TAG_TRUSTED = "matih.trusted"  # mirrors the metadata store's trust record, for MLflow readers; never decides
 TAG_FORMATS = "matih.formats"  # JSON list of the formats the version's artifacts hold, e.g. ["onnx", "skops"]
 TAG_VALIDATION = "matih.validation"  # passed | failed: the ONNX parity (or ONNX check) at training or registration
 TAG_VALIDATION_REPORT = "matih.validation_report"  # JSON: holdout metrics, champion's, each gate's outcome
@@ -43,6 +43,8 @@ class ResolvedModel:
     name: str
     version: str
     tags: dict[str, str] = field(default_factory=dict)
+    # sha256 of the pickle-based file an admin trusted, from the metadata store (never from a tag)
+    trusted_sha256: str | None = None
 
     @property
     def model_id(self) -> str:
@@ -253,7 +255,8 @@ def model_metadata(model: ResolvedModel) -> dict[str, Any]:
         "model": model.model_id,
         "format": fmt,
         "formats": json.loads(tags[TAG_FORMATS]) if TAG_FORMATS in tags else [fmt],
-        "trusted": tags.get(TAG_TRUSTED) == "true",
+        "trusted": model.trusted_sha256 is not None,  # the store's record; the matih.trusted tag only mirrors it
+        "trusted_sha256": model.trusted_sha256,
         "task": tags.get(TAG_TASK),
         "feature_names": json.loads(tags[TAG_FEATURES]) if TAG_FEATURES in tags else None,
         "classes": json.loads(tags[TAG_CLASSES]) if TAG_CLASSES in tags else None,

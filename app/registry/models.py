@@ -100,7 +100,8 @@ class ModelsMixin(RegistryBase):
                 f"name = '{name}'", max_results=limit, order_by=["version_number DESC"], page_token=page_token
             )
         aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
-        return [self._version_view(mv, aliases) for mv in page], _token(page.token)
+        grants = self._grants(name)
+        return [self._version_view(mv, aliases, grants) for mv in page], _token(page.token)
 
     def get_version(self, name: str, version: str | int, detail: bool = True) -> dict[str, Any]:
         mv = self._mv(name, version)

@@ -257,8 +257,9 @@ class RegistrationMixin(RegistryBase):
         mv = self._mv(name, version)
         version = str(mv.version)
         tags = dict(mv.tags or {})
-        resolved = ResolvedModel(name, version, tags)
-        meta = model_metadata(resolved)
+        record = self.store.get_trust(name, version) if self.store is not None else None
+        resolved = ResolvedModel(name, version, tags, record["sha256"] if record else None)
+        meta = model_metadata(resolved)  # load_native unpickles only bytes hashing to the trusted digest
         if meta["format"] == "onnx":
             raise Conflict(f"version {version} of {name!r} is ONNX already", details={"format": "onnx"})
         if meta["format"] in F.PICKLE_FORMATS and not meta["trusted"]:

@@ -4,6 +4,7 @@ miss, and what the in-process predictor does for tests and benchmarks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import InvalidInput
+from app.registry.formats import PICKLE_FORMATS
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable, model_metadata
 from app.runtimes.base import ModelRuntime, get_runtime_class
 from app.settings import Settings
@@ -57,12 +59,17 @@ class ModelLoader:
         resolve: Callable[[str], ResolvedModel] | None = None,
         fetch: Callable[[ResolvedModel], Path] | None = None,
         release: Callable[[Path], None] | None = None,
+        trust: Callable[[str, str], dict[str, Any] | None] | None = None,
     ):
+        """``trust(name, version)`` is the metadata store's trust record of a pickle-based
+        version (``MetadataStore.get_trust``, or the RegistryCache actor's copy of it); without
+        it no pickle-based file is ever loaded."""
         self.settings = settings
         self.registry = registry or ModelRegistry(settings)
         self._resolve = resolve or (lambda model_id: self.registry.resolve(model_id))
         self._fetch = fetch or self.registry.download
         self._release = release  # called once the runtime holds the model (temp copies)
+        self._trust = trust
 
     def runtime_options(self) -> dict[str, Any]:
         return {
@@ -74,7 +81,7 @@ class ModelLoader:
     def load(self, model_id: str, config: dict[str, Any] | None = None) -> ModelRuntime:
         """Open ``[runtime:]name/version``; ``config`` is the endpoint's runtime config."""
         runtime, name, version = parse_model_id(model_id)
-        resolved = self._resolve(f"{name}/{version}")
+        resolved = self._with_trust(self._resolve(f"{name}/{version}"))
         check_servable(resolved)
         started = time.perf_counter()
         cls = get_runtime_class(runtime)
@@ -91,6 +98,16 @@ class ModelLoader:
             {"fetch_seconds": fetched - started, "load_seconds": time.perf_counter() - fetched}
         )
         return rt
+
+
+    def _with_trust(self, resolved: ResolvedModel) -> ResolvedModel:
+        """The version with the digest from its trust record when it holds a pickle-based file;
+        the runtime compares it with the file's bytes before unpickling (``load_native``)."""
+        meta = model_metadata(resolved)
+        if not PICKLE_FORMATS.intersection([meta["format"], *meta["formats"]]):
+            return resolved
+        record = self._trust(resolved.name, resolved.version) if self._trust is not None else None
+        return dataclasses.replace(resolved, trusted_sha256=record["sha256"] if record else None)
 
 
 class LocalPredictor:
