@@ -8,6 +8,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ class RegistryCache:
         settings = Settings(**settings_kwargs)
         self._registry = ModelRegistry(settings, serving=True)
         self._store = MetadataStore(settings.database_url)
+        # Settle the registry mutations a crash left half done, off the actor's start (MLflow may be slow).
+        threading.Thread(target=self._recover, args=(settings,), name="registry-recover", daemon=True).start()
         self._core = RegistryCacheCore(self._registry, settings.serving.resolve_ttl_s)
         self._max_artifacts = settings.serving.object_store_models
         self._artifacts: OrderedDict[str, ray.ObjectRef] = OrderedDict()
@@ -39,6 +42,16 @@ class RegistryCache:
 
     async def resolve(self, target: str):
         return await asyncio.to_thread(self._core.resolve, target)
+
+    def _recover(self, settings) -> None:
+        from app.registry.outbox import recover
+        from app.registry.service import RegistryService
+
+        try:
+            recover(RegistryService(settings, self._registry, self._store),
+                    older_than_s=settings.registry.outbox_recover_after_s)
+        except Exception:  # the next start tries again; serving does not depend on it
+            log.exception("registry outbox recovery failed")
 
     async def trust(self, name: str, version: str) -> dict[str, Any] | None:
         """The metadata store's trust record of a pickle-based version (read each time, never

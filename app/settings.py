@@ -189,7 +189,8 @@ class RegistrySettings(_Section):
     )
     production_requires_approval: bool = Field(
         True,
-        description="A version moves to production only after an admin's POST .../approve (tag matih.approved_by).",
+        description="A version moves to production only after an admin's POST .../approve (recorded in the "
+        "metadata store with the sha256 of the version's model file; the tag matih.approved_by mirrors it).",
     )
     convert_num_cpus: float = Field(
         0.25,
@@ -197,6 +198,13 @@ class RegistrySettings(_Section):
         description="CPUs reserved by the Ray task that checks and converts a model file at registration "
         "(an upload, a source file, POST .../convert): that work runs in its own worker process, not in the "
         "Gateway. The registration waits until Ray has them free; 0 never waits, at the price of CPU accounting.",
+    )
+    outbox_recover_after_s: float = Field(
+        120.0,
+        ge=0,
+        description="When the RegistryCache actor starts, registry mutations (version creation, stage change, "
+        "model deletion) left pending at least this long ago by a process that died midway are finished or "
+        "rolled back from what MLflow holds; younger ones may still be in flight in a live Gateway.",
     )
     skops_trusted_types: list[str] = Field(
         default_factory=lambda: [

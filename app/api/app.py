@@ -265,8 +265,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def create_endpoint(body: EndpointCreate, who: Principal = developer) -> dict[str, Any]:
         _check_device(ctx, body.config)
         resolved = await _resolve(ctx, body.target, use_cache=False)
+        # Stored under the model's guard, checking again that the target resolves: a delete of
+        # the model racing this request either sees the endpoint or makes this one fail.
         row = await asyncio.to_thread(
-            ctx.store.create_endpoint, body.name, body.target, body.runtime, body.config, who.name
+            ctx.store.create_endpoint, body.name, body.target, body.runtime, body.config, who.name,
+            model=parse_target(body.target).name, verify=lambda: ctx.registry.resolve(body.target, use_cache=False),
         )
         return {**redacted_endpoint(row), "model_version": resolved.version}
 
@@ -291,9 +294,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @api.put("/v1/endpoints/{name}", tags=["serving"], summary="Change an endpoint (no redeploy)")
     async def update_endpoint(name: str, body: EndpointUpdate, who: Principal = developer) -> dict[str, Any]:
         _check_device(ctx, body.config or {})
+        guard: dict[str, Any] = {}
         if body.target is not None:
             await _resolve(ctx, body.target, use_cache=False)
-        row = await asyncio.to_thread(ctx.store.update_endpoint, name, body.model_dump(exclude_unset=True), who.name)
+            target = body.target
+            guard = {"model": parse_target(target).name,
+                     "verify": lambda: ctx.registry.resolve(target, use_cache=False)}
+        row = await asyncio.to_thread(
+            ctx.store.update_endpoint, name, body.model_dump(exclude_unset=True), who.name, **guard
+        )
         ctx.forget_endpoint(name)
         return redacted_endpoint(row)
 

@@ -25,6 +25,7 @@ from app.registry.mlflow_registry import (
     mlflow_error,
     model_metadata,
 )
+from app.registry.outbox import new_nonce
 from app.settings import Settings
 
 TAG_INTENDED_USE = "matih.intended_use"
@@ -81,6 +82,24 @@ class RegistryBase:
     def _audit(self, actor: str, action: str, rtype: str, rid: str, before: Any, after: Any) -> None:
         if self.store is not None:
             self.store.record_audit(actor, action, rtype, rid, before, after)
+
+    # -- the outbox (app/registry/outbox.py) ------------------------------------------------
+    def _begin_op(
+        self, op: str, name: str, actor: str, payload: dict[str, Any], version: str | None = None
+    ) -> tuple[int | None, str | None]:
+        """Write a mutation's intent before its MLflow calls: (op id, nonce); (None, None) without a store."""
+        if self.store is None:
+            return None, None
+        nonce = new_nonce()
+        return self.store.begin_op(op, name, actor, {**payload, "nonce": nonce}, version=version), nonce
+
+    def _finish_op(
+        self, op_id: int | None, state: str = "done", *, version: str | None = None, error: str | None = None,
+        audit: tuple[str, str, str, Any, Any] | None = None,
+    ) -> None:
+        """Complete (with its audit record, in one transaction) or roll back an op."""
+        if op_id is not None:
+            self.store.finish_op(op_id, state, version=version, error=error, audit=audit)
 
     def _experiment_id(self) -> str:
         return ensure_experiment(self.client, self.settings)

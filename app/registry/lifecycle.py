@@ -8,7 +8,9 @@ Stage rules (``POST .../stage``):
 - ``production`` needs ``matih.validation=passed`` (``registry.production_requires_validation``),
   an admin's approval (``registry.production_requires_approval``), and, for pickle-based
   versions, trust. Approval and trust are records in the metadata store, with the sha256 of
-  the version's model file; the ``matih.approved_by`` / ``matih.trusted`` tags mirror them. An archived version goes back to ``staging`` first.
+  the version's model file; the ``matih.approved_by`` / ``matih.trusted`` tags mirror them.
+  An archived version goes back to ``staging`` first.
+- Every stage change goes through the registry outbox (``app/registry/outbox.py``).
 - ``archived`` removes every alias from the version and sets the tag; archived versions are
   never served (``check_servable``) and take no aliases until restored to staging.
 """
@@ -22,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.errors import Conflict, InvalidInput, MatihError, NotFound
+from app.errors import Conflict, DependencyUnavailable, InvalidInput, MatihError, NotFound
 from app.registry import formats as F
 from app.registry.base import (
     TAG_APPROVAL_COMMENT,
@@ -43,6 +45,7 @@ from app.registry.mlflow_registry import (
     TAG_VALIDATION,
     ResolvedModel,
 )
+from app.registry.outbox import OP_STAGE
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,10 @@ class LifecycleMixin(RegistryBase):
     def set_stage(
         self, name: str, version: str | int, stage: str, actor: str, archive_existing: bool = False
     ) -> dict[str, Any]:
+        """Move a version to ``stage`` (the rules in the module docstring), through the outbox:
+        the intent, the MLflow alias and tag changes (:meth:`_apply_stage`), the completion
+        with its audit record. If MLflow fails midway the intent stays pending, and recovery
+        finishes the change (unless a later one completed first)."""
         if stage not in STAGES:
             raise InvalidInput(f"stage {stage!r} is not one of {', '.join(STAGES)}", details={"field": "stage"})
         mv = self._mv(name, version)
@@ -101,14 +108,32 @@ class LifecycleMixin(RegistryBase):
         before = {"stage": current, "aliases": sorted(a for a, v in aliases.items() if v == version)}
         if stage == "production":
             self._check_production(name, version, tags, current)
+            if current == "archived":  # _check_production says so; belt and braces
+                raise Conflict(f"version {version} of {name!r} is archived; move it to staging first")
+        op_id, _ = self._begin_op(OP_STAGE, name, actor,
+                                  {"stage": stage, "archive_existing": archive_existing, "before": before},
+                                  version=version)
+        try:
+            view = self._apply_stage(name, version, stage, actor, archive_existing)
+        except BaseException as exc:
+            if not isinstance(exc, DependencyUnavailable):
+                self._finish_op(op_id, "rolled_back", error=getattr(exc, "message", None) or type(exc).__name__)
+            raise
+        self._finish_op(op_id, "done", audit=(f"model_version.stage.{stage}", "model_version", f"{name}/{version}",
+                                              before, {"stage": stage, "aliases": view["aliases"]}))
+        return view
+
+    def _apply_stage(self, name: str, version: str, stage: str, actor: str, archive_existing: bool) -> dict[str, Any]:
+        """The MLflow side of a stage change, from MLflow's state now: repeatable, so recovery
+        can run it again after a crash midway. Returns the version's view."""
+        rm = self._rm(name)
+        aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
         if stage == "archived":
             with self._mlflow(f"aliases of {name!r}"):
                 for alias, held in aliases.items():
                     if held == version:
                         self.client.delete_registered_model_alias(name, alias)
         else:
-            if current == "archived" and stage == "production":  # _check_production says so; belt and braces
-                raise Conflict(f"version {version} of {name!r} is archived; move it to staging first")
             previous = aliases.get(stage)
             if previous and previous != version:
                 self._leave_stage(name, previous, stage, actor, archive_existing)
@@ -118,11 +143,7 @@ class LifecycleMixin(RegistryBase):
                 if aliases.get(other) == version:
                     self.client.delete_registered_model_alias(name, other)
         self._set_tags(name, version, {TAG_STAGE: stage})
-        after_mv = self._mv(name, version)
-        view = self._version_view(after_mv)
-        self._audit(actor, f"model_version.stage.{stage}", "model_version", f"{name}/{version}", before,
-                    {"stage": stage, "aliases": view["aliases"]})
-        return view
+        return self._version_view(self._mv(name, version))
 
     def _check_production(self, name: str, version: str, tags: dict[str, str], current: str) -> None:
         base = f"/v1/models/{name}/versions/{version}"

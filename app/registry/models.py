@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-from app.errors import Conflict, MatihError
+from app.errors import Conflict, DependencyUnavailable, MatihError, NotFound
 from app.registry.base import (
     TAG_CONVERTED_FROM,
     TAG_INTENDED_USE,
@@ -20,6 +20,7 @@ from app.registry.base import (
 )
 from app.registry.checks import check_model_name, check_user_tags
 from app.registry.mlflow_registry import TAG_CODE_VERSION, TAG_DATASET_SHA256, TAG_DATASET_URI, TAG_JOB
+from app.registry.outbox import OP_DELETE
 
 
 class ModelsMixin(RegistryBase):
@@ -80,8 +81,13 @@ class ModelsMixin(RegistryBase):
         self._audit(actor, "model.update", "model", name, before, after)
         return after
 
-    def delete_model(self, name: str, actor: str, used_by: list[str]) -> None:
-        """Delete a registered model and its versions, unless an endpoint serves it."""
+    def delete_model(self, name: str, actor: str, used_by: list[str] | None = None) -> None:
+        """Delete a registered model and its versions, unless an endpoint serves it. Through the
+        outbox, with the endpoint check under the model's guard in the metadata store
+        (``MetadataStore.begin_model_delete``): an endpoint created at the same moment either
+        blocks the delete or is refused, never left pointing at a deleted model. If MLflow
+        fails midway the intent stays pending (the model takes no new endpoints or versions)
+        until a retry of the delete or recovery finishes it."""
         before = self.get_model(name)
         if used_by:
             raise Conflict(
@@ -89,9 +95,17 @@ class ModelsMixin(RegistryBase):
                 "delete them first",
                 details={"endpoints": sorted(used_by)},
             )
-        with self._mlflow(f"model {name!r}"):
-            self.client.delete_registered_model(name)
-        self._audit(actor, "model.delete", "model", name, before, None)
+        op_id = self.store.begin_model_delete(name, actor, {"before": before}) if self.store is not None else None
+        try:
+            with self._mlflow(f"model {name!r}"):
+                self.client.delete_registered_model(name)
+        except NotFound:
+            pass  # deleted meanwhile: the outcome asked for
+        except BaseException as exc:
+            if not isinstance(exc, DependencyUnavailable):
+                self._finish_op(op_id, "rolled_back", error=getattr(exc, "message", None) or type(exc).__name__)
+            raise
+        self._finish_op(op_id, "done", audit=(OP_DELETE, "model", name, before, None))
 
     def list_versions(self, name: str, limit: int = 50, page_token: str | None = None) -> tuple[list[dict], str | None]:
         rm = self._rm(name)

@@ -37,6 +37,7 @@ from app.registry.mlflow_registry import (
     ResolvedModel,
     model_metadata,
 )
+from app.registry.outbox import OP_CREATE, TAG_OP
 from app.registry.paths import check_relative_path, is_object_store, resolve_source
 
 _LINEAGE_TAGS = (TAG_JOB, TAG_DATASET_URI, TAG_DATASET_SHA256, TAG_CODE_VERSION, TAG_TASK, TAG_FEATURES, TAG_CLASSES)
@@ -58,7 +59,9 @@ class RegistrationMixin(RegistryBase):
         existing: tuple[str, str, str | None] | None = None,
     ) -> dict[str, Any]:
         """Register ``prepared``: log its directory into a new run of the platform experiment, or
-        use ``existing`` = (source, run_id, model_id) when the artifacts already live in MLflow."""
+        use ``existing`` = (source, run_id, model_id) when the artifacts already live in MLflow.
+        Through the outbox (``app/registry/outbox.py``): the intent, then ONE
+        ``create_model_version`` carrying every tag, then the completion with its audit record."""
         all_tags = {
             **(tags or {}),
             **prepared.tags,
@@ -66,35 +69,50 @@ class RegistrationMixin(RegistryBase):
             TAG_SOURCE_KIND: kind,
             TAG_SOURCE: source_label[:4000],
         }
-        self._ensure_model(name, actor)
-        model_id = None
-        if existing is None:
-            exp_id = self._experiment_id()
-            with self._mlflow(f"a run for {name!r}"):
-                run = self.client.create_run(
-                    exp_id, run_name=f"register-{name}", tags={TAG_REGISTERED_BY: actor, TAG_SOURCE_KIND: kind}
+        op_id, nonce = self._begin_op(OP_CREATE, name, actor, {"kind": kind, "source": source_label[:500]})
+        if nonce:
+            all_tags[TAG_OP] = nonce  # set with every other tag: recovery finds the version by it
+        sent = False  # whether create_model_version went out (MLflow may have made the version)
+        try:
+            self._ensure_model(name, actor)
+            source, run_id, model_id = existing if existing is not None else self._log_model_dir(
+                name, prepared, actor, kind, source_label)
+            sent = True
+            with self._mlflow(f"a version of {name!r}"):
+                mv = self.client.create_model_version(
+                    name, source=source, run_id=run_id, tags=all_tags, description=description or None,
+                    model_id=model_id,
                 )
-            run_id = run.info.run_id
-            try:
-                self.client.log_artifacts(run_id, str(prepared.model_dir), artifact_path="model")
-                self.client.log_param(run_id, "format", prepared.format)
-                self.client.log_param(run_id, "source", source_label[:500])
-                for key, value in prepared.metrics.items():
-                    self.client.log_metric(run_id, key, value)
-                self.client.set_terminated(run_id, "FINISHED")
-            except Exception as exc:
-                self.client.set_terminated(run_id, "FAILED")
-                raise DependencyUnavailable(f"could not store the model's artifacts in MLflow: {exc}") from None
-            source = run.info.artifact_uri.rstrip("/") + "/model"
-        else:
-            source, run_id, model_id = existing
-        with self._mlflow(f"a version of {name!r}"):
-            mv = self.client.create_model_version(
-                name, source=source, run_id=run_id, tags=all_tags, description=description or None, model_id=model_id
-            )
-        view = self._version_view(self.client.get_model_version(name, str(mv.version)))
-        self._audit(actor, "model_version.create", "model_version", f"{name}/{mv.version}", None, view)
+            view = self._version_view(self.client.get_model_version(name, str(mv.version)))
+        except BaseException as exc:
+            if not (sent and isinstance(exc, DependencyUnavailable)):
+                self._finish_op(op_id, "rolled_back", error=getattr(exc, "message", None) or type(exc).__name__)
+            raise  # else left pending: recovery looks for the version by the nonce
+        self._finish_op(op_id, "done", version=str(mv.version),
+                        audit=("model_version.create", "model_version", f"{name}/{mv.version}", None, view))
         return view
+
+    def _log_model_dir(
+        self, name: str, prepared: F.PreparedModel, actor: str, kind: str, source_label: str
+    ) -> tuple[str, str, None]:
+        """Log ``prepared``'s directory into a new run of the platform experiment: (source, run id, None)."""
+        exp_id = self._experiment_id()
+        with self._mlflow(f"a run for {name!r}"):
+            run = self.client.create_run(
+                exp_id, run_name=f"register-{name}", tags={TAG_REGISTERED_BY: actor, TAG_SOURCE_KIND: kind}
+            )
+        run_id = run.info.run_id
+        try:
+            self.client.log_artifacts(run_id, str(prepared.model_dir), artifact_path="model")
+            self.client.log_param(run_id, "format", prepared.format)
+            self.client.log_param(run_id, "source", source_label[:500])
+            for key, value in prepared.metrics.items():
+                self.client.log_metric(run_id, key, value)
+            self.client.set_terminated(run_id, "FINISHED")
+        except Exception as exc:
+            self.client.set_terminated(run_id, "FAILED")
+            raise DependencyUnavailable(f"could not store the model's artifacts in MLflow: {exc}") from None
+        return run.info.artifact_uri.rstrip("/") + "/model", run_id, None
 
     def register_upload(
         self,

@@ -475,7 +475,8 @@ class MetadataStore:
     def trust_of_model(self, model: str) -> dict[str, dict[str, Any]]:
         """version -> trust record, for every trusted version of ``model``."""
         with self._tx() as s:
-            return {r.version: self._trust_dict(r) for r in s.scalars(select(ModelTrust).where(ModelTrust.model == model))}
+            rows = s.scalars(select(ModelTrust).where(ModelTrust.model == model))
+            return {r.version: self._trust_dict(r) for r in rows}
 
     def add_approval(self, model: str, version: str, sha256: str, actor: str, comment: str = "") -> dict[str, Any]:
         """Record ``actor``'s approval of ``model/version`` (model file hashing to ``sha256``) for
@@ -589,6 +590,11 @@ class MetadataStore:
             if state == "done" and row.op == "model.delete":
                 s.execute(delete(ModelTrust).where(ModelTrust.model == row.model))
                 s.execute(delete(ModelApproval).where(ModelApproval.model == row.model))
+                for other in s.scalars(
+                    select(RegistryOp).where(RegistryOp.model == row.model, RegistryOp.op == "model.delete",
+                                             RegistryOp.state == "pending", RegistryOp.id != row.id)
+                ):  # an earlier attempt that never heard back from MLflow: this one finished it
+                    other.state, other.finished_at, other.error = "rolled_back", _now(), f"superseded by op {row.id}"
             if audit is not None and state == "done":
                 action, rtype, rid, before, after = audit
                 self._audit(s, row.actor, action, rtype, rid, before, after)
