@@ -3,8 +3,9 @@ TorchScript models in their own framework, for models ONNX cannot express or whe
 endpoint wants the original.
 
 Safety lives in :func:`app.registry.formats.load_native`: a pickle-based version is never
-unpickled unless its tags say an admin trusted it (``Conflict``, code ``untrusted_model``,
-otherwise); skops files trust only the types the registry accepted when they were
+unpickled unless the metadata store holds an admin's trust record for it and the file's bytes
+hash to the record's sha256 (the loader passes it in as ``metadata["trusted_sha256"]``; MLflow
+tags decide nothing), ``Conflict`` with code ``untrusted_model`` otherwise; skops files trust only the types the registry accepted when they were
 registered; TorchScript goes through ``torch.jit.load``.
 """
 
