@@ -37,14 +37,15 @@ class CrashingClient(MlflowClient):
         return dying
 
 
-@pytest.fixture
-def logged(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_with_a_model(tmp_path_factory):
     """An MLflow on SQLite and one logged ONNX model (a 1-input identity graph)."""
     import mlflow
     import mlflow.onnx
     import onnx
     from onnx import TensorProto, helper
 
+    tmp_path = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     exp = mlflow.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
@@ -60,18 +61,24 @@ def logged(tmp_path):
     return uri, run.info.run_id, info.model_id
 
 
-def _register(client, run_id, model_id, job="job-1"):
-    return register_version(client, "m", job, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+@pytest.fixture
+def logged(mlflow_with_a_model, request):
+    """(uri, run id, model id, a model name of this test's own)."""
+    return (*mlflow_with_a_model, "m-" + request.node.name.split("[")[-1].rstrip("]").replace("-", "_"))
+
+
+def _register(client, run_id, model_id, name, job="job-1"):
+    return register_version(client, name, job, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
                             tags=TAGS, alias_on_pass="challenger")
 
 
-def _check_one_full_version(uri, job="job-1", alias="champion"):
+def _check_one_full_version(uri, name, job="job-1", alias="champion"):
     c = MlflowClient(uri, uri)
-    mine = [mv for mv in c.search_model_versions("name = 'm'") if (mv.tags or {}).get(TAG_JOB) == job]
+    mine = [mv for mv in c.search_model_versions(f"name = '{name}'") if (mv.tags or {}).get(TAG_JOB) == job]
     assert len(mine) == 1
     [mv] = mine
     assert {**TAGS, TAG_JOB: job}.items() <= dict(mv.tags).items()
-    assert str(c.get_model_version_by_alias("m", alias).version) == str(mv.version)
+    assert str(c.get_model_version_by_alias(name, alias).version) == str(mv.version)
     return str(mv.version)
 
 
@@ -87,26 +94,26 @@ def _check_one_full_version(uri, job="job-1", alias="champion"):
     ],
 )
 def test_a_retry_after_a_crash_yields_one_fully_tagged_version(logged, method, after):
-    uri, run_id, model_id = logged
+    uri, run_id, model_id, name = logged
     with pytest.raises(Crash):
-        _register(CrashingClient(uri, method, after), run_id, model_id)
+        _register(CrashingClient(uri, method, after), run_id, model_id, name)
     c = MlflowClient(uri, uri)
     if method == "create_model_version" and after or method == "set_registered_model_alias":
         # what a crash leaves: a version with every tag, or none at all; never one half tagged
-        [mv] = c.search_model_versions("name = 'm'")
+        [mv] = c.search_model_versions(f"name = '{name}'")
         assert {**TAGS, TAG_JOB: "job-1"}.items() <= dict(mv.tags).items()
-    version, alias = _register(c, run_id, model_id)  # the retry
+    version, alias = _register(c, run_id, model_id, name)  # the retry
     assert alias == "champion"
-    assert _check_one_full_version(uri) == version
-    assert _register(c, run_id, model_id) == (version, alias)  # and again: nothing changes
+    assert _check_one_full_version(uri, name) == version
+    assert _register(c, run_id, model_id, name) == (version, alias)  # and again: nothing changes
 
 
 def test_a_later_job_takes_the_challenger_alias_and_keeps_it_on_retry(logged):
-    uri, run_id, model_id = logged
+    uri, run_id, model_id, name = logged
     c = MlflowClient(uri, uri)
-    assert _register(c, run_id, model_id, job="job-1") == ("1", "champion")
+    assert _register(c, run_id, model_id, name, job="job-1") == ("1", "champion")
     with pytest.raises(Crash):
-        _register(CrashingClient(uri, "set_registered_model_alias", True), run_id, model_id, job="job-2")
-    assert _register(c, run_id, model_id, job="job-2") == ("2", "challenger")
-    _check_one_full_version(uri, "job-2", "challenger")
-    assert str(c.get_model_version_by_alias("m", "champion").version) == "1"
+        _register(CrashingClient(uri, "set_registered_model_alias", True), run_id, model_id, name, job="job-2")
+    assert _register(c, run_id, model_id, name, job="job-2") == ("2", "challenger")
+    _check_one_full_version(uri, name, "job-2", "challenger")
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
