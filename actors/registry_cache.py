@@ -27,7 +27,6 @@ class RegistryCache:
         from app.registry.cache import RegistryCacheCore
         from app.registry.mlflow_registry import ModelRegistry
         from app.settings import Settings
-
         from app.store import MetadataStore
 
         settings = Settings(**settings_kwargs)
