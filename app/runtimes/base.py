@@ -1,8 +1,9 @@
 """The inference runtime interface and its registry of named implementations.
 
-A runtime owns one loaded model. The base class owns the pipeline
-(``validate -> predict -> postprocess``); implementations fill in ``load`` and ``predict``.
-New runtimes register a short name in ``RUNTIMES`` (name -> dotted path), as Feast does for
+A runtime owns one loaded model: it loads it and runs it on a float32 matrix, nothing more.
+Turning a request into that matrix is the codecs' work (``app/serving/payload.py``,
+``app/serving/v2_codec.py``), checked against the :class:`ModelSignature` the runtime fills in
+when it loads. New runtimes register a short name in ``RUNTIMES`` (name -> dotted path), as Feast does for
 its stores, so configuration picks them by name.
 """
 
@@ -11,24 +12,13 @@ from __future__ import annotations
 import importlib
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from app.errors import InvalidInput
-
-
-@dataclass
-class ModelSignature:
-    """What a loaded model takes and gives, as the runtime found it."""
-
-    n_features: int | None
-    feature_names: list[str] | None = None
-    task: str | None = None  # "classification" | "regression"
-    classes: list[Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+from app.serving.signature import ModelSignature
 
 
 class ModelRuntime(ABC):
@@ -66,19 +56,6 @@ class ModelRuntime(ABC):
             started = time.perf_counter()
             self.predict(row)
             self.warm_call_s = time.perf_counter() - started
-
-    def prepare(self, payload: dict[str, Any]) -> tuple[np.ndarray, bool]:
-        """Validate a payload against the signature: (float32 matrix, want probabilities)."""
-        from app.serving.payload import payload_to_matrix
-
-        assert self.signature is not None, "load() first"
-        matrix = payload_to_matrix(payload, self.signature, max_rows=int(self.options.get("max_rows", 100_000)))
-        return matrix, bool(payload.get("return_probabilities"))
-
-    def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """The pipeline: payload -> validated matrix -> predict."""
-        matrix, probabilities = self.prepare(payload)
-        return self.predict(matrix, probabilities=probabilities)
 
 
 RUNTIMES: dict[str, str] = {

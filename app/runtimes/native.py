@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from app.errors import ModelError
-from app.runtimes.base import ModelRuntime, ModelSignature
+from app.runtimes.base import ModelRuntime
+from app.serving.signature import ModelSignature
 
 
 class NativeModelRuntime(ModelRuntime):

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from app.errors import Conflict, ModelError
-from app.runtimes.base import ModelRuntime, ModelSignature
+from app.runtimes.base import ModelRuntime
+from app.serving.signature import ModelSignature
 
 
 @functools.lru_cache(maxsize=1)

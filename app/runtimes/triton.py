@@ -30,7 +30,8 @@ from app.errors import (
     ModelError,
     NotFound,
 )
-from app.runtimes.base import ModelRuntime, ModelSignature
+from app.runtimes.base import ModelRuntime
+from app.serving.signature import ModelSignature
 
 
 class TritonModelRuntime(ModelRuntime):

@@ -15,6 +15,7 @@ from typing import Any
 from app.errors import InvalidInput
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable, model_metadata
 from app.runtimes.base import ModelRuntime, get_runtime_class
+from app.serving.payload import prepare
 from app.settings import Settings
 
 
@@ -71,6 +72,10 @@ class ModelLoader:
             "max_rows": self.settings.serving.max_batch_rows,
         }
 
+    def max_rows(self, config: dict[str, Any] | None) -> int:
+        """Most rows in one request to an endpoint: its ``config.max_rows``, else the setting."""
+        return int((config or {}).get("max_rows", self.settings.serving.max_batch_rows))
+
     def load(self, model_id: str, config: dict[str, Any] | None = None) -> ModelRuntime:
         """Open ``[runtime:]name/version``; ``config`` is the endpoint's runtime config."""
         runtime, name, version = parse_model_id(model_id)
@@ -117,6 +122,7 @@ class LocalPredictor:
         self, model: ResolvedModel, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
     ) -> dict[str, Any]:
         rt = await asyncio.to_thread(self.get, model_id_for(model, runtime, config), config)
+        matrix, probabilities = prepare(payload, rt.signature, self.loader.max_rows(config))
         if rt.blocking_io:
-            return await asyncio.to_thread(rt.infer, payload)
-        return rt.infer(payload)
+            return await asyncio.to_thread(rt.predict, matrix, probabilities=probabilities)
+        return rt.predict(matrix, probabilities=probabilities)
