@@ -3,16 +3,8 @@ any server speaking the Open Inference Protocol over HTTP), through ``tritonclie
 
 Nothing is loaded locally (``needs_artifact = False``): ``load`` asks the remote server for
 the model's readiness and metadata and takes the signature from there; ``predict`` sends the
-float32 matrix as binary tensor data. The endpoint's runtime config says where:
-
-``url``           ``host:port[/base-path]`` of the server (``http://`` or ``https://`` accepted;
-                  https turns on TLS). Required.
-``model_name``    the model on the server; default: the registered model's name.
-``model_version`` the version on the server; default: the server's own choice.
-``input_name``    default: the model's only input, from its metadata.
-``label_output``, ``probabilities_output``  default: the outputs named ``label*`` and ``*prob*``.
-``timeout_s``     connection and network timeout (default 30).
-``headers``       extra HTTP headers on every call, e.g. ``{"Authorization": "Bearer ..."}``.
+float32 matrix as binary tensor data. The endpoint's runtime config (:class:`TritonConfig`)
+says where.
 """
 
 from __future__ import annotations
@@ -22,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from app.errors import (
     DependencyUnavailable,
@@ -30,37 +23,68 @@ from app.errors import (
     ModelError,
     NotFound,
 )
-from app.runtimes.base import ModelRuntime
+from app.runtimes.base import ModelRuntime, RuntimeConfig
 from app.serving.signature import ModelSignature
+
+
+class TritonConfig(RuntimeConfig):
+    """Options of the ``triton`` runtime: where the remote V2 server is and what to call there."""
+
+    url: str = Field(
+        ...,
+        min_length=1,
+        description="host:port[/base-path] of the Triton (or any V2 HTTP) server, e.g. triton:8000; "
+        "http:// is accepted and https:// turns on TLS.",
+    )
+    model_name: str | None = Field(None, min_length=1, description="The model on the server. Default: the registered model's name.")
+    model_version: str | None = Field(None, description="The version on the server. Default: the server's own choice.")
+    input_name: str | None = Field(
+        None, min_length=1, description="The input to feed. Default: the model's only input (needed when it has several)."
+    )
+    label_output: str | None = Field(None, min_length=1, description="The output read as predictions. Default: the one named label*.")
+    probabilities_output: str | None = Field(
+        None, min_length=1, description="The output read as class probabilities. Default: the one named *prob*."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Connection and network timeout of every call, in seconds.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        repr=False,  # credentials: never in a log line
+        description='Extra HTTP headers on every call, e.g. {"Authorization": "Bearer ..."}.'
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip()
+        scheme, sep, rest = v.partition("://")
+        if sep and scheme.lower() not in ("http", "https"):
+            raise ValueError(f"the scheme must be http:// or https:// (or none), not {scheme}://")
+        if not (rest if sep else v):
+            raise ValueError("give host:port of the server, e.g. triton:8000")
+        return v
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class TritonModelRuntime(ModelRuntime):
     name = "triton"
+    Config = TritonConfig
+    config: TritonConfig
     needs_artifact = False
     blocking_io = True
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        super().__init__(options)
-        url = self.options.get("url")
-        if not isinstance(url, str) or not url.strip():
-            raise InvalidInput(
-                "the triton runtime needs config.url: host:port of the Triton server, e.g. triton:8000",
-                details={"field": "config.url"},
-            )
-        url = url.strip()
-        self._ssl = url.startswith("https://")
+    def __init__(self, config: TritonConfig | dict[str, Any] | None = None, settings=None):
+        super().__init__(config, settings)
+        url = self.config.url
+        self._ssl = url.lower().startswith("https://")
         self.url = url.split("://", 1)[1] if "://" in url else url
-        headers = self.options.get("headers") or {}
-        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-            raise InvalidInput("config.headers must map header names to strings", details={"field": "config.headers"})
-        self._headers = {str(k): v for k, v in headers.items()} or None
-        try:
-            self._timeout = float(self.options.get("timeout_s", 30.0))
-        except (TypeError, ValueError):
-            raise InvalidInput("config.timeout_s must be a number of seconds", details={"field": "config.timeout_s"}) from None
-        version = self.options.get("model_version")
-        self.model_version = "" if version is None else str(version)
-        self.model_name: str | None = self.options.get("model_name")
+        self._headers = dict(self.config.headers) or None
+        self._timeout = self.config.timeout_s
+        self.model_version = self.config.model_version or ""
+        self.model_name: str | None = self.config.model_name
         # A tritonclient.http client works only in the thread that made it (gevent), and the
         # ModelServer calls load and predict from different worker threads: one client each.
         self._local = threading.local()
@@ -124,7 +148,7 @@ class TritonModelRuntime(ModelRuntime):
             raise DependencyUnavailable(f"{self._where()} is not ready; load it on the server first")
 
         inputs = meta.get("inputs") or []
-        wanted = self.options.get("input_name")
+        wanted = self.config.input_name
         if wanted:
             inp = next((i for i in inputs if i.get("name") == wanted), None)
             if inp is None:
@@ -153,10 +177,10 @@ class TritonModelRuntime(ModelRuntime):
         outputs = [o["name"] for o in meta.get("outputs") or []]
         if not outputs:
             raise ModelError(f"{self._where()} declares no outputs")
-        self._label_out = self.options.get("label_output") or next(
+        self._label_out = self.config.label_output or next(
             (o for o in outputs if o.lower().startswith("label")), outputs[0]
         )
-        self._proba_out = self.options.get("probabilities_output") or next(
+        self._proba_out = self.config.probabilities_output or next(
             (o for o in outputs if "prob" in o.lower() and o != self._label_out), None
         )
         names = metadata.get("feature_names")
