@@ -126,3 +126,117 @@ def test_endpoint_create_and_update_check_the_config_at_once(api):
     assert ctx.store.get_endpoint("ep")["config"] == {"intra_op_threads": 1}  # unchanged
     r = client.put("/v1/endpoints/ep", json={"config": {"intra_op_threads": 2, "max_rows": 100}})
     assert r.status_code == 200 and r.json()["config"] == {"intra_op_threads": 2, "max_rows": 100}
+
+
+# -- the triton runtime's confinement -------------------------------------------------------------
+def _triton_settings(tmp_path, **triton):
+    return load_settings("local", matih_home=str(tmp_path), runtimes={"triton": triton})
+
+
+@pytest.mark.parametrize(
+    "url,allowed",
+    [
+        ("triton.ml:8000", True),
+        ("http://TRITON.ML:8000/base/path", True),
+        ("triton.ml:8001", False),  # the entry names a port
+        ("triton.ml", False),  # port 80
+        ("10.0.0.1:1234", True),  # host-only entry: any port
+        ("https://10.0.0.1", True),
+        ("[::1]:8000", True),
+        ("[::1]:9000", False),
+        ("user:pw@triton.ml:8000", True),
+        ("triton.ml:8000@evil.example", False),  # the host is what follows the userinfo
+        ("evil.example#@triton.ml:8000", False),  # the host is what precedes a fragment
+        ("evil.example", False),
+        ("169.254.169.254", False),
+        ("10.0.0.10", False),
+    ],
+)
+def test_triton_reaches_only_allowed_hosts(tmp_path, url, allowed):
+    from app.runtimes.triton import TritonModelRuntime
+
+    settings = _triton_settings(tmp_path, allowed_hosts=["Triton.ML:8000", "10.0.0.1", "[::1]:8000"])
+    if allowed:
+        assert TritonModelRuntime({"url": url}, settings).config.url == url
+        return
+    with pytest.raises(InvalidInput) as err:
+        TritonModelRuntime({"url": url}, settings)
+    assert err.value.code == "host_not_allowed" and err.value.details["field"] == "config.url"
+    assert "runtimes.triton.allowed_hosts" in err.value.message
+
+
+@pytest.mark.parametrize("url", ["localhost\\@evil", "a b:80", "host:99999", "x" * 2000 + "!", "[zz::1]:80"])
+def test_triton_urls_that_are_not_plain_hosts_are_refused(tmp_path, url):
+    from app.runtimes.triton import TritonModelRuntime
+
+    with pytest.raises(InvalidInput) as err:
+        TritonModelRuntime({"url": url}, _triton_settings(tmp_path, allowed_hosts=["localhost", "host"]))
+    assert err.value.details["field"] == "config.url" and err.value.code == "invalid_input"
+
+
+def test_by_default_every_remote_url_is_refused_and_timeouts_are_bounded(tmp_path):
+    from app.runtimes.triton import TritonModelRuntime
+
+    for settings in (None, load_settings("local", matih_home=str(tmp_path))):
+        with pytest.raises(InvalidInput, match="it is empty, so every remote URL is refused"):
+            TritonModelRuntime({"url": "127.0.0.1:8000"}, settings)
+    settings = _triton_settings(tmp_path, allowed_hosts=["127.0.0.1"], max_timeout_s=20)
+    assert TritonModelRuntime({"url": "127.0.0.1:8000", "timeout_s": 20}, settings)._timeout == 20
+    with pytest.raises(InvalidInput) as err:
+        TritonModelRuntime({"url": "127.0.0.1:8000", "timeout_s": 21}, settings)
+    assert err.value.details["field"] == "config.timeout_s" and "runtimes.triton.max_timeout_s" in err.value.message
+
+
+@pytest.mark.parametrize("entry", ["http://triton:8000", "triton:8000/v2", "user@triton", "triton:http", ""])
+def test_allowed_hosts_entries_are_hosts(tmp_path, entry):
+    from app.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="runtimes.triton.allowed_hosts"):
+        _triton_settings(tmp_path, allowed_hosts=[entry])
+
+
+@pytest.mark.parametrize(
+    "raised,cls,status",
+    [
+        ("InferenceServerException:404", "NotFound", 404),
+        ("InferenceServerException:400", "InvalidInput", 422),
+        ("InferenceServerException:401", "DependencyUnavailable", 503),
+        ("InferenceServerException:500", "ModelError", 500),
+        ("InferenceServerException:503", "DependencyUnavailable", 503),
+        ("OSError", "DependencyUnavailable", 503),
+    ],
+)
+def test_a_remote_error_is_summarized_not_reflected(tmp_path, raised, cls, status):
+    """A hostile or leaky server's text (here a fake banner) never reaches the API caller."""
+    from tritonclient.utils import InferenceServerException
+
+    from app.api.errors import STATUS_BY_ERROR
+    from app.runtimes.triton import TritonModelRuntime
+
+    settings = _triton_settings(tmp_path, allowed_hosts=["127.0.0.1"])
+    rt = TritonModelRuntime({"url": "http://user:pa55@127.0.0.1:8000", "model_name": "iris"}, settings)
+    leak = "SSH-2.0-OpenSSH_9.6 internal-secret"
+
+    def remote():
+        if raised == "OSError":
+            raise OSError(f"bad status line {leak!r}")
+        raise InferenceServerException(msg=leak, status=raised.split(":")[1])
+
+    with pytest.raises(Exception) as err:
+        rt._call("inference", remote)
+    exc = err.value
+    assert type(exc).__name__ == cls and next(s for c, s in STATUS_BY_ERROR if isinstance(exc, c)) == status
+    assert "internal-secret" not in exc.message and "SSH" not in exc.message
+    assert "***@127.0.0.1:8000" in exc.message and "inference" in exc.message and "pa55" not in exc.message
+    if raised.endswith("404"):
+        assert "config.model_name" in exc.message
+
+
+def test_endpoint_creation_refuses_a_host_that_is_not_allowed(api):
+    client, _ = api  # default settings: runtimes.triton.allowed_hosts is empty
+    r = client.post("/v1/endpoints", json={"name": "remote", "target": "iris@champion", "runtime": "triton",
+                                           "config": {"url": "169.254.169.254:80", "model_name": "iris"}})
+    assert r.status_code == 422 and r.json()["code"] == "host_not_allowed"
+    assert r.json()["details"] == {"field": "config.url", "setting": "runtimes.triton.allowed_hosts"}
+    assert "config.url" in r.json()["error"] and "runtimes.triton.allowed_hosts" in r.json()["error"]
+    assert client.get("/v1/endpoints/remote").status_code == 404
