@@ -52,7 +52,10 @@ class ModelRuntime(ABC):
         """``config``: this runtime's options (a dict is checked against ``Config``);
         ``settings``: the platform's, for defaults and the limits :meth:`check_config` applies
         (None: the defaults of each setting)."""
-        self.config = config if isinstance(config, self.Config) else parse_config(type(self), config or {})
+        if isinstance(config, self.Config):
+            self.config = config
+        else:  # a dict, or another runtime's config (whose options this one may not take)
+            self.config = parse_config(type(self), dict(config or {}))
         self.settings = settings
         self.check_config(self.config, settings)
         self.signature: ModelSignature | None = None

@@ -32,6 +32,7 @@ class NativeConfig(RuntimeConfig):
 class NativeModelRuntime(ModelRuntime):
     name = "native"
     Config = NativeConfig
+    config: NativeConfig
 
     def load(self, model_dir: Path, metadata: dict[str, Any]) -> None:
         from app.registry.formats import load_native

@@ -82,6 +82,7 @@ class OnnxConfig(RuntimeConfig):
 class OnnxModelRuntime(ModelRuntime):
     name = "onnx"
     Config = OnnxConfig
+    config: OnnxConfig
 
     def load(self, model_dir: Path, metadata: dict[str, Any]) -> None:
         import onnxruntime as ort

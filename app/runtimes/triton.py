@@ -133,7 +133,7 @@ class TritonModelRuntime(ModelRuntime):
         self._local = threading.local()
 
     @classmethod
-    def check_config(cls, config: TritonConfig, settings) -> None:
+    def check_config(cls, config: TritonConfig, settings) -> None:  # type: ignore[override]
         """config.url must name a host on ``runtimes.triton.allowed_hosts`` (empty: none is), and
         config.timeout_s stay within ``runtimes.triton.max_timeout_s``."""
         limits = settings.runtimes.triton if settings is not None else TritonRuntimeSettings()
