@@ -71,7 +71,11 @@ class EndpointCreate(_Strict):
         examples=["iris@champion"],
     )
     runtime: str = Field("onnx", description="Inference runtime: a name in app.runtimes.base.RUNTIMES.")
-    config: dict[str, Any] = Field(default_factory=dict, description="Runtime options, kept with the endpoint.")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="device and max_rows (every endpoint) and the runtime's typed options (see docs/api.md), "
+        "checked now; kept with the endpoint.",
+    )
 
     @field_validator("runtime")
     @classmethod

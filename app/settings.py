@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.errors import ConfigError
@@ -244,6 +253,49 @@ class BatchSettings(_Section):
     )
 
 
+class TritonRuntimeSettings(_Section):
+    """The ``triton`` runtime, which calls a remote V2 server that an endpoint's config.url names:
+    which servers it may reach, and how long it may wait on one."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Servers the triton runtime may call, each 'host' (any port) or 'host:port', matched "
+        "case-insensitively against an endpoint's config.url (whose port defaults to 80, or 443 with https). "
+        "Empty (the default): every remote URL is refused, so no endpoint can make the cluster call an "
+        "arbitrary host.",
+    )
+    max_timeout_s: float = Field(
+        60.0, gt=0, description="Largest config.timeout_s a triton endpoint may set (seconds per remote call)."
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        out = []
+        for entry in hosts:
+            text = entry.strip().lower()
+            try:
+                parts = urlsplit(f"//{text}")
+                ok = bool(parts.hostname) and parts.netloc == text and not parts.username
+                parts.port  # noqa: B018 - raises on a port that is not a number in range
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{entry!r} is not a host or host:port; write e.g. triton.ml.svc or triton.ml.svc:8000")
+            out.append(text)
+        return out
+
+
+class RuntimeSettings(_Section):
+    """Per-runtime limits that no endpoint config can widen."""
+
+    triton: TritonRuntimeSettings = Field(
+        default_factory=TritonRuntimeSettings, description="The triton runtime (a remote V2 server)."
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of the platform. Field names map to environment names case-insensitively."""
 
@@ -331,6 +383,9 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings, validation_alias=AliasChoices("MATIH_BATCH", "batch"))
     registry: RegistrySettings = Field(
         default_factory=RegistrySettings, validation_alias=AliasChoices("MATIH_REGISTRY", "registry")
+    )
+    runtimes: RuntimeSettings = Field(
+        default_factory=RuntimeSettings, validation_alias=AliasChoices("MATIH_RUNTIMES", "runtimes")
     )
 
     @model_validator(mode="after")

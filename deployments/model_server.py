@@ -101,6 +101,7 @@ class ModelServer:
 
     async def _predict(self, payload: dict[str, Any], config: dict[str, Any] | None) -> dict[str, Any]:
         from app.serving.batching import BatchItem
+        from app.serving.payload import prepare
 
         self._in_flight += 1
         self._counts["in_flight_sum"] += self._in_flight
@@ -110,7 +111,8 @@ class ModelServer:
             if config:
                 self._configs[model_id] = config
             runtime = await self.get_model(model_id)
-            matrix, probabilities = runtime.prepare(payload)  # bad input fails here, alone
+            # bad input fails here, alone
+            matrix, probabilities = prepare(payload, runtime.signature, self.loader.max_rows(config))
             self._counts["requests"] += 1
             if runtime.blocking_io:  # a remote call (triton) must not hold up this replica's other requests
                 self._counts["model_calls"] += 1

@@ -33,6 +33,7 @@ from app.schemas import (
     PredictResponse,
     TokenCreate,
 )
+from app.serving.endpoint_config import check_endpoint_config
 from app.settings import Settings
 from app.store import MetadataStore, redacted_endpoint
 
@@ -264,6 +265,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @api.post("/v1/endpoints", status_code=201, tags=["serving"], summary="Create an endpoint")
     async def create_endpoint(body: EndpointCreate, who: Principal = developer) -> dict[str, Any]:
         _check_device(ctx, body.config)
+        check_endpoint_config(body.runtime, body.config, ctx.settings)
         resolved = await _resolve(ctx, body.target, use_cache=False)
         # Stored under the model's guard, checking again that the target resolves: a delete of
         # the model racing this request either sees the endpoint or makes this one fail.
@@ -295,6 +297,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def update_endpoint(name: str, body: EndpointUpdate, who: Principal = developer) -> dict[str, Any]:
         _check_device(ctx, body.config or {})
         guard: dict[str, Any] = {}
+        if body.runtime is not None or body.config is not None:  # the runtime and config as they will be
+            current: dict[str, Any] = {}
+            if body.runtime is None or body.config is None:
+                current = await asyncio.to_thread(ctx.store.get_endpoint, name)
+            runtime = body.runtime if body.runtime is not None else current["runtime"]
+            config = body.config if body.config is not None else current["config"]
+            check_endpoint_config(runtime, config, ctx.settings)
         if body.target is not None:
             await _resolve(ctx, body.target, use_cache=False)
             target = body.target

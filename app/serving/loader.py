@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -17,17 +15,22 @@ from app.errors import InvalidInput
 from app.registry.formats import PICKLE_FORMATS
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable, model_metadata
 from app.runtimes.base import ModelRuntime, get_runtime_class
+from app.serving.endpoint_config import parse_endpoint_config
+from app.serving.payload import prepare
 from app.settings import Settings
 
 
 def model_id_for(model: ResolvedModel, runtime: str = "onnx", config: dict[str, Any] | None = None) -> str:
-    """The multiplexed model id: ``name/version`` for ONNX with no config, else
+    """The multiplexed model id: ``name/version`` for ONNX with its default options, else
     ``runtime:name/version[#config-hash]``, so one replica can hold the same version in two
-    runtimes, and a changed endpoint config opens a new runtime instead of reusing the old."""
+    runtimes, and a changed runtime config opens a new runtime instead of reusing the old.
+    Only the runtime's own config counts (not the endpoint's ``device`` or ``max_rows``); a
+    config that is not valid for the runtime is an InvalidInput naming the field."""
     base = model.model_id if runtime == "onnx" else f"{runtime}:{model.model_id}"
     if config:
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        base = f"{base}#{digest}"
+        key = parse_endpoint_config(runtime, config).runtime_key()
+        if key:
+            base = f"{base}#{key}"
     return base
 
 
@@ -71,23 +74,22 @@ class ModelLoader:
         self._release = release  # called once the runtime holds the model (temp copies)
         self._trust = trust
 
-    def runtime_options(self) -> dict[str, Any]:
-        return {
-            "intra_op_threads": self.settings.serving.onnx_intra_op_threads,
-            "inter_op_threads": self.settings.serving.onnx_inter_op_threads,
-            "max_rows": self.settings.serving.max_batch_rows,
-        }
+    def max_rows(self, config: dict[str, Any] | None) -> int:
+        """Most rows in one request to an endpoint: its ``config.max_rows``, else the setting."""
+        value = (config or {}).get("max_rows")
+        return int(value) if value else self.settings.serving.max_batch_rows
 
     def load(self, model_id: str, config: dict[str, Any] | None = None) -> ModelRuntime:
-        """Open ``[runtime:]name/version``; ``config`` is the endpoint's runtime config."""
+        """Open ``[runtime:]name/version``; ``config`` is the endpoint's config."""
         runtime, name, version = parse_model_id(model_id)
+        runtime_config = parse_endpoint_config(runtime, config).runtime
         resolved = self._with_trust(self._resolve(f"{name}/{version}"))
         check_servable(resolved)
         started = time.perf_counter()
         cls = get_runtime_class(runtime)
         model_dir = self._fetch(resolved) if cls.needs_artifact else None  # remote runtimes load nothing here
         fetched = time.perf_counter()
-        rt = cls({**self.runtime_options(), **(config or {})})
+        rt = cls(runtime_config, self.settings)
         try:
             rt.load(model_dir, model_metadata(resolved))
         finally:
@@ -134,6 +136,7 @@ class LocalPredictor:
         self, model: ResolvedModel, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
     ) -> dict[str, Any]:
         rt = await asyncio.to_thread(self.get, model_id_for(model, runtime, config), config)
+        matrix, probabilities = prepare(payload, rt.signature, self.loader.max_rows(config))
         if rt.blocking_io:
-            return await asyncio.to_thread(rt.infer, payload)
-        return rt.infer(payload)
+            return await asyncio.to_thread(rt.predict, matrix, probabilities=probabilities)
+        return rt.predict(matrix, probabilities=probabilities)
