@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 
 from app.api.app import ApiContext, role_dependencies
 from app.auth import Principal
-from app.batch.spec import BatchJobSpec
+from app.batch.spec import BatchJobSpec, check_spec_paths
 from app.errors import NotFound
 from app.registry.mlflow_registry import check_servable
 from app.registry.targets import parse_target
@@ -35,6 +35,7 @@ def router(ctx: ApiContext) -> APIRouter:
     async def submit(spec: BatchJobSpec, who: Principal = developer) -> dict[str, Any]:
         from app.batch.predict import plan_batch
 
+        spec = check_spec_paths(spec, ctx.settings)  # before anything is read: 422 naming the field
         ref = parse_target(spec.model)
         if ctx.resolver is not None:
             model = await ctx.resolver.resolve(ref, use_cache=False)

@@ -15,7 +15,7 @@ from app.errors import Conflict, InvalidInput, NotFound
 from app.jobs.resources import check_fits, job_needs
 from app.schemas import JobAccepted, JobView, Page
 from app.settings import Settings
-from app.training.spec import TrainingJobSpec
+from app.training.spec import TrainingJobSpec, check_spec_paths
 
 KIND = "training"
 
@@ -64,6 +64,7 @@ def router(ctx: ApiContext) -> APIRouter:
 
     async def _submit(spec: TrainingJobSpec, who: Principal) -> dict[str, Any]:
         check_training_spec(spec, ctx.settings)
+        spec = check_spec_paths(spec, ctx.settings)
         body = spec.model_dump(mode="json")
         if ctx.cluster_resources is not None:
             check_fits(job_needs(KIND, body, ctx.settings), await ctx.cluster_resources(), ctx.settings)

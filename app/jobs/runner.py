@@ -18,14 +18,14 @@ log = logging.getLogger(__name__)
 def execute(kind: str, spec: dict[str, Any], settings: Settings, job_id: str, report) -> dict[str, Any]:
     if kind == "training":
         from app.training.pipeline import run_training
-        from app.training.spec import TrainingJobSpec
+        from app.training.spec import TrainingJobSpec, check_spec_paths
 
-        return run_training(TrainingJobSpec.model_validate(spec), settings, job_id, report)
+        return run_training(check_spec_paths(TrainingJobSpec.model_validate(spec), settings), settings, job_id, report)
     if kind == "batch_prediction":
         from app.batch.predict import run_batch_prediction
-        from app.batch.spec import BatchJobSpec
+        from app.batch.spec import BatchJobSpec, check_spec_paths
 
-        return run_batch_prediction(BatchJobSpec.model_validate(spec), settings, job_id, report)
+        return run_batch_prediction(check_spec_paths(BatchJobSpec.model_validate(spec), settings), settings, job_id, report)
     raise MatihError(f"no runner for job kind {kind!r}", code="unknown_job_kind")
 
 

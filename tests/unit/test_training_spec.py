@@ -208,3 +208,57 @@ def test_s3_datasets_need_the_settings_and_exist():
         load_dataset("s3://bucket/data.parquet")
     with pytest.raises(InvalidInput, match="unknown format"):
         load_dataset("s3://bucket/data.txt", load_settings("local"))
+
+
+# -- paths confined to the data roots ----------------------------------------------------------
+def _paths_spec(dataset: str, **checkpoint) -> TrainingJobSpec:
+    return TrainingJobSpec.model_validate({**TORCH, "dataset": {"uri": dataset, "target": "target"},
+                                           "checkpoint": checkpoint})
+
+
+def test_job_paths_resolve_inside_the_data_roots(tmp_path):
+    import os
+
+    from app.training.spec import check_spec_paths
+
+    settings = load_settings("local", matih_home=str(tmp_path))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "d.csv").write_text("a,target\n1,0\n")
+    os.symlink("/etc", data / "etc-link")
+    assert settings.storage.data_roots == [str(data), str(tmp_path / "artifacts")]
+
+    ok = check_spec_paths(_paths_spec("d.csv", storage_path=str(tmp_path / "artifacts" / "ckpt"),
+                                      resume_from=str(tmp_path / "train_results" / "job" / "checkpoint_000001")),
+                          settings)
+    assert ok.dataset.uri == os.path.realpath(data / "d.csv")  # relative: under the first data root
+    assert check_spec_paths(_paths_spec("builtin://iris"), settings).dataset.uri == "builtin://iris"
+
+    for dataset, ckpt, field in [
+        ("/etc/passwd", {}, "dataset.uri"),
+        (f"file://{data}/../matih.db", {}, "dataset.uri"),
+        (f"{data}/etc-link/passwd", {}, "dataset.uri"),
+        ("s3://other-bucket/d.parquet", {}, "dataset.uri"),
+        ("http://example.com/d.csv", {}, "dataset.uri"),
+        ("d.csv", {"storage_path": "/tmp/elsewhere"}, "checkpoint.storage_path"),
+        ("d.csv", {"resume_from": "/root/checkpoint_000001"}, "checkpoint.resume_from"),
+    ]:
+        with pytest.raises(InvalidInput) as info:
+            check_spec_paths(_paths_spec(dataset, **ckpt), settings)
+        assert info.value.code == "unsafe_path" and info.value.details["field"] == field, (dataset, ckpt)
+
+
+def test_s3_data_roots_and_buckets(tmp_path):
+    from app.training.spec import check_spec_paths
+
+    settings = load_settings("local", matih_home=str(tmp_path), artifact_root="s3://artifacts/mlflow",
+                             storage={"data_roots": ["s3://lake/training"], "allowed_buckets": ["s3://scratch"]})
+    assert check_spec_paths(_paths_spec("s3://lake/training/d.parquet"), settings).dataset.uri.endswith("d.parquet")
+    check_spec_paths(_paths_spec("s3://scratch/any/where.csv"), settings)
+    for bad in ("s3://lake/other/d.parquet", "s3://artifacts/mlflow/d.parquet", f"{tmp_path}/data/d.csv"):
+        with pytest.raises(InvalidInput):
+            check_spec_paths(_paths_spec(bad), settings)
+    # defaults: the artifact root's bucket is allowed when the artifact root is on S3
+    default = load_settings("local", matih_home=str(tmp_path), artifact_root="s3://artifacts/mlflow")
+    assert default.storage.allowed_buckets == ["artifacts"]
+    check_spec_paths(_paths_spec("s3://artifacts/datasets/d.parquet"), default)
