@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import posixpath
 
-from app.errors import InvalidInput
+from app.errors import DependencyUnavailable, InvalidInput
 from app.storage.paths import is_object_store, no_dotdot, refuse, resolve_location, scheme_of, string_rules
 
 __all__ = ["UNSAFE", "check_relative_path", "is_object_store", "resolve_source"]
@@ -52,3 +52,23 @@ def check_relative_path(value: str, field: str = "artifact_path") -> str:
     if norm in (".", ""):
         raise refuse(value, "it names the run's whole artifact root", fix, field, UNSAFE)
     return norm
+
+
+def check_run_source(client, source: str, artifact_root: str) -> str:
+    """Where a run's model lies in storage, checked inside ``artifact_root`` before anything
+    is downloaded: the run's own artifacts (``source`` is their URI) or, for ``models:/m-...``,
+    the logged model's ``artifact_location``. A run of an experiment whose artifact location is
+    elsewhere (``/etc``, another bucket) is refused with 422, code ``unsafe_source``."""
+    location = source
+    if source.startswith("models:/"):
+        try:
+            location = client.get_logged_model(source[len("models:/"):].strip("/")).artifact_location
+        except Exception as exc:  # MLflow down or the model gone since it was listed
+            raise DependencyUnavailable(f"could not look up {source} in MLflow: {exc}") from None
+    try:
+        return resolve_source(location, artifact_root)
+    except InvalidInput as exc:
+        raise InvalidInput(
+            f"the run's model is stored at {location}, outside the artifact root {artifact_root}; only runs of "
+            "experiments under the artifact root can be registered from", code=UNSAFE, details={"field": "run_id"},
+        ) from exc

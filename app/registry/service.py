@@ -56,7 +56,7 @@ from app.registry.mlflow_registry import (
     ensure_experiment,
     model_metadata,
 )
-from app.registry.paths import check_relative_path, is_object_store, resolve_source
+from app.registry.paths import check_relative_path, check_run_source, is_object_store, resolve_source
 from app.settings import Settings
 
 TAG_INTENDED_USE = "matih.intended_use"
@@ -498,6 +498,7 @@ class RegistryService:
         with self._mlflow(f"run {run_id!r}", "GET /v1/experiments/{id}/runs lists runs"):
             run = self.client.get_run(run_id)
         source, model_id = self._run_model_source(run, artifact_path)
+        check_run_source(self.client, source, self.settings.artifact_root)  # nothing is read from outside it
         with tempfile.TemporaryDirectory(prefix="matih-register-") as tmp:
             try:
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
