@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from app.api.app import ApiContext, role_dependencies
+from app.api.app import ApiContext, check_job_owner, role_dependencies
 from app.auth import Principal
 from app.batch.spec import BatchJobSpec, check_spec_paths
 from app.errors import NotFound
@@ -80,6 +80,7 @@ def router(ctx: ApiContext) -> APIRouter:
         job = await asyncio.to_thread(ctx.store.get_job, job_id)
         if job["kind"] != KIND:
             raise NotFound(f"job {job_id} is a {job['kind']} job; POST /v1/jobs/{job_id}/cancel cancels it")
+        check_job_owner(job, who)
         return await ctx.jobs.cancel(job_id, who.name)
 
     return api
