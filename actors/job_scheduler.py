@@ -198,7 +198,7 @@ class JobScheduler:
         self._settings_kwargs = settings_kwargs
         settings = Settings(**settings_kwargs)
         self._interval = settings.jobs.poll_interval_s
-        self._store = MetadataStore(settings.database_url)
+        self._store = MetadataStore.from_settings(settings)
         self._core = SchedulerCore(
             self._store, _RayJobLauncher(settings, self._store), settings.jobs.max_concurrent,
             max_attempts=settings.jobs.max_attempts,

@@ -33,7 +33,7 @@ def run_job(job_id: str, settings: Settings, store: MetadataStore | None = None)
     """Execute a ``running`` job to its end; returns the stored job. Never raises for job
     failures: they are recorded on the job."""
     configure_s3_env(settings)
-    store = store or MetadataStore(settings.database_url)
+    store = store or MetadataStore.from_settings(settings)
     job = store.get_job(job_id)
 
     def report(progress: dict[str, Any], line: str | None = None) -> None:
