@@ -130,6 +130,22 @@ class JobSettings(_Section):
         3, ge=1, description="Times a job is started again when its scheduler restarted before its Ray Job "
         "began, before it fails. A Ray Job that dies without recording an end fails its job at once."
     )
+    ray_api_timeout_s: float = Field(
+        10.0, gt=0, description="Timeout of each call to Ray's job API (submit, status, stop) from the scheduler."
+    )
+    ray_api_attempts: int = Field(
+        3, ge=1, description="Tries of a Ray job API call that timed out or could not connect (backoff between); "
+        "a submission that raised is then looked up by its id, and attached to when Ray has it."
+    )
+    reconcile_interval_s: float = Field(
+        10.0, gt=0, description="How often the scheduler looks for jobs recorded running that it holds no handle "
+        "for (a launch whose outcome Ray could not tell, a job started by hand): attached when their Ray Job "
+        "exists, else queued again (or failed after max_attempts)."
+    )
+    finish_retry_s: float = Field(
+        120.0, ge=0, description="How long a job keeps trying to record its end while the metadata store is "
+        "unreachable, before its process ends (and the scheduler fails it)."
+    )
     storage_path: str = Field(
         "",
         description="Where Ray Train and Ray Tune keep results and checkpoints: a local path or an s3:// URI; "
