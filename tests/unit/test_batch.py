@@ -408,3 +408,20 @@ def test_unreadable_input_errors_do_not_echo_the_file(files):
     with pytest.raises(InvalidInput, match="Expected 2 columns, got 1") as info:
         plan_batch(spec, settings, MODEL)
     assert "secret-row-text" not in info.value.message
+
+
+def test_the_job_checks_its_paths_again(api):
+    """A spec that reached the store without the API's check (written by hand, or before the
+    data roots changed) fails in the job, before anything is read."""
+    from app.jobs.runner import run_job
+    from app.store import MetadataStore
+
+    _, data, _, settings = api
+    store = MetadataStore.from_settings(settings)
+    spec = {"model": "iris@champion", "input_uri": "/etc/passwd", "input_format": "csv", "output_uri": str(data / "o9")}
+    job = store.create_job("batch_prediction", "by-hand", spec, "admin")
+    store.transition_job(job["job_id"], "running")
+    done = run_job(job["job_id"], settings, store)
+    assert done["status"] == "failed" and done["error"].startswith("unsafe_path: input_uri '/etc/passwd' is refused")
+    assert "root:" not in done["error"] and "root:" not in store.get_job(job["job_id"], with_logs=True)["logs"]
+    store.dispose()
