@@ -74,7 +74,12 @@ class SchedulerCore:
         they have used up their attempts. So no job stays ``running`` without a handle.
         Returns {"reattached": [...], "requeued": [...]}."""
         out: dict[str, list[str]] = {"reattached": [], "requeued": []}
-        for job in self.store.jobs_with_status("running"):
+        running = self.store.jobs_with_status("running")
+        ended = set(self.running) - {job["job_id"] for job in running}
+        for job_id in ended:  # recorded its end (or was cancelled) without its handle seeing it end:
+            if self.running.pop(job_id, None) is not None:  # e.g. a process on another host
+                self._release(job_id)
+        for job in running:
             job_id = job["job_id"]
             if job_id in self.running:
                 continue

@@ -322,6 +322,9 @@ def test_no_job_stays_running_without_a_handle(store):
     by_hand = store.create_job("training", "h", {}, "x", running_as="raysubmit_1")
     launcher.known[by_hand["job_id"]] = _Handle()
     assert core.sweep()["reattached"] == [by_hand["job_id"]]
+    store.transition_job(by_hand["job_id"], "succeeded")  # it recorded its end; its handle cannot tell
+    core.sweep()
+    assert by_hand["job_id"] not in core.running  # the slot is free again
     # lost with max_attempts used up: failed, not queued forever
     store.transition_job(job["job_id"], "cancelled")
     core.running.pop(job["job_id"])
