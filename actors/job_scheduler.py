@@ -126,7 +126,9 @@ class _RayJobLauncher:
     def client(self):
         if self._client is None:
             jobs = self.settings.jobs
-            self._client = job_client(ray.get_runtime_context().gcs_address, jobs.ray_api_timeout_s, jobs.ray_api_attempts)
+            self._client = job_client(
+                ray.get_runtime_context().gcs_address, jobs.ray_api_timeout_s, jobs.ray_api_attempts
+            )
         return self._client
 
     def _gpus(self):

@@ -22,12 +22,14 @@ def execute(kind: str, spec: dict[str, Any], settings: Settings, job_id: str, re
         from app.training.pipeline import run_training
         from app.training.spec import TrainingJobSpec, check_spec_paths
 
-        return run_training(check_spec_paths(TrainingJobSpec.model_validate(spec), settings), settings, job_id, report)
+        training = check_spec_paths(TrainingJobSpec.model_validate(spec), settings)
+        return run_training(training, settings, job_id, report)
     if kind == "batch_prediction":
         from app.batch.predict import run_batch_prediction
         from app.batch.spec import BatchJobSpec, check_spec_paths
 
-        return run_batch_prediction(check_spec_paths(BatchJobSpec.model_validate(spec), settings), settings, job_id, report)
+        batch = check_spec_paths(BatchJobSpec.model_validate(spec), settings)
+        return run_batch_prediction(batch, settings, job_id, report)
     raise MatihError(f"no runner for job kind {kind!r}", code="unknown_job_kind")
 
 

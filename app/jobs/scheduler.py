@@ -145,7 +145,9 @@ class SchedulerCore:
                     continue
                 if handle is None:  # could not even start: record it, keep the loop alive
                     self._release(job["job_id"])
-                    self.store.transition_job(job["job_id"], "failed", expect="running", error=f"could not start: {exc}")
+                    self.store.transition_job(
+                        job["job_id"], "failed", expect="running", error=f"could not start: {exc}"
+                    )
                     continue
                 self.running[job["job_id"]] = handle
             started.append(job["job_id"])

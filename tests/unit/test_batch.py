@@ -392,7 +392,8 @@ def test_submit_refuses_paths_outside_the_data_roots(api, change, field):
 
 def test_relative_paths_are_under_the_first_data_root(api):
     client, data, _, _ = api
-    r = client.post("/v1/batch/jobs", json={"model": "iris@champion", "input_uri": "in.parquet", "output_uri": "rel-out"})
+    body = {"model": "iris@champion", "input_uri": "in.parquet", "output_uri": "rel-out"}
+    r = client.post("/v1/batch/jobs", json=body)
     assert r.status_code == 202, r.text
     spec = client.get(f"/v1/batch/jobs/{r.json()['job_id']}").json()["spec"]
     assert spec["input_uri"] == os.path.realpath(data / "in.parquet")
