@@ -131,12 +131,15 @@ def test_registry_cache_killed_around_an_alias_change(platform):
                     break
             time.sleep(0.05)
         assert seen and seen[-1][1] == "2", seen
-        new_after_s = seen[-1][0]
-        assert new_after_s <= alias_s + 2 * platform.settings.serving.resolve_ttl_s + 5, seen
+        new_after_s = seen[-1][0]  # includes loading version 2 into the ModelServer (seconds)
+        # Stale: the old version answered after the alias moved and the resolution TTL passed.
+        stale = [(t, v) for t, v in seen if v == "1" and t > alias_s + platform.settings.serving.resolve_ttl_s]
+        assert not stale, seen
         for _ in range(20):  # and it stays on the new version: nothing stale comes back
             out = c.post("/v1/endpoints/chaos-alias/predict", json=ROW)
             assert out.status_code == 200 and out.json()["model_version"] == "2", out.text
         health = ray.get(ray.get_actor("registry_cache", namespace="matih").health.remote(), timeout=30)
     print(f"\nCHAOS registry_cache: alias moved {alias_s:.2f}s after the kill; endpoint on the new version "
           f"{new_after_s:.2f}s after the kill; {failures} requests refused meanwhile; "
-          f"{len(seen)} answers before it (versions {[v for _, v in seen]}); epoch after restart {health['epoch']}")
+          f"{len(seen)} answers until then (versions {[v for _, v in seen]}), {len(stale)} stale; "
+          f"epoch after restart {health['epoch']}")
