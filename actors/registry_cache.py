@@ -31,7 +31,7 @@ class RegistryCache:
 
         settings = Settings(**settings_kwargs)
         self._registry = ModelRegistry(settings, serving=True)
-        self._store = MetadataStore(settings.database_url)
+        self._store = MetadataStore.from_settings(settings)
         # Settle the registry mutations a crash left half done, off the actor's start (MLflow may be slow).
         threading.Thread(target=self._recover, args=(settings,), name="registry-recover", daemon=True).start()
         self._core = RegistryCacheCore(self._registry, settings.serving.resolve_ttl_s)

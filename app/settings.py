@@ -139,6 +139,22 @@ class JobSettings(_Section):
         3, ge=1, description="Times a job is started again when its scheduler restarted before its Ray Job "
         "began, before it fails. A Ray Job that dies without recording an end fails its job at once."
     )
+    ray_api_timeout_s: float = Field(
+        10.0, gt=0, description="Timeout of each call to Ray's job API (submit, status, stop) from the scheduler."
+    )
+    ray_api_attempts: int = Field(
+        3, ge=1, description="Tries of a Ray job API call that timed out or could not connect (backoff between); "
+        "a submission that raised is then looked up by its id, and attached to when Ray has it."
+    )
+    reconcile_interval_s: float = Field(
+        10.0, gt=0, description="How often the scheduler looks for jobs recorded running that it holds no handle "
+        "for (a launch whose outcome Ray could not tell, a job started by hand): attached when their Ray Job "
+        "exists, else queued again (or failed after max_attempts)."
+    )
+    finish_retry_s: float = Field(
+        120.0, ge=0, description="How long a job keeps trying to record its end while the metadata store is "
+        "unreachable, before its process ends (and the scheduler fails it)."
+    )
     storage_path: str = Field(
         "",
         description="Where Ray Train and Ray Tune keep results and checkpoints: a local path or an s3:// URI; "
@@ -296,6 +312,37 @@ class RuntimeSettings(_Section):
     )
 
 
+class StorageSettings(_Section):
+    """Where job specs may read and write (``dataset.uri``, ``checkpoint.storage_path``,
+    ``checkpoint.resume_from``, batch ``input_uri`` / ``output_uri``): inside a data root or an
+    allowed bucket, else 422 naming the field (``app.storage.paths``)."""
+
+    data_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders (local paths, file:// or s3://bucket/prefix) job specs may name; paths resolve "
+        "(symlinks followed) inside one of them or are refused. Relative paths are taken under the first. "
+        "Empty: MATIH_HOME/data and the artifact root. jobs.storage_path is always allowed for checkpoints.",
+    )
+    allowed_buckets: list[str] = Field(
+        default_factory=list,
+        description="S3 buckets job specs may name anywhere inside (names, or s3://name). Empty: the artifact "
+        "root's bucket when the artifact root is s3://, else none.",
+    )
+
+
+class DatabaseSettings(_Section):
+    """Bounds on every metadata-store call, so a stalled database fails a call instead of
+    hanging the scheduler or a request (PostgreSQL; SQLite waits on its own busy timeout)."""
+
+    connect_timeout_s: int = Field(
+        10, ge=1, description="PostgreSQL: seconds to wait for a connection (libpq connect_timeout)."
+    )
+    statement_timeout_s: float = Field(
+        30.0, gt=0, description="PostgreSQL: longest a statement may run before the server cancels it "
+        "(statement_timeout of each connection)."
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of the platform. Field names map to environment names case-insensitively."""
 
@@ -387,6 +434,12 @@ class Settings(BaseSettings):
     runtimes: RuntimeSettings = Field(
         default_factory=RuntimeSettings, validation_alias=AliasChoices("MATIH_RUNTIMES", "runtimes")
     )
+    storage: StorageSettings = Field(
+        default_factory=StorageSettings, validation_alias=AliasChoices("MATIH_STORAGE", "storage")
+    )
+    database: DatabaseSettings = Field(
+        default_factory=DatabaseSettings, validation_alias=AliasChoices("MATIH_DATABASE", "database")
+    )
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> "Settings":
@@ -397,6 +450,10 @@ class Settings(BaseSettings):
             self.mlflow_tracking_uri = f"sqlite:///{self.matih_home / 'mlflow.db'}"
         if not self.artifact_root:
             self.artifact_root = str(self.matih_home / "artifacts")
+        if not self.storage.data_roots:
+            self.storage.data_roots = [str(self.matih_home / "data"), self.artifact_root]
+        if not self.storage.allowed_buckets and self.artifact_root.startswith(("s3://", "s3a://")):
+            self.storage.allowed_buckets = [self.artifact_root.split("://", 1)[1].split("/", 1)[0]]
         if self.database_url.startswith("postgresql://"):
             self.database_url = "postgresql+psycopg://" + self.database_url[len("postgresql://") :]
         if self.auth.enabled and self.admin_token is None and not self.auth.generate_admin_token:

@@ -150,7 +150,7 @@ def _registry_task(settings_kwargs: dict[str, Any], method: str, args: tuple, kw
     from app.store import MetadataStore
 
     settings = Settings(**settings_kwargs)
-    store = MetadataStore(settings.database_url)
+    store = MetadataStore.from_settings(settings)
     try:
         # serving=True: MLflow calls time out as the Gateway's own registry calls do, and are not
         # retried, so a request made while MLflow is down gets its 503 at once
@@ -209,7 +209,7 @@ class Gateway:
         from actors.registry_cache import get_registry_cache
 
         settings = Settings(**settings_kwargs)
-        store = MetadataStore(settings.database_url)
+        store = MetadataStore.from_settings(settings)
         scheduler = _SchedulerControl(settings_kwargs, settings.actors.num_cpus)
         cache = get_registry_cache(settings_kwargs, settings.actors.num_cpus)
         resolver = _CachedResolver(cache, settings.serving.resolve_ttl_s)

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.auth import Authenticator, Principal, Role
-from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge
+from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge, PermissionDenied
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable
 from app.registry.targets import ModelRef, parse_target
 from app.schemas import (
@@ -240,19 +240,23 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def get_job(job_id: str, _: Principal = viewer) -> dict[str, Any]:
         return await asyncio.to_thread(ctx.store.get_job, job_id, with_logs=True)
 
-    @api.post("/v1/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], summary="Cancel a job")
+    @api.post("/v1/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], summary="Cancel a job",
+              description="A developer cancels the jobs it submitted (403 for others'); an admin any job.")
     async def cancel_job(job_id: str, who: Principal = developer) -> dict[str, Any]:
+        check_job_owner(await asyncio.to_thread(ctx.store.get_job, job_id), who)
         return await ctx.jobs.cancel(job_id, who.name)
 
     @api.post(
         "/v1/jobs/{job_id}/retry", response_model=JobView, tags=["jobs"], summary="Queue a failed or cancelled job again",
         description="The same job id and spec go back to the queue (attempts count up); a training job whose model "
-        "was registered by an earlier attempt is not registered twice. 409 for a queued, running or succeeded job.",
+        "was registered by an earlier attempt is not registered twice. 409 for a queued, running or succeeded job; "
+        "403 when a developer retries a job it did not submit (an admin may retry any).",
     )
     async def retry_job(job_id: str, who: Principal = developer) -> dict[str, Any]:
         from app.errors import Conflict
 
         job = await asyncio.to_thread(ctx.store.get_job, job_id)
+        check_job_owner(job, who)
         if job["status"] not in ("failed", "cancelled"):
             raise Conflict(f"job {job_id} is {job['status']}; only failed or cancelled jobs can be retried")
         out = await asyncio.to_thread(
@@ -374,6 +378,18 @@ def role_dependencies(ctx: ApiContext):
         return dependency
 
     return tuple(Depends(require(r)) for r in Role)
+
+
+def check_job_owner(job: dict[str, Any], who: Principal) -> None:
+    """A job belongs to the principal that submitted it (``created_by``): a developer cancels or
+    retries only its own jobs, an admin any. Raises PermissionDenied (403) otherwise."""
+    if who.role >= Role.admin or job.get("created_by") == who.name:
+        return
+    raise PermissionDenied(
+        f"job {job['job_id']} was submitted by {job.get('created_by')!r}; {who.name} (role {who.role.name}) may "
+        "cancel or retry only its own jobs, an admin any",
+        details={"job_id": job["job_id"], "owner": job.get("created_by")},
+    )
 
 
 # Routers of further domains: "module:function", each function taking (ctx) -> APIRouter.

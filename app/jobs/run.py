@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.jobs.runner import run_job
     from app.store import MetadataStore
 
-    store = MetadataStore(settings.database_url)
+    store = MetadataStore.from_settings(settings)
     if spec is not None:
         store.migrate()
         sub_id = _submission_id()

@@ -38,7 +38,7 @@ from app.registry.mlflow_registry import (
     model_metadata,
 )
 from app.registry.outbox import OP_CREATE, TAG_OP
-from app.registry.paths import check_relative_path, is_object_store, resolve_source
+from app.registry.paths import check_relative_path, check_run_source, is_object_store, resolve_source
 
 _LINEAGE_TAGS = (TAG_JOB, TAG_DATASET_URI, TAG_DATASET_SHA256, TAG_CODE_VERSION, TAG_TASK, TAG_FEATURES, TAG_CLASSES)
 
@@ -218,6 +218,7 @@ class RegistrationMixin(RegistryBase):
         with self._mlflow(f"run {run_id!r}", "GET /v1/experiments/{id}/runs lists runs"):
             run = self.client.get_run(run_id)
         source, model_id = self._run_model_source(run, artifact_path)
+        check_run_source(self.client, source, self.settings.artifact_root)  # nothing is read from outside it
         with tempfile.TemporaryDirectory(prefix="matih-register-") as tmp:
             try:
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))

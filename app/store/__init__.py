@@ -93,7 +93,9 @@ def redacted_endpoint(endpoint: dict[str, Any]) -> dict[str, Any]:
 class MetadataStore:
     """Facade over the metadata database. Thread-safe; one per process is enough."""
 
-    def __init__(self, url: str, *, echo: bool = False):
+    def __init__(
+        self, url: str, *, echo: bool = False, connect_timeout_s: int = 10, statement_timeout_s: float = 30.0
+    ):
         self.url = url
         kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True, "future": True}
         if url.startswith("sqlite"):
@@ -101,11 +103,25 @@ class MetadataStore:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        elif url.startswith("postgresql"):
+            # A stalled server fails a call within these bounds instead of hanging the caller.
+            kwargs["connect_args"] = {
+                "connect_timeout": int(connect_timeout_s),
+                "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
+            }
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._migrate_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings) -> MetadataStore:
+        """The store of ``settings.database_url`` with ``settings.database``'s timeouts."""
+        return cls(
+            settings.database_url, connect_timeout_s=settings.database.connect_timeout_s,
+            statement_timeout_s=settings.database.statement_timeout_s,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
     def migrate(self) -> None:

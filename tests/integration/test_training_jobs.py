@@ -227,3 +227,15 @@ def test_ray_job_submit_by_hand(platform, tmp_path):
         job = c.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["created_by"].startswith("ray-job:")
     assert job["result"]["model_name"] == "iris-by-hand" and job["result"]["aliases"] == ["champion"]
+
+
+def test_job_paths_are_confined_and_jobs_have_owners(platform, iris):
+    with platform.client() as c:
+        r = c.post("/v1/training/jobs", json={**DEMO_JOB, "dataset": {"uri": "/etc/passwd", "target": "target"}})
+        assert r.status_code == 422 and r.json()["code"] == "unsafe_path", r.text
+        assert r.json()["details"]["field"] == "dataset.uri"
+        token = c.post("/v1/tokens", json={"name": "jobs-dev", "role": "developer"}).json()["token"]
+    with platform.client(token) as dev:
+        r = dev.post(f"/v1/jobs/{iris['job_id']}/retry")  # the admin's job
+        assert r.status_code == 403 and r.json()["details"]["owner"] == "admin", r.text
+        assert dev.post(f"/v1/training/jobs/{iris['job_id']}/cancel").status_code == 403

@@ -566,3 +566,25 @@ def test_openapi_documents_the_registry(reg):
         assert p in paths, p
     body = paths["/v1/models/{name}/versions"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "application/json" in body
+
+
+def test_register_from_a_run_outside_the_artifact_root_is_refused(reg, tmp_path):
+    """A run of an experiment whose artifacts live outside the artifact root: 422 before any
+    download (register_from_run reads only under the artifact root)."""
+    import tempfile
+
+    import mlflow.onnx
+
+    from app.training.sklearn_trainer import to_onnx
+
+    X, _ = _iris()
+    outside = tmp_path / "elsewhere"
+    exp_id = reg.mlflow.create_experiment("outside-root", artifact_location=str(outside))
+    run = reg.mlflow.create_run(exp_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.onnx.save_model(to_onnx(_logreg(), X, True), f"{tmp}/m", save_as_external_data=False)
+        reg.mlflow.log_artifacts(run.info.run_id, f"{tmp}/m", "model")
+    assert (outside / run.info.run_id / "artifacts" / "model" / "MLmodel").exists()
+    r = reg.dev.post("/v1/models/outside/versions", json={"run_id": run.info.run_id, "artifact_path": "model"})
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "unsafe_source" and r.json()["details"]["field"] == "run_id"
