@@ -45,7 +45,14 @@ class AuthSettings(_Section):
         description="Create an admin token on first start when none is configured. The production "
         "profile sets this to false, so it refuses to start without MATIH_ADMIN_TOKEN.",
     )
-    cache_ttl_s: float = Field(5.0, ge=0, description="How long a gateway replica trusts a token lookup.")
+    cache_ttl_s: float = Field(
+        5.0, ge=0, description="How long a gateway replica trusts a token lookup (a revoked token may work "
+        "that long; an expired one never does)."
+    )
+    cache_size: int = Field(
+        10_000, ge=1, description="Valid tokens a gateway replica caches (least recently used go first). Unknown "
+        "tokens are cached apart, in a tenth of that, so a flood of random tokens never evicts a valid one.",
+    )
 
 
 class HttpSettings(_Section):

@@ -216,7 +216,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # -- tokens ----------------------------------------------------------------------------
     @api.post("/v1/tokens", status_code=201, tags=["auth"], summary="Issue a token with a role (admin)")
     async def create_token(body: TokenCreate, who: Principal = admin) -> dict[str, Any]:
-        record, plaintext = await asyncio.to_thread(ctx.store.create_token, body.name, body.role, who.name)
+        record, plaintext = await asyncio.to_thread(
+            ctx.store.create_token, body.name, body.role, who.name, body.expiry()
+        )
         return {**record, "token": plaintext}
 
     @api.delete("/v1/tokens/{token_id}", status_code=204, tags=["auth"], summary="Revoke a token (admin)")
@@ -349,7 +351,7 @@ def role_dependencies(ctx: ApiContext):
 
     def require(role: Role):
         async def dependency(request: Request) -> Principal:
-            principal = ctx.authenticator.authenticate(request.headers.get("authorization"))
+            principal = await ctx.authenticator.authenticate(request.headers.get("authorization"))
             principal.require(role)
             return principal
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,7 +72,8 @@ def _decode_token(token: str | None) -> list[Any] | None:
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # surrogatepass: a header decoded by the server may hold any code point; hashing never fails
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def redacted_endpoint(endpoint: dict[str, Any]) -> dict[str, Any]:
@@ -414,9 +416,14 @@ class MetadataStore:
         return items, nxt
 
     # -- tokens ----------------------------------------------------------------------------
-    def create_token(self, name: str, role: str, actor: str) -> tuple[dict[str, Any], str]:
-        """Issue a token; returns (its record, the plaintext). Only the hash is stored."""
+    def create_token(
+        self, name: str, role: str, actor: str, expires_at: datetime | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """Issue a token; returns (its record, the plaintext). Only the hash is stored.
+        ``expires_at`` (aware or UTC): from then on the token is refused; None = until revoked."""
         plaintext = "mtk_" + secrets.token_urlsafe(32)
+        if expires_at is not None and expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=timezone.utc)
         row = ApiToken(
             id=uuid.uuid4().hex,
             name=name,
@@ -424,11 +431,15 @@ class MetadataStore:
             role=role,
             created_by=actor,
             created_at=_now(),
+            expires_at=expires_at.timestamp() if expires_at is not None else None,
         )
         with self._tx() as s:
             s.add(row)
             s.flush()
-            record = {"id": row.id, "name": name, "role": role, "created_at": _iso(row.created_at)}
+            record = {
+                "id": row.id, "name": name, "role": role, "created_at": _iso(row.created_at),
+                "expires_at": _iso(expires_at.astimezone(timezone.utc)) if expires_at is not None else None,
+            }
             self._audit(s, actor, "token.create", "token", row.id, None, record)
         return record, plaintext
 
@@ -440,14 +451,17 @@ class MetadataStore:
             row.revoked_at = _now()
             self._audit(s, actor, "token.revoke", "token", token_id, {"role": row.role}, None)
 
-    def role_for_token(self, plaintext: str) -> tuple[str, str] | None:
-        """(role, token name) of a live token, or None."""
+    def role_for_token(self, plaintext: str) -> tuple[str, str, float | None] | None:
+        """(role, token name, expiry as a Unix time or None) of a live token: not revoked and
+        not expired; else None."""
         digest = hash_token(plaintext)
         with self._tx() as s:
             row = s.scalars(
                 select(ApiToken).where(ApiToken.token_sha256 == digest, ApiToken.revoked_at.is_(None))
             ).first()
-            return (row.role, row.name) if row is not None else None
+            if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
+                return None
+            return row.role, row.name, row.expires_at
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
