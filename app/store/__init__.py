@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound
+from app.redaction import MASK, keep_redacted, redact_value
 from app.store.models import ApiToken, AuditRecord, Endpoint, Job
 
 __all__ = ["MetadataStore", "JOB_STATUSES", "TERMINAL_STATUSES"]
@@ -77,14 +78,18 @@ def hash_token(token: str) -> str:
 
 
 def redacted_endpoint(endpoint: dict[str, Any]) -> dict[str, Any]:
-    """An endpoint with the values of ``config.headers`` (credentials for a remote server, e.g.
-    a Triton ``Authorization`` header) replaced by ``***`` and the names kept: what the API
-    sends back and what the audit log keeps. The credential itself lives only in the endpoint
-    row."""
+    """An endpoint as the API sends it back and the audit log keeps it: the values of
+    ``config.headers`` (credentials for a remote server, e.g. a Triton ``Authorization``
+    header) replaced by ``***`` with the names kept, and the credentials inside URIs of the
+    config (``config.url`` with ``user:password@``) hidden by :func:`app.redaction.redact`.
+    The credentials themselves live only in the endpoint row, which only the serving path reads."""
     config = endpoint.get("config") or {}
+    if not isinstance(config, dict) or not config:
+        return endpoint
+    config = redact_value(config)
     if isinstance(config.get("headers"), dict):
-        return {**endpoint, "config": {**config, "headers": {k: "***" for k in config["headers"]}}}
-    return endpoint
+        config["headers"] = {k: MASK for k in config["headers"]}
+    return {**endpoint, "config": config}
 
 
 class MetadataStore:
@@ -202,6 +207,8 @@ class MetadataStore:
             if row is None:
                 raise NotFound(f"endpoint {name!r} does not exist; POST /v1/endpoints creates it")
             before = self._endpoint_dict(row)
+            if isinstance(changes.get("config"), dict):  # a config as GET showed it keeps its credentials
+                changes = {**changes, "config": keep_redacted(changes["config"], row.config or {})}
             for field in ("target", "runtime", "config"):
                 if field in changes and changes[field] is not None:
                     setattr(row, field, changes[field])
