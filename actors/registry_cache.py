@@ -27,7 +27,7 @@ class RegistryCache:
         from app.registry.mlflow_registry import ModelRegistry
         from app.settings import Settings
 
-        settings = Settings(**settings_kwargs)
+        settings = Settings.from_shared(settings_kwargs)  # MLflow URL and S3 keys from its environment
         self._registry = ModelRegistry(settings, serving=True)
         self._core = RegistryCacheCore(self._registry, settings.serving.resolve_ttl_s)
         self._max_artifacts = settings.serving.object_store_models
@@ -85,5 +85,7 @@ class RegistryCache:
         return ref
 
 
-def get_registry_cache(settings_kwargs: dict[str, Any], num_cpus: float):
-    return get_or_create_actor(RegistryCache, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus)
+def get_registry_cache(settings_kwargs: dict[str, Any], num_cpus: float, env_vars: dict[str, str] | None = None):
+    """The RegistryCache, created with ``settings_kwargs`` (``Settings.shared_kwargs()``) and
+    ``env_vars`` (``Settings.credential_env("registry_cache")``) when it does not exist yet."""
+    return get_or_create_actor(RegistryCache, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus, env_vars=env_vars)
