@@ -56,6 +56,12 @@ class AuthSettings(_Section):
 
 
 class HttpSettings(_Section):
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface the Serve HTTP proxy listens on, as `matih-ml up` starts it (http_options.host of "
+        "serve_config.yaml): 127.0.0.1 = this machine only (local profile); 0.0.0.0 = every interface "
+        "(production profile: put TLS in front of it).",
+    )
     max_body_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="Largest request body accepted; larger ones get 413."
     )

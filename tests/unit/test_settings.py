@@ -175,3 +175,22 @@ def test_a_job_by_hand_needs_no_admin_token(tmp_path, monkeypatch):
     monkeypatch.delenv("MATIH_ADMIN_TOKEN", raising=False)
     s = load_settings("production", matih_home=str(tmp_path), need_admin_token=False)
     assert s.admin_token is None
+
+
+def test_local_binds_this_machine_and_production_every_interface(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import yaml
+
+    from app.cli import serve_config_for
+
+    repo_config = str(Path(__file__).resolve().parents[2] / "serve_config.yaml")
+    with open(repo_config) as fh:
+        assert yaml.safe_load(fh)["http_options"]["host"] == "127.0.0.1"  # `serve run serve_config.yaml` as is
+    monkeypatch.delenv("MATIH_HTTP_PORT", raising=False)
+    local = serve_config_for(load_settings("local", matih_home=str(tmp_path)), repo_config)
+    assert local["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    monkeypatch.setenv("MATIH_ADMIN_TOKEN", "t")
+    prod = serve_config_for(load_settings("production", matih_home=str(tmp_path), http_port=8080), repo_config)
+    assert prod["http_options"] == {"host": "0.0.0.0", "port": 8080}
+    assert prod["applications"] == local["applications"]
