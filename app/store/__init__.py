@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound
-from app.redaction import MASK, keep_redacted, redact_value
+from app.redaction import MASK, keep_redacted, redact, redact_value
 from app.store.models import ApiToken, AuditRecord, Endpoint, Job
 
 __all__ = ["MetadataStore", "JOB_STATUSES", "TERMINAL_STATUSES"]
@@ -348,7 +348,8 @@ class MetadataStore:
                 row.finished_at = None
             for key in ("result", "progress", "error", "ray_job_id"):
                 if key in fields:
-                    setattr(row, key, fields[key])
+                    # a job's error may quote a URL with its password: never stored
+                    setattr(row, key, redact_value(fields[key]))
             s.flush()
             out = self._job_dict(row)
             self._audit(s, actor, f"job.{status}", "job", job_id, {"status": before}, {"status": status})
@@ -361,7 +362,7 @@ class MetadataStore:
                 raise NotFound(f"job {job_id!r} does not exist")
             row.progress = {**(row.progress or {}), **progress}
             if log:
-                row.logs = ((row.logs or "") + log.rstrip("\n") + "\n")[-_MAX_LOG_CHARS:]
+                row.logs = ((row.logs or "") + redact(log).rstrip("\n") + "\n")[-_MAX_LOG_CHARS:]
 
     def set_ray_job(self, job_id: str, ray_job_id: str) -> None:
         """Record which Ray Job runs the job (before it is submitted, so a crash in between

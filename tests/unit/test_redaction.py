@@ -91,7 +91,9 @@ def test_ready_and_info_hide_the_mlflow_password(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), NotMlflow)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     uri = f"http://alice:s3cret@127.0.0.1:{server.server_port}"
-    settings = load_settings("local", matih_home=str(tmp_path), mlflow_tracking_uri=uri, admin_token="adm")
+    # a generous probe limit: the 404 comes at once, but a first MLflow call on a busy machine is slow
+    settings = load_settings("local", matih_home=str(tmp_path), mlflow_tracking_uri=uri, admin_token="adm",
+                             serving={"mlflow_timeout_s": 60})
     store = MetadataStore(settings.database_url)
     store.migrate()
     ctx = ApiContext(settings=settings, store=store, registry=ModelRegistry(settings, serving=True),
@@ -107,3 +109,13 @@ def test_ready_and_info_hide_the_mlflow_password(tmp_path):
     finally:
         store.dispose()
         server.shutdown()
+
+
+def test_job_errors_and_logs_are_stored_without_credentials(store):
+    job = store.create_job("training", "j", {"x": 1}, "admin")
+    store.transition_job(job["job_id"], "running")
+    store.update_job_progress(job["job_id"], {"stage": "fit"}, log="connecting to postgresql://u:pg-pa55@db/m")
+    store.transition_job(job["job_id"], "failed", error="MLflow at http://a:mlf-pa55@mlflow:5000 refused")
+    got = store.get_job(job["job_id"], with_logs=True)
+    assert got["error"] == "MLflow at http://a:***@mlflow:5000 refused"
+    assert "postgresql://u:***@db/m" in got["logs"] and "pa55" not in json.dumps(got)
