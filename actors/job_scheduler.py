@@ -179,6 +179,8 @@ class _RayJobLauncher:
         self.store.set_ray_job(job["job_id"], sub_id)  # before submitting: a crash in between leaves the id to find
         needs = job_needs(job["kind"], job["spec"], self.settings)
         runtime_env = dict(self.settings.jobs.ray_job_runtime_env)
+        # The job reads its credentials from its environment, never from an actor method.
+        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **self.settings.credential_env("job")}
         try:
             self.client.submit_job(
                 entrypoint=f"{sys.executable} -m app.jobs.run --job-id {job['job_id']} "
@@ -221,8 +223,8 @@ class JobScheduler:
         from app.settings import Settings
         from app.store import MetadataStore
 
-        self._settings_kwargs = settings_kwargs
-        settings = Settings(**settings_kwargs)
+        settings = Settings.from_shared(settings_kwargs)  # credentials from its environment
+        self._shared_kwargs = settings.shared_kwargs()
         self._interval = settings.jobs.poll_interval_s
         self._reconcile_s = settings.jobs.reconcile_interval_s
         self._store = MetadataStore.from_settings(settings)
@@ -280,15 +282,18 @@ class JobScheduler:
         return self._recovered
 
     async def settings(self) -> dict[str, Any]:
-        """The platform's settings, for job entry points started on this cluster."""
-        return self._settings_kwargs
+        """The platform's settings without credentials (``Settings.shared_kwargs()``), for job
+        entry points started on this cluster; each job has its credentials in its environment."""
+        return self._shared_kwargs
 
     async def ping(self) -> bool:
         return True
 
 
-def get_job_scheduler(settings_kwargs: dict[str, Any], num_cpus: float):
-    return get_or_create_actor(JobScheduler, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus)
+def get_job_scheduler(settings_kwargs: dict[str, Any], num_cpus: float, env_vars: dict[str, str] | None = None):
+    """The JobScheduler, created with ``settings_kwargs`` (``Settings.shared_kwargs()``) and
+    ``env_vars`` (``Settings.credential_env("job_scheduler")``) when it does not exist yet."""
+    return get_or_create_actor(JobScheduler, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus, env_vars=env_vars)
 
 
 def find_job_scheduler():

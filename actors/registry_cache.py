@@ -29,7 +29,7 @@ class RegistryCache:
         from app.settings import Settings
         from app.store import MetadataStore
 
-        settings = Settings(**settings_kwargs)
+        settings = Settings.from_shared(settings_kwargs)  # MLflow URL and S3 keys from its environment
         self._registry = ModelRegistry(settings, serving=True)
         self._store = MetadataStore.from_settings(settings)
         # Settle the registry mutations a crash left half done, off the actor's start (MLflow may be slow).
@@ -105,5 +105,7 @@ class RegistryCache:
         return ref
 
 
-def get_registry_cache(settings_kwargs: dict[str, Any], num_cpus: float):
-    return get_or_create_actor(RegistryCache, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus)
+def get_registry_cache(settings_kwargs: dict[str, Any], num_cpus: float, env_vars: dict[str, str] | None = None):
+    """The RegistryCache, created with ``settings_kwargs`` (``Settings.shared_kwargs()``) and
+    ``env_vars`` (``Settings.credential_env("registry_cache")``) when it does not exist yet."""
+    return get_or_create_actor(RegistryCache, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus, env_vars=env_vars)

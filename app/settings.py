@@ -54,10 +54,23 @@ class AuthSettings(_Section):
         description="Create an admin token on first start when none is configured. The production "
         "profile sets this to false, so it refuses to start without MATIH_ADMIN_TOKEN.",
     )
-    cache_ttl_s: float = Field(5.0, ge=0, description="How long a gateway replica trusts a token lookup.")
+    cache_ttl_s: float = Field(
+        5.0, ge=0, description="How long a gateway replica trusts a token lookup (a revoked token may work "
+        "that long; an expired one never does)."
+    )
+    cache_size: int = Field(
+        10_000, ge=1, description="Valid tokens a gateway replica caches (least recently used go first). Unknown "
+        "tokens are cached apart, in a tenth of that, so a flood of random tokens never evicts a valid one.",
+    )
 
 
 class HttpSettings(_Section):
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface the Serve HTTP proxy listens on, as `matih-ml up` starts it (http_options.host of "
+        "serve_config.yaml): 127.0.0.1 = this machine only (local profile); 0.0.0.0 = every interface "
+        "(production profile: put TLS in front of it).",
+    )
     max_body_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="Largest request body accepted; larger ones get 413."
     )
@@ -456,12 +469,16 @@ class Settings(BaseSettings):
             self.storage.allowed_buckets = [self.artifact_root.split("://", 1)[1].split("/", 1)[0]]
         if self.database_url.startswith("postgresql://"):
             self.database_url = "postgresql+psycopg://" + self.database_url[len("postgresql://") :]
+        return self
+
+    def check_admin_token(self) -> None:
+        """Refuse a profile that needs an admin token (``auth.generate_admin_token: false``)
+        when none is set. Only the processes that start or serve the platform need one."""
         if self.auth.enabled and self.admin_token is None and not self.auth.generate_admin_token:
-            raise ValueError(
+            raise ConfigError(
                 f"the {self.profile} profile needs an admin token: set MATIH_ADMIN_TOKEN "
                 "(or auth.generate_admin_token: true, for a single-user machine)"
             )
-        return self
 
     @classmethod
     def settings_customise_sources(
@@ -486,12 +503,80 @@ class Settings(BaseSettings):
         return self.jobs.storage_path or str(Path(self.matih_home) / "train_results")
 
     def to_init_kwargs(self) -> dict[str, Any]:
-        """A plain dict that rebuilds these exact settings in another process (secrets included)."""
+        """A plain dict that rebuilds these exact settings in another process (secrets included).
+        For this process's own use (tests, benchmarks); actors and jobs get :meth:`shared_kwargs`."""
         data = self.model_dump(mode="json")
-        for key in ("s3_access_key", "s3_secret_key", "admin_token"):
+        for key in SECRET_FIELDS:
             value = getattr(self, key)
             data[key] = value.get_secret_value() if value is not None else None
         return data
+
+    def shared_kwargs(self) -> dict[str, Any]:
+        """The settings another process may be handed (an actor's constructor argument, what
+        ``JobScheduler.settings()`` answers): no admin token, no S3 keys, and the URLs of
+        :data:`CREDENTIAL_URL_FIELDS` without their password. The process reads those from its
+        own environment (:meth:`credential_env`, :meth:`from_shared`)."""
+        data = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        for key in CREDENTIAL_URL_FIELDS:
+            data[key] = _without_password(data[key])
+        return data
+
+    def credential_env(self, process: str) -> dict[str, str]:
+        """``{ENV_NAME: value}`` of the credentials ``process`` (a key of
+        :data:`CREDENTIALS_BY_PROCESS`) needs: the runtime_env ``env_vars`` its creator sets."""
+        out: dict[str, str] = {}
+        for key in CREDENTIALS_BY_PROCESS[process]:
+            value = getattr(self, key)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if value:
+                out[env_name(Settings.model_fields[key])] = str(value)
+        return out
+
+    @classmethod
+    def from_shared(cls, kwargs: dict[str, Any]) -> "Settings":
+        """Rebuild settings from :meth:`shared_kwargs` in this process: each credential (admin
+        token, S3 keys, the full database / MLflow / Redis URL) comes from this process's
+        environment where it names one (``DATABASE_URL``, ``S3_SECRET_KEY``, ...), else the
+        shared value stands (a URL without password, no key)."""
+        env = {k.upper() for k in os.environ}
+        data = dict(kwargs)
+        for key in (*SECRET_FIELDS, *CREDENTIAL_URL_FIELDS):
+            if env_name(cls.model_fields[key]).upper() in env:
+                data.pop(key, None)
+        return cls(**data)
+
+
+# Never handed to another process as an argument: each reaches only the processes that need
+# it, through their environment.
+SECRET_FIELDS = ("admin_token", "s3_access_key", "s3_secret_key")
+# Handed to other processes without their password; the full URL travels in the environment.
+CREDENTIAL_URL_FIELDS = ("database_url", "mlflow_tracking_uri", "redis_url")
+# Which credentials each kind of process gets in its environment (Ray runtime_env env_vars):
+# the application builder sets them for the deployments and actors, the JobScheduler for
+# each job it submits. The ModelServer gets none: models reach it through the RegistryCache.
+CREDENTIALS_BY_PROCESS: dict[str, tuple[str, ...]] = {
+    "gateway": ("admin_token", "database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
+    "model_server": (),
+    "registry_cache": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),  # trust records, outbox
+    "job_scheduler": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
+    "job": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
+}
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part left out (user and host kept)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
 
 
 def env_name(field) -> str | None:
@@ -564,10 +649,13 @@ def _explain(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_settings(profile: str | None = None, config_dir: Path | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    profile: str | None = None, config_dir: Path | None = None, *, need_admin_token: bool = True, **overrides: Any
+) -> Settings:
     """Build the settings for ``profile`` (default: ``$MATIH_PROFILE`` or ``local``).
 
     ``overrides`` win over the environment and the profile; keys are field names.
+    ``need_admin_token=False`` for processes that never check a token (a job run by hand).
     """
     config_dir = config_dir or CONFIG_DIR
     profile = profile or os.environ.get("MATIH_PROFILE") or "local"
@@ -584,8 +672,11 @@ def load_settings(profile: str | None = None, config_dir: Path | None = None, **
     try:
         # Profile values go in as init kwargs; pydantic-settings then gives them precedence over
         # the environment, which is why environment-set keys were removed from ``data`` above.
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source)) from None
     except ValueError as exc:  # pragma: no cover - raised by validators outside pydantic's wrapping
         raise ConfigError(f"invalid configuration ({source}): {exc}") from None
+    if need_admin_token:
+        settings.check_admin_token()
+    return settings

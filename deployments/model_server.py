@@ -39,7 +39,8 @@ class ModelServer:
         from app.serving.batching import CallQueue
         from app.settings import Settings
 
-        self.settings = Settings(**settings_kwargs)
+        # No credentials here: models come from the RegistryCache, which the builder created.
+        self.settings = Settings.from_shared(settings_kwargs)
         cache = get_registry_cache(settings_kwargs, self.settings.actors.num_cpus)
         self.loader = ModelLoader(
             self.settings,

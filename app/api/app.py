@@ -21,6 +21,7 @@ from app import __version__
 from app.api.errors import install_error_handlers
 from app.auth import Authenticator, Principal, Role
 from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge, PermissionDenied
+from app.redaction import redact
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable
 from app.registry.targets import ModelRef, parse_target
 from app.schemas import (
@@ -183,7 +184,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         for name, res in zip(names, results):
             if isinstance(res, BaseException):
                 msg = res.message if isinstance(res, MatihError) else (str(res) or type(res).__name__)
-                deps[name] = {"status": "down", "error": msg}
+                deps[name] = {"status": "down", "error": redact(msg)}
             else:
                 deps[name] = {"status": "up"}
         # MLflow is not needed to serve: models already resolved and loaded keep serving (last
@@ -203,9 +204,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
             "version": __version__,
             "profile": s.profile,
             "integrations": {
-                "mlflow": {"tracking_uri": _redact(s.mlflow_tracking_uri)},
+                "mlflow": {"tracking_uri": redact(s.mlflow_tracking_uri)},
                 "metadata_store": ctx.store.engine.dialect.name,
-                "ray": {"address": s.ray_address or "local"},
+                "ray": {"address": redact(s.ray_address) if s.ray_address else "local"},
                 "runtimes": sorted(RUNTIMES),
                 "feast": bool(s.feast_repo_path),
                 "s3": bool(s.s3_endpoint),
@@ -217,7 +218,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # -- tokens ----------------------------------------------------------------------------
     @api.post("/v1/tokens", status_code=201, tags=["auth"], summary="Issue a token with a role (admin)")
     async def create_token(body: TokenCreate, who: Principal = admin) -> dict[str, Any]:
-        record, plaintext = await asyncio.to_thread(ctx.store.create_token, body.name, body.role, who.name)
+        record, plaintext = await asyncio.to_thread(
+            ctx.store.create_token, body.name, body.role, who.name, body.expiry()
+        )
         return {**record, "token": plaintext}
 
     @api.delete("/v1/tokens/{token_id}", status_code=204, tags=["auth"], summary="Revoke a token (admin)")
@@ -294,7 +297,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             row["model_version"] = resolved.version
         except MatihError as exc:
             row["model_version"] = None
-            row["resolve_error"] = exc.message
+            row["resolve_error"] = redact(exc.message)
         return row
 
     @api.put("/v1/endpoints/{name}", tags=["serving"], summary="Change an endpoint (no redeploy)")
@@ -371,7 +374,7 @@ def role_dependencies(ctx: ApiContext):
 
     def require(role: Role):
         async def dependency(request: Request) -> Principal:
-            principal = ctx.authenticator.authenticate(request.headers.get("authorization"))
+            principal = await ctx.authenticator.authenticate(request.headers.get("authorization"))
             principal.require(role)
             return principal
 
@@ -421,13 +424,3 @@ def _check_device(ctx: ApiContext, config: dict[str, Any]) -> None:
             "config.device 'gpu': this Ray cluster has no GPUs, so there is no GPU pool; omit device or use 'cpu'",
             details={"field": "config.device"},
         )
-
-
-def _redact(uri: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri

@@ -13,6 +13,7 @@ import hashlib
 import json
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound
+from app.redaction import MASK, keep_redacted, redact, redact_value
 from app.store.models import ApiToken, AuditRecord, Endpoint, Job, ModelApproval, ModelTrust, RegistryOp
 
 __all__ = ["MetadataStore", "JOB_STATUSES", "TERMINAL_STATUSES"]
@@ -76,18 +78,23 @@ def _decode_token(token: str | None) -> list[Any] | None:
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # surrogatepass: a header decoded by the server may hold any code point; hashing never fails
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def redacted_endpoint(endpoint: dict[str, Any]) -> dict[str, Any]:
-    """An endpoint with the values of ``config.headers`` (credentials for a remote server, e.g.
-    a Triton ``Authorization`` header) replaced by ``***`` and the names kept: what the API
-    sends back and what the audit log keeps. The credential itself lives only in the endpoint
-    row."""
+    """An endpoint as the API sends it back and the audit log keeps it: the values of
+    ``config.headers`` (credentials for a remote server, e.g. a Triton ``Authorization``
+    header) replaced by ``***`` with the names kept, and the credentials inside URIs of the
+    config (``config.url`` with ``user:password@``) hidden by :func:`app.redaction.redact`.
+    The credentials themselves live only in the endpoint row, which only the serving path reads."""
     config = endpoint.get("config") or {}
+    if not isinstance(config, dict) or not config:
+        return endpoint
+    config = redact_value(config)
     if isinstance(config.get("headers"), dict):
-        return {**endpoint, "config": {**config, "headers": {k: "***" for k in config["headers"]}}}
-    return endpoint
+        config["headers"] = {k: MASK for k in config["headers"]}
+    return {**endpoint, "config": config}
 
 
 class MetadataStore:
@@ -240,6 +247,8 @@ class MetadataStore:
             if row is None:
                 raise NotFound(f"endpoint {name!r} does not exist; POST /v1/endpoints creates it")
             before = self._endpoint_dict(row)
+            if isinstance(changes.get("config"), dict):  # a config as GET showed it keeps its credentials
+                changes = {**changes, "config": keep_redacted(changes["config"], row.config or {})}
             for field in ("target", "runtime", "config"):
                 if field in changes and changes[field] is not None:
                     setattr(row, field, changes[field])
@@ -383,7 +392,8 @@ class MetadataStore:
                 row.finished_at = None
             for key in ("result", "progress", "error", "ray_job_id"):
                 if key in fields:
-                    setattr(row, key, fields[key])
+                    # a job's error may quote a URL with its password: never stored
+                    setattr(row, key, redact_value(fields[key]))
             s.flush()
             out = self._job_dict(row)
             self._audit(s, actor, f"job.{status}", "job", job_id, {"status": before}, {"status": status})
@@ -396,7 +406,7 @@ class MetadataStore:
                 raise NotFound(f"job {job_id!r} does not exist")
             row.progress = {**(row.progress or {}), **progress}
             if log:
-                row.logs = ((row.logs or "") + log.rstrip("\n") + "\n")[-_MAX_LOG_CHARS:]
+                row.logs = ((row.logs or "") + redact(log).rstrip("\n") + "\n")[-_MAX_LOG_CHARS:]
 
     def set_ray_job(self, job_id: str, ray_job_id: str) -> None:
         """Record which Ray Job runs the job (before it is submitted, so a crash in between
@@ -639,9 +649,14 @@ class MetadataStore:
             ).first() is not None
 
     # -- tokens ----------------------------------------------------------------------------
-    def create_token(self, name: str, role: str, actor: str) -> tuple[dict[str, Any], str]:
-        """Issue a token; returns (its record, the plaintext). Only the hash is stored."""
+    def create_token(
+        self, name: str, role: str, actor: str, expires_at: datetime | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """Issue a token; returns (its record, the plaintext). Only the hash is stored.
+        ``expires_at`` (aware or UTC): from then on the token is refused; None = until revoked."""
         plaintext = "mtk_" + secrets.token_urlsafe(32)
+        if expires_at is not None and expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=timezone.utc)
         row = ApiToken(
             id=uuid.uuid4().hex,
             name=name,
@@ -649,11 +664,15 @@ class MetadataStore:
             role=role,
             created_by=actor,
             created_at=_now(),
+            expires_at=expires_at.timestamp() if expires_at is not None else None,
         )
         with self._tx() as s:
             s.add(row)
             s.flush()
-            record = {"id": row.id, "name": name, "role": role, "created_at": _iso(row.created_at)}
+            record = {
+                "id": row.id, "name": name, "role": role, "created_at": _iso(row.created_at),
+                "expires_at": _iso(expires_at.astimezone(timezone.utc)) if expires_at is not None else None,
+            }
             self._audit(s, actor, "token.create", "token", row.id, None, record)
         return record, plaintext
 
@@ -665,14 +684,17 @@ class MetadataStore:
             row.revoked_at = _now()
             self._audit(s, actor, "token.revoke", "token", token_id, {"role": row.role}, None)
 
-    def role_for_token(self, plaintext: str) -> tuple[str, str] | None:
-        """(role, token name) of a live token, or None."""
+    def role_for_token(self, plaintext: str) -> tuple[str, str, float | None] | None:
+        """(role, token name, expiry as a Unix time or None) of a live token: not revoked and
+        not expired; else None."""
         digest = hash_token(plaintext)
         with self._tx() as s:
             row = s.scalars(
                 select(ApiToken).where(ApiToken.token_sha256 == digest, ApiToken.revoked_at.is_(None))
             ).first()
-            return (row.role, row.name) if row is not None else None
+            if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
+                return None
+            return row.role, row.name, row.expires_at
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
