@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -72,6 +73,8 @@ def _is_unavailable(exc: Exception) -> bool:
 
 
 _NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+# MLflow answers a missing alias with its 400 (INVALID_PARAMETER_VALUE); that one is a 404.
+_MISSING_ALIAS = re.compile(r"Registered model alias \S+ not found")
 _EXISTS_CODES = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS", "RESOURCE_CONFLICT", "INVALID_STATE", "ABORTED")
 
 
@@ -89,7 +92,7 @@ def mlflow_error(exc: Exception, what: str, fix: str = "") -> MatihError:
     code = getattr(exc, "error_code", "") or ""
     msg = getattr(exc, "message", str(exc))
     status = exc.get_http_status_code()
-    if code in _NOT_FOUND_CODES:
+    if code in _NOT_FOUND_CODES or _MISSING_ALIAS.search(msg):
         return NotFound(f"{what} does not exist{hint}")
     if code in _EXISTS_CODES:
         if code in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS") or "already exists" in msg.lower():

@@ -61,6 +61,9 @@ def mlflow_answering(tmp_path):
          RegistryRejected),
         (400, {"error_code": "BAD_REQUEST", "message": "bad"}, RegistryRejected),
         (404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "Registered Model with name=m not found"}, NotFound),
+        # the one 400 that means "not found": MLflow's answer for a missing alias
+        (400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "Registered model alias production not found."},
+         NotFound),
     ],
 )
 def test_registry_service_maps_mlflow_refusals(mlflow_answering, status, body, expected):
