@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, MatihError, NotFound
+from app.names import parse_version
+from app.pagination import mlflow_page_token
 from app.registry import formats as F
 from app.registry.mlflow_registry import (
     TAG_APPROVED_BY,
@@ -102,10 +104,7 @@ def check_model_name(name: str) -> str:
 
 
 def check_version(version: str | int) -> str:
-    text = str(version)
-    if not text.isdigit() or int(text) < 1 or len(text) > 9:
-        raise InvalidInput(f"version {version!r} is not a positive integer", details={"field": "version"})
-    return str(int(text))
+    return parse_version(version)
 
 
 def check_alias(alias: str) -> str:
@@ -217,7 +216,9 @@ class RegistryService:
 
     def list_models(self, limit: int = 50, page_token: str | None = None) -> tuple[list[dict], str | None]:
         with self._mlflow("the registered models"):
-            page = self.client.search_registered_models(max_results=limit, page_token=page_token, order_by=["name ASC"])
+            page = self.client.search_registered_models(
+                max_results=limit, page_token=mlflow_page_token(page_token), order_by=["name ASC"]
+            )
         return [self._model_view(rm) for rm in page], _token(page.token)
 
     def get_model(self, name: str) -> dict[str, Any]:
@@ -285,7 +286,8 @@ class RegistryService:
         rm = self._rm(name)
         with self._mlflow(f"versions of {name!r}"):
             page = self.client.search_model_versions(
-                f"name = '{name}'", max_results=limit, order_by=["version_number DESC"], page_token=page_token
+                f"name = '{name}'", max_results=limit, order_by=["version_number DESC"],
+                page_token=mlflow_page_token(page_token),
             )
         aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
         return [self._version_view(mv, aliases) for mv in page], _token(page.token)
@@ -861,7 +863,7 @@ class RegistryService:
 
     def list_experiments(self, limit: int = 50, page_token: str | None = None) -> tuple[list[dict], str | None]:
         with self._mlflow("the experiments"):
-            page = self.client.search_experiments(max_results=limit, page_token=page_token)
+            page = self.client.search_experiments(max_results=limit, page_token=mlflow_page_token(page_token))
         return [self._experiment_view(e) for e in page], _token(page.token)
 
     def list_runs(self, experiment_id: str, limit: int = 50, page_token: str | None = None) -> tuple[list[dict], str | None]:
@@ -870,7 +872,8 @@ class RegistryService:
         with self._mlflow(f"experiment {experiment_id!r}", "GET /v1/experiments lists them"):
             self.client.get_experiment(experiment_id)
             page = self.client.search_runs(
-                [experiment_id], max_results=limit, page_token=page_token, order_by=["attributes.start_time DESC"]
+                [experiment_id], max_results=limit, page_token=mlflow_page_token(page_token),
+                order_by=["attributes.start_time DESC"],
             )
         return [self._run_view(r) for r in page], _token(page.token)
 
