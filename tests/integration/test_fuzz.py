@@ -197,7 +197,8 @@ def _clean_up(platform, fuzz: _Fuzz, jobs_before: set[str]) -> None:
             if not token:
                 break
         for job in jobs:
-            if (job["job_id"] in fuzz.jobs or job["job_id"] not in jobs_before) and job["status"] in ("queued", "running"):
+            started_here = job["job_id"] in fuzz.jobs or job["job_id"] not in jobs_before
+            if started_here and job["status"] in ("queued", "running"):
                 c.post(f"/v1/jobs/{job['job_id']}/cancel")
         for ep in c.get("/v1/endpoints", params={"limit": 500}).json()["items"]:
             if ep["name"].startswith(PREFIX):
@@ -207,6 +208,9 @@ def _clean_up(platform, fuzz: _Fuzz, jobs_before: set[str]) -> None:
                 c.delete(f"/v1/models/{model['name']}")
         for token_id in fuzz.tokens:
             c.delete(f"/v1/tokens/{token_id}")
+        left = [m["name"] for m in c.get("/v1/models", params={"limit": 500}).json()["items"]]
+        left += [e["name"] for e in c.get("/v1/endpoints", params={"limit": 500}).json()["items"]]
+        assert not [n for n in left if n.startswith(PREFIX)], f"fuzz objects left behind: {left}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             live = [j for j in c.get("/v1/jobs", params={"limit": 500}).json()["items"]
@@ -221,6 +225,7 @@ def test_fuzz_the_openapi_schema_finds_no_5xx(platform, iris, capsys):
     started = time.monotonic()
     with platform.client() as c:
         jobs_before = {j["job_id"] for j in c.get("/v1/jobs", params={"limit": 500}).json()["items"]}
+        audit_before = c.get("/v1/audit", params={"limit": 1}).json()["items"][0]["id"]
         r = c.post(f"/v1/models/{MODEL}/versions", json={"job_id": iris["job_id"]})
         assert r.status_code == 201, r.text
         r = c.post("/v1/endpoints", json={"name": ENDPOINT, "target": f"{MODEL}/1"})
@@ -246,14 +251,18 @@ def test_fuzz_the_openapi_schema_finds_no_5xx(platform, iris, capsys):
     finally:
         _clean_up(platform, fuzz, jobs_before)
     took = time.monotonic() - started
+    with platform.client() as c:
+        audit = c.get("/v1/audit", params={"limit": 1000}).json()["items"]
+        audit_rows = sum(1 for a in audit if a["id"] > audit_before)
     summary = (
         f"fuzz: {len(operations)} operations, {sum(fuzz.requests.values())} requests "
         f"({EXAMPLES} examples per operation and mode, seed {SEED}), 5xx found: {len(fuzz.failures)}, "
-        f"statuses {dict(sorted(fuzz.statuses.items()))}, {took:.0f}s"
+        f"statuses {dict(sorted(fuzz.statuses.items()))}, {audit_rows} audit rows, {took:.0f}s"
     )
     with capsys.disabled():
         print("\n" + summary)
-    untouched = [f"{o.method.upper()} {o.path}" for o in operations if not fuzz.requests[f"{o.method.upper()} {o.path}"]]
+    labels = [f"{o.method.upper()} {o.path}" for o in operations]
+    untouched = [label for label in labels if not fuzz.requests[label]]
     assert not untouched, f"operations never fuzzed: {untouched}"
     assert not fuzz.failures, summary + "\n" + "\n".join(fuzz.failures.values())
 
