@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from app.errors import InvalidInput
+from app.names import parse_version
 
 _ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -23,10 +24,7 @@ def check_model_name(name: str) -> str:
 
 
 def check_version(version: str | int) -> str:
-    text = str(version)
-    if not text.isdigit() or int(text) < 1 or len(text) > 9:
-        raise InvalidInput(f"version {version!r} is not a positive integer", details={"field": "version"})
-    return str(int(text))
+    return parse_version(version)
 
 
 def check_alias(alias: str) -> str:

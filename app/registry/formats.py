@@ -634,7 +634,15 @@ def load_native(model_dir: Path, metadata: dict[str, Any]) -> NativeModel:
             )
         import joblib
 
-        model = joblib.load(path)  # trusted by an admin: pickle, cloudpickle and joblib files
+        try:
+            model = joblib.load(path)  # trusted by an admin: pickle, cloudpickle and joblib files
+        except Exception as exc:  # unpickling fails in any way the bytes choose; the file was never loaded before
+            raise Conflict(
+                f"model {model_id}'s {fmt} file cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); "
+                "register a working file as a new version",
+                code="unloadable_model",
+                details={"model": model_id, "format": fmt},
+            ) from None
         return NativeModel(fmt, model, _check_estimator(model))
     if fmt == "skops":
         trusted = json.loads(tags.get(TAG_SKOPS_TYPES, "[]"))

@@ -7,6 +7,7 @@ import tempfile
 from typing import Any
 
 from app.errors import Conflict, DependencyUnavailable, MatihError, NotFound
+from app.pagination import mlflow_page_token
 from app.registry.base import (
     TAG_CONVERTED_FROM,
     TAG_INTENDED_USE,
@@ -61,7 +62,7 @@ class ModelsMixin(RegistryBase):
 
     def list_models(self, limit: int = 50, page_token: str | None = None) -> tuple[list[dict], str | None]:
         with self._mlflow("the registered models"):
-            page = self.client.search_registered_models(max_results=limit, page_token=page_token, order_by=["name ASC"])
+            page = self.client.search_registered_models(max_results=limit, page_token=mlflow_page_token(page_token), order_by=["name ASC"])
         return [self._model_view(rm) for rm in page], _token(page.token)
 
     def get_model(self, name: str) -> dict[str, Any]:
@@ -111,7 +112,7 @@ class ModelsMixin(RegistryBase):
         rm = self._rm(name)
         with self._mlflow(f"versions of {name!r}"):
             page = self.client.search_model_versions(
-                f"name = '{name}'", max_results=limit, order_by=["version_number DESC"], page_token=page_token
+                f"name = '{name}'", max_results=limit, order_by=["version_number DESC"], page_token=mlflow_page_token(page_token)
             )
         aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
         grants = self._grants(name)

@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from app.errors import InvalidInput
+from app.pagination import mlflow_page_token
 from app.registry.base import RegistryBase, _iso, _token
 
 
@@ -40,7 +41,7 @@ class TrackingMixin(RegistryBase):
 
     def list_experiments(self, limit: int = 50, page_token: str | None = None) -> tuple[list[dict], str | None]:
         with self._mlflow("the experiments"):
-            page = self.client.search_experiments(max_results=limit, page_token=page_token)
+            page = self.client.search_experiments(max_results=limit, page_token=mlflow_page_token(page_token))
         return [self._experiment_view(e) for e in page], _token(page.token)
 
     def list_runs(self, experiment_id: str, limit: int = 50, page_token: str | None = None) -> tuple[list[dict], str | None]:
@@ -49,7 +50,7 @@ class TrackingMixin(RegistryBase):
         with self._mlflow(f"experiment {experiment_id!r}", "GET /v1/experiments lists them"):
             self.client.get_experiment(experiment_id)
             page = self.client.search_runs(
-                [experiment_id], max_results=limit, page_token=page_token, order_by=["attributes.start_time DESC"]
+                [experiment_id], max_results=limit, page_token=mlflow_page_token(page_token), order_by=["attributes.start_time DESC"]
             )
         return [self._run_view(r) for r in page], _token(page.token)
 

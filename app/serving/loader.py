@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import InvalidInput
+from app.names import parse_version
 from app.registry.formats import PICKLE_FORMATS
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable, model_metadata
 from app.runtimes.base import ModelRuntime, get_runtime_class
@@ -41,9 +42,9 @@ def parse_model_id(model_id: str) -> tuple[str, str, str]:
     if not sep:
         runtime, rest = "onnx", model_id
     name, sep, version = rest.rpartition("/")
-    if not sep or not name or not version.isdigit():
+    if not sep or not name:
         raise InvalidInput(f"model id {model_id!r} is not '[runtime:]name/version'")
-    return runtime, name, version
+    return runtime, name, parse_version(version)
 
 
 class ModelLoader:

@@ -8,9 +8,7 @@ change is never stored without its record (nor the other way round).
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import secrets
 import threading
 import time
@@ -28,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound
 from app.redaction import MASK, keep_redacted, redact, redact_value
+from app.pagination import decode_page_token, encode_page_token, int_field, str_field, time_field
 from app.store.models import ApiToken, AuditRecord, Endpoint, Job, ModelApproval, ModelTrust, RegistryOp
 
 __all__ = ["MetadataStore", "JOB_STATUSES", "TERMINAL_STATUSES"]
@@ -59,22 +58,6 @@ def _iso(value: datetime | None) -> str | None:
 
 def _aware(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
-
-
-def _encode_token(key: list[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
-
-
-def _decode_token(token: str | None) -> list[Any] | None:
-    if not token:
-        return None
-    try:
-        key = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, TypeError):
-        raise InvalidInput(f"page_token {token!r} is not one this API issued; omit it to start from the top")
-    if not isinstance(key, list):
-        raise InvalidInput(f"page_token {token!r} is not one this API issued; omit it to start from the top")
-    return key
 
 
 def hash_token(token: str) -> str:
@@ -225,14 +208,14 @@ class MetadataStore:
             return self._endpoint_dict(row)
 
     def list_endpoints(self, limit: int = 100, page_token: str | None = None) -> tuple[list[dict], str | None]:
-        key = _decode_token(page_token)
+        key = decode_page_token(page_token, str_field)
         with self._tx() as s:
             q = select(Endpoint).order_by(Endpoint.name).limit(limit + 1)
             if key:
                 q = q.where(Endpoint.name > key[0])
             rows = list(s.scalars(q))
         items = [self._endpoint_dict(r) for r in rows[:limit]]
-        nxt = _encode_token([rows[limit - 1].name]) if len(rows) > limit else None
+        nxt = encode_page_token(rows[limit - 1].name) if len(rows) > limit else None
         return items, nxt
 
     def update_endpoint(
@@ -340,7 +323,7 @@ class MetadataStore:
     def list_jobs(
         self, *, kind: str | None = None, status: str | None = None, limit: int = 100, page_token: str | None = None
     ) -> tuple[list[dict], str | None]:
-        key = _decode_token(page_token)
+        key = decode_page_token(page_token, time_field, str_field)
         with self._tx() as s:
             q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
             if kind:
@@ -348,14 +331,14 @@ class MetadataStore:
             if status:
                 q = q.where(Job.status == status)
             if key:
-                at = datetime.fromisoformat(key[0])
-                q = q.where((Job.created_at < at) | ((Job.created_at == at) & (Job.id < key[1])))
+                at, job_id = key
+                q = q.where((Job.created_at < at) | ((Job.created_at == at) & (Job.id < job_id)))
             rows = list(s.scalars(q))
         items = [self._job_dict(r) for r in rows[:limit]]
         nxt = None
         if len(rows) > limit:
             last = rows[limit - 1]
-            nxt = _encode_token([last.created_at.isoformat(), last.id])
+            nxt = encode_page_token(last.created_at.isoformat(), last.id)
         return items, nxt
 
     def transition_job(
@@ -443,13 +426,13 @@ class MetadataStore:
     def list_audit(
         self, *, limit: int = 100, page_token: str | None = None, resource_type: str | None = None
     ) -> tuple[list[dict], str | None]:
-        key = _decode_token(page_token)
+        key = decode_page_token(page_token, int_field)
         with self._tx() as s:
             q = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit + 1)
             if resource_type:
                 q = q.where(AuditRecord.resource_type == resource_type)
             if key:
-                q = q.where(AuditRecord.id < int(key[0]))
+                q = q.where(AuditRecord.id < key[0])
             rows = list(s.scalars(q))
         items = [
             {
@@ -464,7 +447,7 @@ class MetadataStore:
             }
             for r in rows[:limit]
         ]
-        nxt = _encode_token([rows[limit - 1].id]) if len(rows) > limit else None
+        nxt = encode_page_token(rows[limit - 1].id) if len(rows) > limit else None
         return items, nxt
 
     # -- model trust and approvals ----------------------------------------------------------
