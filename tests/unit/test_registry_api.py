@@ -575,7 +575,7 @@ def test_register_from_a_run_outside_the_artifact_root_is_refused(reg, tmp_path)
 
     import mlflow.onnx
 
-    from app.training.sklearn_trainer import to_onnx
+    from app.onnx.sklearn_export import to_onnx
 
     X, _ = _iris()
     outside = tmp_path / "elsewhere"

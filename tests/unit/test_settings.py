@@ -145,7 +145,8 @@ def test_shared_settings_hold_no_credential(tmp_path, monkeypatch):
 def test_each_process_gets_only_its_credentials(tmp_path, monkeypatch):
     s = _with_credentials(tmp_path, monkeypatch)
     assert s.credential_env("model_server") == {}
-    assert s.credential_env("registry_cache") == {
+    assert s.credential_env("registry_cache") == {  # the store: trust records and the registry outbox
+        "DATABASE_URL": "postgresql+psycopg://matih:db-pa55@db:5432/matih",
         "MLFLOW_TRACKING_URI": "https://ml:mlf-pa55@mlflow", "S3_ACCESS_KEY": "AKIA-ID", "S3_SECRET_KEY": "s3-s3cret"}
     job = s.credential_env("job")
     assert job["DATABASE_URL"] == "postgresql+psycopg://matih:db-pa55@db:5432/matih"
