@@ -15,7 +15,7 @@ import time
 import pytest
 
 from app.cli import DEMO_JOB
-from tests.support import skops_iris_model
+from tests.support import skops_iris_model, wait_until
 
 pytestmark = pytest.mark.integration
 ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
@@ -44,16 +44,6 @@ def _kill_and_time(name: str, ready, timeout: float = 60) -> float:
     raise AssertionError(f"actor {name} was not back within {timeout}s")
 
 
-def _wait_until(fn, timeout: float, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met in {timeout}s")
-
-
 def test_scheduler_and_gpu_manager_killed_mid_job(platform, iris):
     import ray
     from ray.job_submission import JobSubmissionClient
@@ -74,7 +64,7 @@ def test_scheduler_and_gpu_manager_killed_mid_job(platform, iris):
             assert job["status"] in ("queued", "running"), job
             return job if job["status"] == "running" and (job["progress"].get("epoch") or 0) >= 1 else None
 
-        _wait_until(mid_epoch, timeout=240)
+        wait_until(mid_epoch, timeout=240, every=0.2)
         scheduler_s = _kill_and_time(
             "job_scheduler", lambda a: ray.get(a.recovered.remote(), timeout=5) is not None
         )

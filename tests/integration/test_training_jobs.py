@@ -10,12 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from app.cli import DEMO_JOB
+from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,16 +41,6 @@ def submit(platform, spec: dict) -> str:
         r = c.post("/v1/training/jobs", json=spec)
         assert r.status_code == 202, r.text
         return r.json()["job_id"]
-
-
-def wait_until(fn, timeout: float = 120, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def mlflow_client(platform):
