@@ -18,9 +18,9 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# `matih-ml up`: init, then `serve run serve_config.yaml` listening on the profile's http.host
 run: install
-	$(BIN)/matih-ml init
-	$(BIN)/serve run serve_config.yaml
+	$(BIN)/matih-ml up
 
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

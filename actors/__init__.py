@@ -7,12 +7,17 @@ from typing import Any
 NAMESPACE = "matih"
 
 
-def get_or_create_actor(actor_cls, name: str, *args: Any, num_cpus: float = 0.05, **options: Any):
+def get_or_create_actor(
+    actor_cls, name: str, *args: Any, num_cpus: float = 0.05, env_vars: dict[str, str] | None = None, **options: Any
+):
     """Return the named singleton, creating it on first use.
 
     Singletons are detached (they outlive the process that made them), restart forever, and
-    are found again by name: as Ray Serve creates its own controller.
+    are found again by name: as Ray Serve creates its own controller. ``env_vars`` (the
+    credentials it reads from its environment) apply only when this call creates it.
     """
+    if env_vars:
+        options["runtime_env"] = {"env_vars": dict(env_vars)}
     return actor_cls.options(
         name=name,
         namespace=NAMESPACE,

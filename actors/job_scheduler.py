@@ -5,7 +5,8 @@ The queue itself is durable in the metadata store; this actor is a driver over
 ``python -m app.jobs.run --job-id ID`` (the same entry point ``ray job submit`` takes by hand),
 with a submission id derived from the job id and its attempt number. The id is stored before
 the submission, so after a restart the actor finds the Ray Jobs of running jobs again and
-re-attaches to them instead of starting them twice.
+re-attaches to them instead of starting them twice. Every call to Ray's job API has a timeout
+and retries (``job_client``); a submission that still raised is looked up by its id.
 """
 
 from __future__ import annotations
@@ -89,6 +90,30 @@ class _LocalProcess:
         return f"process {self.pid} on {self.host} exited"
 
 
+def job_client(address: str, timeout_s: float, attempts: int = 3):
+    """Ray's JobSubmissionClient with a timeout on every request and retries of the requests
+    that timed out or could not connect. Ray's client sets no timeout (``requests`` then waits
+    forever) and offers no hook for one other than its ``_do_request``, which is overridden
+    here; the retries are tenacity's."""
+    import tenacity
+    from ray.job_submission import JobSubmissionClient
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(OSError),  # requests' ConnectionError and Timeout are OSErrors
+        wait=tenacity.wait_exponential(multiplier=0.5, max=5),
+        stop=tenacity.stop_after_attempt(attempts),
+        before_sleep=lambda state: log.warning("Ray job API: %s; trying again", state.outcome.exception()),
+        reraise=True,
+    )
+
+    class _BoundedJobClient(JobSubmissionClient):
+        def _do_request(self, *args: Any, **kwargs: Any):
+            kwargs.setdefault("timeout", timeout_s)
+            return retrying(super()._do_request, *args, **kwargs)
+
+    return _BoundedJobClient(address)
+
+
 class _RayJobLauncher:
     def __init__(self, settings, store):
         self.settings = settings
@@ -100,9 +125,10 @@ class _RayJobLauncher:
     @property
     def client(self):
         if self._client is None:
-            from ray.job_submission import JobSubmissionClient
-
-            self._client = JobSubmissionClient(ray.get_runtime_context().gcs_address)
+            jobs = self.settings.jobs
+            self._client = job_client(
+                ray.get_runtime_context().gcs_address, jobs.ray_api_timeout_s, jobs.ray_api_attempts
+            )
         return self._client
 
     def _gpus(self):
@@ -153,6 +179,8 @@ class _RayJobLauncher:
         self.store.set_ray_job(job["job_id"], sub_id)  # before submitting: a crash in between leaves the id to find
         needs = job_needs(job["kind"], job["spec"], self.settings)
         runtime_env = dict(self.settings.jobs.ray_job_runtime_env)
+        # The job reads its credentials from its environment, never from an actor method.
+        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **self.settings.credential_env("job")}
         try:
             self.client.submit_job(
                 entrypoint=f"{sys.executable} -m app.jobs.run --job-id {job['job_id']} "
@@ -195,10 +223,11 @@ class JobScheduler:
         from app.settings import Settings
         from app.store import MetadataStore
 
-        self._settings_kwargs = settings_kwargs
-        settings = Settings(**settings_kwargs)
+        settings = Settings.from_shared(settings_kwargs)  # credentials from its environment
+        self._shared_kwargs = settings.shared_kwargs()
         self._interval = settings.jobs.poll_interval_s
-        self._store = MetadataStore(settings.database_url)
+        self._reconcile_s = settings.jobs.reconcile_interval_s
+        self._store = MetadataStore.from_settings(settings)
         self._core = SchedulerCore(
             self._store, _RayJobLauncher(settings, self._store), settings.jobs.max_concurrent,
             max_attempts=settings.jobs.max_attempts,
@@ -208,17 +237,28 @@ class JobScheduler:
         self._loop_task = asyncio.get_event_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
-        while self._recovered is None:  # the dashboard may still be starting with the cluster
-            try:
-                self._recovered = await asyncio.to_thread(self._core.recover)
-                if any(self._recovered.values()):
-                    log.warning("after a restart: %s", self._recovered)
-            except Exception:
-                log.exception("recovering the running jobs failed; trying again")
-                await asyncio.sleep(self._interval)
+        import tenacity
+
+        # The dashboard (and the store) may still be starting with the cluster: try until it answers.
+        async for attempt in tenacity.AsyncRetrying(
+            wait=tenacity.wait_fixed(self._interval),
+            before_sleep=lambda state: log.warning("recovering the running jobs failed (%s); trying again",
+                                                   state.outcome.exception()),
+        ):
+            with attempt:
+                recovered = await asyncio.to_thread(self._core.recover)
+        self._recovered = recovered
+        if any(recovered.values()):
+            log.warning("after a restart: %s", recovered)
+        last_sweep = time.monotonic()
         while True:
             try:
                 await asyncio.to_thread(self._core.tick)
+                if time.monotonic() - last_sweep >= self._reconcile_s:
+                    last_sweep = time.monotonic()
+                    swept = await asyncio.to_thread(self._core.sweep)
+                    if any(swept.values()):
+                        log.warning("running jobs without a handle: %s", swept)
             except Exception:  # the store may be briefly down; the queue is still there next tick
                 log.exception("scheduler tick failed")
             try:
@@ -242,15 +282,18 @@ class JobScheduler:
         return self._recovered
 
     async def settings(self) -> dict[str, Any]:
-        """The platform's settings, for job entry points started on this cluster."""
-        return self._settings_kwargs
+        """The platform's settings without credentials (``Settings.shared_kwargs()``), for job
+        entry points started on this cluster; each job has its credentials in its environment."""
+        return self._shared_kwargs
 
     async def ping(self) -> bool:
         return True
 
 
-def get_job_scheduler(settings_kwargs: dict[str, Any], num_cpus: float):
-    return get_or_create_actor(JobScheduler, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus)
+def get_job_scheduler(settings_kwargs: dict[str, Any], num_cpus: float, env_vars: dict[str, str] | None = None):
+    """The JobScheduler, created with ``settings_kwargs`` (``Settings.shared_kwargs()``) and
+    ``env_vars`` (``Settings.credential_env("job_scheduler")``) when it does not exist yet."""
+    return get_or_create_actor(JobScheduler, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus, env_vars=env_vars)
 
 
 def find_job_scheduler():

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,34 @@ class RegistryCache:
         from app.registry.cache import RegistryCacheCore
         from app.registry.mlflow_registry import ModelRegistry
         from app.settings import Settings
+        from app.store import MetadataStore
 
-        settings = Settings(**settings_kwargs)
+        settings = Settings.from_shared(settings_kwargs)  # MLflow URL and S3 keys from its environment
         self._registry = ModelRegistry(settings, serving=True)
+        self._store = MetadataStore.from_settings(settings)
+        # Settle the registry mutations a crash left half done, off the actor's start (MLflow may be slow).
+        threading.Thread(target=self._recover, args=(settings,), name="registry-recover", daemon=True).start()
         self._core = RegistryCacheCore(self._registry, settings.serving.resolve_ttl_s)
         self._artifacts: LRUCache = LRUCache(maxsize=settings.serving.object_store_models)
         self._pending: dict[str, asyncio.Future] = {}
 
     async def resolve(self, target: str):
         return await asyncio.to_thread(self._core.resolve, target)
+
+    def _recover(self, settings) -> None:
+        from app.registry.outbox import recover
+        from app.registry.service import RegistryService
+
+        try:
+            recover(RegistryService(settings, self._registry, self._store),
+                    older_than_s=settings.registry.outbox_recover_after_s)
+        except Exception:  # the next start tries again; serving does not depend on it
+            log.exception("registry outbox recovery failed")
+
+    async def trust(self, name: str, version: str) -> dict[str, Any] | None:
+        """The metadata store's trust record of a pickle-based version (read each time, never
+        cached: a replica loads a pickle only with the digest recorded now)."""
+        return await asyncio.to_thread(self._store.get_trust, name, version)
 
     async def invalidate(self, name: str) -> int:
         return self._core.invalidate(name)
@@ -81,5 +101,7 @@ class RegistryCache:
         return ref
 
 
-def get_registry_cache(settings_kwargs: dict[str, Any], num_cpus: float):
-    return get_or_create_actor(RegistryCache, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus)
+def get_registry_cache(settings_kwargs: dict[str, Any], num_cpus: float, env_vars: dict[str, str] | None = None):
+    """The RegistryCache, created with ``settings_kwargs`` (``Settings.shared_kwargs()``) and
+    ``env_vars`` (``Settings.credential_env("registry_cache")``) when it does not exist yet."""
+    return get_or_create_actor(RegistryCache, ACTOR_NAME, settings_kwargs, num_cpus=num_cpus, env_vars=env_vars)

@@ -8,6 +8,7 @@ tokens are issued by an admin through ``POST /v1/tokens`` and stored hashed.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hmac
 import os
@@ -16,9 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cachetools import TTLCache
+
 from app.errors import ConfigError, InvalidInput, PermissionDenied, Unauthenticated
 from app.settings import Settings
-from app.store import MetadataStore
+from app.store import MetadataStore, hash_token
 
 
 class Role(enum.IntEnum):
@@ -95,37 +98,64 @@ def read_admin_token(settings: Settings) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+_MAX_TOKEN_CHARS = 512  # far above any token this platform issues; longer ones are refused unread
+
+
 class Authenticator:
-    """Turns an ``Authorization`` header into a :class:`Principal`, caching store lookups."""
+    """Turns an ``Authorization`` header into a :class:`Principal`, caching store lookups.
+
+    Valid tokens are cached (keyed by their SHA-256, never the plaintext) for
+    ``auth.cache_ttl_s`` in an LRU of ``auth.cache_size`` entries, and never past their
+    ``expires_at``. Unknown tokens go to a separate, smaller cache, so a flood of random
+    tokens evicts only other unknown ones, never a valid token. The store lookup runs in a
+    worker thread: the event loop never waits on the database.
+    """
 
     def __init__(self, settings: Settings, store: MetadataStore, admin_token: str | None):
         self._enabled = settings.auth.enabled
-        self._ttl = settings.auth.cache_ttl_s
         self._store = store
-        self._admin_token = admin_token
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._admin_token = admin_token.encode("utf-8", "surrogatepass") if admin_token is not None else None
+        ttl = settings.auth.cache_ttl_s
+        size = settings.auth.cache_size
+        # digest -> (principal, expiry as a Unix time or None)
+        self._known: TTLCache[str, tuple[Principal, float | None]] = TTLCache(maxsize=size, ttl=ttl)
+        self._unknown: TTLCache[str, bool] = TTLCache(maxsize=max(1, size // 10), ttl=ttl)
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None) -> Principal:
         if not self._enabled:
             return ANONYMOUS_ADMIN
+        token = self._bearer(authorization)
+        raw = token.encode("utf-8", "surrogatepass")
+        # As bytes: hmac.compare_digest refuses str with non-ASCII characters (TypeError).
+        if self._admin_token is not None and hmac.compare_digest(raw, self._admin_token):
+            return Principal("admin", Role.admin)
+        if not token.isascii() or len(token) > _MAX_TOKEN_CHARS:  # never one we issued
+            raise Unauthenticated("unknown or revoked token")
+        digest = hash_token(token)
+        hit = self._known.get(digest)
+        if hit is not None:
+            principal, expires_at = hit
+            if expires_at is None or expires_at > time.time():
+                return principal
+            self._known.pop(digest, None)
+            raise Unauthenticated("the token has expired")
+        if digest in self._unknown:
+            raise Unauthenticated("unknown or revoked token")
+        found = await asyncio.to_thread(self._store.role_for_token, token)
+        if found is None:
+            self._unknown[digest] = True
+            raise Unauthenticated("unknown, revoked or expired token")
+        role, name, expires_at = found
+        principal = Principal(name, Role[role])
+        self._known[digest] = (principal, expires_at)
+        return principal
+
+    @staticmethod
+    def _bearer(authorization: str | None) -> str:
         if not authorization:
             raise Unauthenticated("missing bearer token: send 'Authorization: Bearer <token>'")
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
-        if self._admin_token is not None and hmac.compare_digest(token, self._admin_token):
-            return Principal("admin", Role.admin)
-        now = time.monotonic()
-        hit = self._cache.get(token)
-        if hit is not None and hit[0] > now:
-            principal = hit[1]
-        else:
-            found = self._store.role_for_token(token)
-            principal = Principal(found[1], Role[found[0]]) if found else None
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[token] = (now + self._ttl, principal)
-        if principal is None:
-            raise Unauthenticated("unknown or revoked token")
-        return principal
+        return token

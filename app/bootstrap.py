@@ -26,7 +26,7 @@ def prepare(settings: Settings) -> Prepared:
     settings.matih_home.mkdir(parents=True, exist_ok=True)
     if not settings.artifact_root.startswith(("s3://", "gs://", "http://", "https://", "mlflow-artifacts:")):
         Path(settings.artifact_root).mkdir(parents=True, exist_ok=True)
-    store = MetadataStore(settings.database_url)
+    store = MetadataStore.from_settings(settings)
     try:
         store.migrate()
     finally:

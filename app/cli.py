@@ -85,10 +85,32 @@ def cmd_init(args) -> int:
     return 0
 
 
+def serve_config_for(settings, config_path: str) -> dict[str, Any]:
+    """``config_path`` (serve_config.yaml) with the HTTP host and port of the profile."""
+    import yaml
+
+    with open(config_path) as fh:
+        config = yaml.safe_load(fh) or {}
+    config.setdefault("http_options", {}).update(host=settings.http.host, port=settings.http_port)
+    return config
+
+
 def cmd_up(args) -> int:
+    import yaml
+
     cmd_init(args)
+    settings = _settings()
+    config = serve_config_for(settings, args.config)
+    path = settings.matih_home / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    host, port = settings.http.host, settings.http_port
+    if host in ("0.0.0.0", "::", ""):
+        print(f"HTTP API on every interface, port {port} (profile {settings.profile}: http.host {host!r}); "
+              "put TLS in front of it, see 'Securing a cluster' in docs/configuration.md")
+    else:
+        print(f"HTTP API on http://{host}:{port} only (profile {settings.profile}: http.host {host!r})")
     serve = shutil.which("serve") or os.path.join(os.path.dirname(sys.executable), "serve")
-    argv = [serve, "run", args.config]
+    argv = [serve, "run", str(path)]
     print("starting:", " ".join(argv), flush=True)
     os.execv(serve, argv)
     return 0  # not reached
@@ -151,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", help="bearer token (default $MATIH_TOKEN, then the admin token)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("init", help="migrate the stores and create the admin token; print where things are")
-    up = sub.add_parser("up", help="init, then `serve run serve_config.yaml`")
+    up = sub.add_parser(
+        "up", help="init, then `serve run` on serve_config.yaml with the profile's http.host and http_port"
+    )
     up.add_argument("--config", default="serve_config.yaml")
     sub.add_parser("status", help="readiness of each dependency and platform info")
     pr = sub.add_parser("predict", help="predict with an endpoint")

@@ -78,6 +78,20 @@ class Conflict(MatihError):
     code = "conflict"
 
 
+class RegistryRejected(InvalidInput):
+    """MLflow refused a registry request as invalid (its HTTP 400): a value MLflow does not
+    accept. The message is MLflow's own."""
+
+    code = "registry_rejected"
+
+
+class RegistryForbidden(MatihError):
+    """MLflow refused the platform's own identity (its HTTP 401 or 403): the MLflow user the
+    platform runs as lacks the permission; an operator grants it. Not the caller's role."""
+
+    code = "registry_permission_denied"
+
+
 class PayloadTooLarge(MatihError):
     code = "payload_too_large"
 

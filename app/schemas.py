@@ -6,9 +6,10 @@ from these models.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.names import NAME_PATTERN, check_name  # noqa: F401  (re-exported)
 
@@ -71,7 +72,11 @@ class EndpointCreate(_Strict):
         examples=["iris@champion"],
     )
     runtime: str = Field("onnx", description="Inference runtime: a name in app.runtimes.base.RUNTIMES.")
-    config: dict[str, Any] = Field(default_factory=dict, description="Runtime options, kept with the endpoint.")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="device and max_rows (every endpoint) and the runtime's typed options (see docs/api.md), "
+        "checked now; kept with the endpoint.",
+    )
 
     @field_validator("runtime")
     @classmethod
@@ -116,14 +121,50 @@ class PredictResponse(BaseModel):
     request_id: str
 
 
+_MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600
+
+
 class TokenCreate(_Strict):
     name: str = Field(..., description="Who or what the token is for.")
     role: Literal["viewer", "predictor", "developer", "admin"]
+    expires_at: datetime | None = Field(
+        None, description="When the token stops working (ISO 8601; without a zone: UTC). Omit both this and "
+        "ttl_s for a token that works until revoked.",
+    )
+    ttl_s: float | None = Field(
+        None, gt=0, le=_MAX_TOKEN_TTL_S, description="Seconds from now until the token stops working "
+        "(instead of expires_at; at most 10 years).",
+    )
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "token name")
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return None
+        try:
+            v = (v if v.tzinfo is not None else v.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+        except OverflowError:
+            raise ValueError("expires_at is out of range") from None
+        if v <= datetime.now(timezone.utc):
+            raise ValueError("expires_at is not in the future")
+        return v
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> "TokenCreate":
+        if self.expires_at is not None and self.ttl_s is not None:
+            raise ValueError("give expires_at or ttl_s, not both")
+        return self
+
+    def expiry(self) -> datetime | None:
+        """The moment the token stops working, or None."""
+        if self.ttl_s is not None:
+            return datetime.now(timezone.utc) + timedelta(seconds=self.ttl_s)
+        return self.expires_at
 
 
 # The training job spec lives with the training code; importable from here as before.

@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.errors import ConfigError
@@ -45,10 +54,23 @@ class AuthSettings(_Section):
         description="Create an admin token on first start when none is configured. The production "
         "profile sets this to false, so it refuses to start without MATIH_ADMIN_TOKEN.",
     )
-    cache_ttl_s: float = Field(5.0, ge=0, description="How long a gateway replica trusts a token lookup.")
+    cache_ttl_s: float = Field(
+        5.0, ge=0, description="How long a gateway replica trusts a token lookup (a revoked token may work "
+        "that long; an expired one never does)."
+    )
+    cache_size: int = Field(
+        10_000, ge=1, description="Valid tokens a gateway replica caches (least recently used go first). Unknown "
+        "tokens are cached apart, in a tenth of that, so a flood of random tokens never evicts a valid one.",
+    )
 
 
 class HttpSettings(_Section):
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface the Serve HTTP proxy listens on, as `matih-ml up` starts it (http_options.host of "
+        "serve_config.yaml): 127.0.0.1 = this machine only (local profile); 0.0.0.0 = every interface "
+        "(production profile: put TLS in front of it).",
+    )
     max_body_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="Largest request body accepted; larger ones get 413."
     )
@@ -168,6 +190,22 @@ class JobSettings(_Section):
         3, ge=1, description="Times a job is started again when its scheduler restarted before its Ray Job "
         "began, before it fails. A Ray Job that dies without recording an end fails its job at once."
     )
+    ray_api_timeout_s: float = Field(
+        10.0, gt=0, description="Timeout of each call to Ray's job API (submit, status, stop) from the scheduler."
+    )
+    ray_api_attempts: int = Field(
+        3, ge=1, description="Tries of a Ray job API call that timed out or could not connect (backoff between); "
+        "a submission that raised is then looked up by its id, and attached to when Ray has it."
+    )
+    reconcile_interval_s: float = Field(
+        10.0, gt=0, description="How often the scheduler looks for jobs recorded running that it holds no handle "
+        "for (a launch whose outcome Ray could not tell, a job started by hand): attached when their Ray Job "
+        "exists, else queued again (or failed after max_attempts)."
+    )
+    finish_retry_s: float = Field(
+        120.0, ge=0, description="How long a job keeps trying to record its end while the metadata store is "
+        "unreachable, before its process ends (and the scheduler fails it)."
+    )
     storage_path: str = Field(
         "",
         description="Where Ray Train and Ray Tune keep results and checkpoints: a local path or an s3:// URI; "
@@ -227,7 +265,8 @@ class RegistrySettings(_Section):
     )
     production_requires_approval: bool = Field(
         True,
-        description="A version moves to production only after an admin's POST .../approve (tag matih.approved_by).",
+        description="A version moves to production only after an admin's POST .../approve (recorded in the "
+        "metadata store with the sha256 of the version's model file; the tag matih.approved_by mirrors it).",
     )
     convert_num_cpus: float = Field(
         0.25,
@@ -240,6 +279,13 @@ class RegistrySettings(_Section):
         50.0, gt=0, description="Longest wait of the Gateway for the Ray task that checks and converts a model file; "
         "over it: 503 with Retry-After (the task may still finish: list the versions before retrying). Keep it "
         "under http.request_timeout_s.",
+    )
+    outbox_recover_after_s: float = Field(
+        120.0,
+        ge=0,
+        description="When the RegistryCache actor starts, registry mutations (version creation, stage change, "
+        "model deletion) left pending at least this long ago by a process that died midway are finished or "
+        "rolled back from what MLflow holds; younger ones may still be in flight in a live Gateway.",
     )
     skops_trusted_types: list[str] = Field(
         default_factory=lambda: [
@@ -276,6 +322,80 @@ class BatchSettings(_Section):
     progress_interval_s: float = Field(1.0, gt=0, description="How often a running job records rows done.")
     min_rows_per_file: int = Field(
         250_000, gt=0, description="Rows gathered into one output file (fewer, larger files; the last may be smaller)."
+    )
+
+
+class TritonRuntimeSettings(_Section):
+    """The ``triton`` runtime, which calls a remote V2 server that an endpoint's config.url names:
+    which servers it may reach, and how long it may wait on one."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Servers the triton runtime may call, each 'host' (any port) or 'host:port', matched "
+        "case-insensitively against an endpoint's config.url (whose port defaults to 80, or 443 with https). "
+        "Empty (the default): every remote URL is refused, so no endpoint can make the cluster call an "
+        "arbitrary host.",
+    )
+    max_timeout_s: float = Field(
+        60.0, gt=0, description="Largest config.timeout_s a triton endpoint may set (seconds per remote call)."
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        out = []
+        for entry in hosts:
+            text = entry.strip().lower()
+            try:
+                parts = urlsplit(f"//{text}")
+                ok = bool(parts.hostname) and parts.netloc == text and not parts.username
+                parts.port  # noqa: B018 - raises on a port that is not a number in range
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{entry!r} is not a host or host:port; write e.g. triton.ml.svc or triton.ml.svc:8000")
+            out.append(text)
+        return out
+
+
+class RuntimeSettings(_Section):
+    """Per-runtime limits that no endpoint config can widen."""
+
+    triton: TritonRuntimeSettings = Field(
+        default_factory=TritonRuntimeSettings, description="The triton runtime (a remote V2 server)."
+    )
+
+
+class StorageSettings(_Section):
+    """Where job specs may read and write (``dataset.uri``, ``checkpoint.storage_path``,
+    ``checkpoint.resume_from``, batch ``input_uri`` / ``output_uri``): inside a data root or an
+    allowed bucket, else 422 naming the field (``app.storage.paths``)."""
+
+    data_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders (local paths, file:// or s3://bucket/prefix) job specs may name; paths resolve "
+        "(symlinks followed) inside one of them or are refused. Relative paths are taken under the first. "
+        "Empty: MATIH_HOME/data and the artifact root. jobs.storage_path is always allowed for checkpoints.",
+    )
+    allowed_buckets: list[str] = Field(
+        default_factory=list,
+        description="S3 buckets job specs may name anywhere inside (names, or s3://name). Empty: the artifact "
+        "root's bucket when the artifact root is s3://, else none.",
+    )
+
+
+class DatabaseSettings(_Section):
+    """Bounds on every metadata-store call, so a stalled database fails a call instead of
+    hanging the scheduler or a request (PostgreSQL; SQLite waits on its own busy timeout)."""
+
+    connect_timeout_s: int = Field(
+        10, ge=1, description="PostgreSQL: seconds to wait for a connection (libpq connect_timeout)."
+    )
+    statement_timeout_s: float = Field(
+        30.0, gt=0, description="PostgreSQL: longest a statement may run before the server cancels it "
+        "(statement_timeout of each connection)."
     )
 
 
@@ -367,6 +487,15 @@ class Settings(BaseSettings):
     registry: RegistrySettings = Field(
         default_factory=RegistrySettings, validation_alias=AliasChoices("MATIH_REGISTRY", "registry")
     )
+    runtimes: RuntimeSettings = Field(
+        default_factory=RuntimeSettings, validation_alias=AliasChoices("MATIH_RUNTIMES", "runtimes")
+    )
+    storage: StorageSettings = Field(
+        default_factory=StorageSettings, validation_alias=AliasChoices("MATIH_STORAGE", "storage")
+    )
+    database: DatabaseSettings = Field(
+        default_factory=DatabaseSettings, validation_alias=AliasChoices("MATIH_DATABASE", "database")
+    )
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> "Settings":
@@ -377,14 +506,22 @@ class Settings(BaseSettings):
             self.mlflow_tracking_uri = f"sqlite:///{self.matih_home / 'mlflow.db'}"
         if not self.artifact_root:
             self.artifact_root = str(self.matih_home / "artifacts")
+        if not self.storage.data_roots:
+            self.storage.data_roots = [str(self.matih_home / "data"), self.artifact_root]
+        if not self.storage.allowed_buckets and self.artifact_root.startswith(("s3://", "s3a://")):
+            self.storage.allowed_buckets = [self.artifact_root.split("://", 1)[1].split("/", 1)[0]]
         if self.database_url.startswith("postgresql://"):
             self.database_url = "postgresql+psycopg://" + self.database_url[len("postgresql://") :]
+        return self
+
+    def check_admin_token(self) -> None:
+        """Refuse a profile that needs an admin token (``auth.generate_admin_token: false``)
+        when none is set. Only the processes that start or serve the platform need one."""
         if self.auth.enabled and self.admin_token is None and not self.auth.generate_admin_token:
-            raise ValueError(
+            raise ConfigError(
                 f"the {self.profile} profile needs an admin token: set MATIH_ADMIN_TOKEN "
                 "(or auth.generate_admin_token: true, for a single-user machine)"
             )
-        return self
 
     @classmethod
     def settings_customise_sources(
@@ -409,12 +546,80 @@ class Settings(BaseSettings):
         return self.jobs.storage_path or str(Path(self.matih_home) / "train_results")
 
     def to_init_kwargs(self) -> dict[str, Any]:
-        """A plain dict that rebuilds these exact settings in another process (secrets included)."""
+        """A plain dict that rebuilds these exact settings in another process (secrets included).
+        For this process's own use (tests, benchmarks); actors and jobs get :meth:`shared_kwargs`."""
         data = self.model_dump(mode="json")
-        for key in ("s3_access_key", "s3_secret_key", "admin_token"):
+        for key in SECRET_FIELDS:
             value = getattr(self, key)
             data[key] = value.get_secret_value() if value is not None else None
         return data
+
+    def shared_kwargs(self) -> dict[str, Any]:
+        """The settings another process may be handed (an actor's constructor argument, what
+        ``JobScheduler.settings()`` answers): no admin token, no S3 keys, and the URLs of
+        :data:`CREDENTIAL_URL_FIELDS` without their password. The process reads those from its
+        own environment (:meth:`credential_env`, :meth:`from_shared`)."""
+        data = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        for key in CREDENTIAL_URL_FIELDS:
+            data[key] = _without_password(data[key])
+        return data
+
+    def credential_env(self, process: str) -> dict[str, str]:
+        """``{ENV_NAME: value}`` of the credentials ``process`` (a key of
+        :data:`CREDENTIALS_BY_PROCESS`) needs: the runtime_env ``env_vars`` its creator sets."""
+        out: dict[str, str] = {}
+        for key in CREDENTIALS_BY_PROCESS[process]:
+            value = getattr(self, key)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if value:
+                out[env_name(Settings.model_fields[key])] = str(value)
+        return out
+
+    @classmethod
+    def from_shared(cls, kwargs: dict[str, Any]) -> "Settings":
+        """Rebuild settings from :meth:`shared_kwargs` in this process: each credential (admin
+        token, S3 keys, the full database / MLflow / Redis URL) comes from this process's
+        environment where it names one (``DATABASE_URL``, ``S3_SECRET_KEY``, ...), else the
+        shared value stands (a URL without password, no key)."""
+        env = {k.upper() for k in os.environ}
+        data = dict(kwargs)
+        for key in (*SECRET_FIELDS, *CREDENTIAL_URL_FIELDS):
+            if env_name(cls.model_fields[key]).upper() in env:
+                data.pop(key, None)
+        return cls(**data)
+
+
+# Never handed to another process as an argument: each reaches only the processes that need
+# it, through their environment.
+SECRET_FIELDS = ("admin_token", "s3_access_key", "s3_secret_key")
+# Handed to other processes without their password; the full URL travels in the environment.
+CREDENTIAL_URL_FIELDS = ("database_url", "mlflow_tracking_uri", "redis_url")
+# Which credentials each kind of process gets in its environment (Ray runtime_env env_vars):
+# the application builder sets them for the deployments and actors, the JobScheduler for
+# each job it submits. The ModelServer gets none: models reach it through the RegistryCache.
+CREDENTIALS_BY_PROCESS: dict[str, tuple[str, ...]] = {
+    "gateway": ("admin_token", "database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
+    "model_server": (),
+    "registry_cache": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),  # trust records, outbox
+    "job_scheduler": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
+    "job": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
+}
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part left out (user and host kept)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
 
 
 def env_name(field) -> str | None:
@@ -487,10 +692,13 @@ def _explain(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_settings(profile: str | None = None, config_dir: Path | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    profile: str | None = None, config_dir: Path | None = None, *, need_admin_token: bool = True, **overrides: Any
+) -> Settings:
     """Build the settings for ``profile`` (default: ``$MATIH_PROFILE`` or ``local``).
 
     ``overrides`` win over the environment and the profile; keys are field names.
+    ``need_admin_token=False`` for processes that never check a token (a job run by hand).
     """
     config_dir = config_dir or CONFIG_DIR
     profile = profile or os.environ.get("MATIH_PROFILE") or "local"
@@ -507,8 +715,11 @@ def load_settings(profile: str | None = None, config_dir: Path | None = None, **
     try:
         # Profile values go in as init kwargs; pydantic-settings then gives them precedence over
         # the environment, which is why environment-set keys were removed from ``data`` above.
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source)) from None
     except ValueError as exc:  # pragma: no cover - raised by validators outside pydantic's wrapping
         raise ConfigError(f"invalid configuration ({source}): {exc}") from None
+    if need_admin_token:
+        settings.check_admin_token()
+    return settings

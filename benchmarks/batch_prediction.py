@@ -18,7 +18,7 @@ side in one run, on the same file and the same registered ONNX model.
                       this file, to set beside (a) for a model whose work is almost nothing.
 
 The script makes a temporary MATIH_HOME with SQLite MLflow, trains and registers each model
-with the platform's trainer (app/training/sklearn_trainer.py), generates ROWS rows of
+with the platform's trainer (app/training/pipeline.py: train_sklearn), generates ROWS rows of
 iris-like data (the four iris features drawn uniformly over their ranges, plus an id), starts
 a local Ray cluster (RAY_ADDRESS to use another), warms both paths up on a small file, then
 times each path end to end: input file to output folder, model already in the registry.
@@ -81,7 +81,7 @@ def make_data(path: Path, rows: int, seed: int = 0) -> None:
 
 def train(settings, name: str) -> None:
     from app.schemas import TrainingJobSpec
-    from app.training.sklearn_trainer import train_sklearn
+    from app.training.pipeline import train_sklearn
 
     estimator, params = MODELS[name]
     spec = TrainingJobSpec.model_validate(

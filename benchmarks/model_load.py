@@ -48,7 +48,7 @@ def main() -> int:
     from app.bootstrap import prepare
     from app.schemas import TrainingJobSpec
     from app.settings import load_settings
-    from app.training.sklearn_trainer import train_sklearn
+    from app.training.pipeline import train_sklearn
 
     from tests.support import MlflowServer
 

@@ -2,7 +2,7 @@
 
 For logistic regression, random forest and gradient boosting (trained here on a synthetic
 20-feature classification set), converted with the same skl2onnx settings the platform
-uses (app/training/sklearn_trainer.py: zipmap off) and run with the platform's ONNX Runtime
+uses (app/onnx/sklearn_export.py: zipmap off) and run with the platform's ONNX Runtime
 session options (app/runtimes/onnx.py: 1 intra-op thread), it times ``predict`` at batch 1,
 100 and 10,000 rows and prints the median latency of each and the ratio native / ONNX.
 
@@ -52,7 +52,7 @@ def main() -> int:
     from sklearn.linear_model import LogisticRegression
 
     from app.runtimes.onnx import OnnxModelRuntime
-    from app.training.sklearn_trainer import to_onnx
+    from app.onnx.sklearn_export import to_onnx
 
     X, y = make_classification(n_samples=20_000, n_features=20, n_informative=10, random_state=0)
     X = X.astype(np.float32)

@@ -355,7 +355,7 @@ def train_iris(home: str) -> None:
     trainer into the platform's MLflow: training jobs are Ray Jobs, which need the Ray dashboard,
     and this benchmark's cluster runs without it (it measures serving, not training)."""
     from app.settings import load_settings
-    from app.training.sklearn_trainer import train_sklearn
+    from app.training.pipeline import train_sklearn
     from app.training.spec import TrainingJobSpec
 
     settings = load_settings("local", matih_home=home)

@@ -89,7 +89,8 @@ def main() -> int:
     os.environ["MATIH_HOME"] = str(home)
     X, y = make_classification(n_samples=args.rows, n_features=32, n_informative=16, n_classes=4, random_state=0)
     frame = pd.DataFrame(X, columns=[f"f{i}" for i in range(32)]).assign(target=y)
-    uri = str(home / "train.parquet")
+    (home / "data").mkdir()  # the default data root: job specs may name only paths under it
+    uri = str(home / "data" / "train.parquet")
     frame.to_parquet(uri)
     settings = load_settings("local", matih_home=str(home), admin_token="bench")
     prepare(settings)

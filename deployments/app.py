@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray.serve import Application
 
 
@@ -38,12 +38,18 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     parsed = args if isinstance(args, Args) else Args.model_validate(args or {})
     settings = load_settings(parsed.profile, **parsed.settings)
     prepared = prepare(settings)
-    kwargs = settings.to_init_kwargs()
-    get_job_scheduler(kwargs, settings.actors.num_cpus)
-    get_registry_cache(kwargs, settings.actors.num_cpus)
+    if prepared.admin_token is not None:  # the local profile's generated token: the Gateway gets it too
+        settings = settings.model_copy(update={"admin_token": SecretStr(prepared.admin_token)})
+    # Every process gets the settings without credentials, and in its environment only the
+    # credentials it needs (Settings.credential_env); a job gets its own from the JobScheduler.
+    kwargs = settings.shared_kwargs()
+    get_job_scheduler(kwargs, settings.actors.num_cpus, settings.credential_env("job_scheduler"))
+    get_registry_cache(kwargs, settings.actors.num_cpus, settings.credential_env("registry_cache"))
     get_gpu_manager(settings.actors.num_cpus)
+    _announce_ray_auth()
 
-    env = {"env_vars": dict(settings.serving.serve_env)}
+    env = {"env_vars": {**settings.serving.serve_env, **settings.credential_env("model_server")}}
+    gateway_env = {"env_vars": {**settings.serving.serve_env, **settings.credential_env("gateway")}}
     scaling = settings.serving.autoscaling
     replicas = (
         {"autoscaling_config": scaling.model_dump()}
@@ -72,11 +78,26 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
         # Past the queue the proxy itself answers 503 with Retry-After (its body is Serve's text).
         max_queued_requests=settings.http.gateway_max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
-        ray_actor_options={"num_cpus": settings.http.gateway_num_cpus, "runtime_env": env},
-    ).bind(kwargs, model_server, prepared.admin_token, gpu_pool)
+        ray_actor_options={"num_cpus": settings.http.gateway_num_cpus, "runtime_env": gateway_env},
+    ).bind(kwargs, model_server, gpu_pool)
 
 
 def _cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def _announce_ray_auth() -> None:
+    """Say how a Ray client reaches this cluster. A cluster that ``serve run`` starts has Ray's
+    token authentication on (Ray's default for a new local cluster), and a client such as
+    ``ray job submit`` sends the token only when its own environment says RAY_AUTH_MODE=token."""
+    import os
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        print(
+            "matih-ml: Ray token authentication is on for this cluster: run Ray clients (`ray job submit`, "
+            "the dashboard's API) with RAY_AUTH_MODE=token; they read the token from RAY_AUTH_TOKEN or "
+            "~/.ray/auth_token (on this machine: `ray get-auth-token`). See docs/training.md.",
+            flush=True,
+        )

@@ -158,10 +158,13 @@ class _CachedResolver:
 
 
 class _SchedulerControl:
-    def __init__(self, settings_kwargs: dict[str, Any], num_cpus: float, timeout_s: float = 30.0):
+    def __init__(
+        self, settings_kwargs: dict[str, Any], num_cpus: float, timeout_s: float = 30.0,
+        env_vars: dict[str, str] | None = None,
+    ):
         from actors.job_scheduler import get_job_scheduler
 
-        self.actor = get_job_scheduler(settings_kwargs, num_cpus)
+        self.actor = get_job_scheduler(settings_kwargs, num_cpus, env_vars)
         self.timeout_s = timeout_s
 
     async def notify(self) -> None:
@@ -199,8 +202,8 @@ def _registry_task(settings_kwargs: dict[str, Any], method: str, args: tuple, kw
     from app.settings import Settings
     from app.store import MetadataStore
 
-    settings = Settings(**settings_kwargs)
-    store = MetadataStore(settings.database_url)
+    settings = Settings.from_shared(settings_kwargs)  # credentials: the Gateway's environment, inherited
+    store = MetadataStore.from_settings(settings)
     try:
         # serving=True: MLflow calls time out as the Gateway's own registry calls do, and are not
         # retried, so a request made while MLflow is down gets its 503 at once
@@ -257,9 +260,11 @@ class Gateway:
         self,
         settings_kwargs: dict[str, Any],
         model_server: DeploymentHandle,
-        admin_token: str | None,
         gpu_pool: DeploymentHandle | None = None,
     ):
+        """``settings_kwargs``: ``Settings.shared_kwargs()``; the admin token, the metadata store
+        and MLflow URLs and the S3 keys come from this replica's environment (runtime_env
+        env_vars the builder sets: ``Settings.credential_env("gateway")``)."""
         from app.api.app import ApiContext
         from app.auth import Authenticator
         from app.registry.mlflow_registry import ModelRegistry
@@ -268,11 +273,14 @@ class Gateway:
 
         from actors.registry_cache import get_registry_cache
 
-        settings = Settings(**settings_kwargs)
-        store = MetadataStore(settings.database_url)
+        settings = Settings.from_shared(settings_kwargs)
+        store = MetadataStore.from_settings(settings)
         timeout_s = settings.serving.actor_timeout_s
-        scheduler = _SchedulerControl(settings_kwargs, settings.actors.num_cpus, timeout_s)
-        cache = get_registry_cache(settings_kwargs, settings.actors.num_cpus)
+        scheduler = _SchedulerControl(
+            settings_kwargs, settings.actors.num_cpus, timeout_s, settings.credential_env("job_scheduler")
+        )
+        cache = get_registry_cache(settings_kwargs, settings.actors.num_cpus, settings.credential_env("registry_cache"))
+        admin_token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
         resolver = _CachedResolver(cache, settings.serving.resolve_ttl_s, timeout_s)
 
         async def ray_ready() -> None:

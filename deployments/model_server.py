@@ -55,7 +55,8 @@ class ModelServer:
         from app.serving.batching import CallQueue
         from app.settings import Settings
 
-        self.settings = Settings(**settings_kwargs)
+        # No credentials here: models come from the RegistryCache, which the builder created.
+        self.settings = Settings.from_shared(settings_kwargs)
         s = self.settings.serving
         cache = get_registry_cache(settings_kwargs, self.settings.actors.num_cpus)
         self.loader = ModelLoader(
@@ -63,6 +64,7 @@ class ModelServer:
             resolve=lambda model_id: _get(cache.resolve.remote(model_id), s.actor_timeout_s, "the registry cache"),
             fetch=lambda model: _fetch_from_object_store(cache, model.model_id, s.model_fetch_timeout_s),
             release=lambda path: shutil.rmtree(path, ignore_errors=True),
+            trust=lambda name, version: _get(cache.trust.remote(name, version), s.actor_timeout_s, "the registry cache (trust)"),
         )
         # Model I/O (loads, remote runtimes) and model calls off the event loop, each in its own
         # pool: loads waiting on the registry cache never hold up the calls of loaded models.
@@ -125,6 +127,7 @@ class ModelServer:
 
     async def _predict(self, payload: dict[str, Any], config: dict[str, Any] | None) -> dict[str, Any]:
         from app.serving.batching import BatchItem, payload_rows
+        from app.serving.payload import prepare
 
         self._in_flight += 1
         self._counts["in_flight_sum"] += self._in_flight
@@ -136,17 +139,18 @@ class ModelServer:
             runtime = await self.get_model(model_id)
             # A remote call (triton) waits on the network: the I/O pool; a request over
             # batch_max_rows is checked and called in the call pool, never on the event loop.
+            max_rows = self.loader.max_rows(config)
             pool = self._io_pool if runtime.blocking_io else self._call_pool
             if runtime.blocking_io or payload_rows(payload) > self._batch_max_rows:
-                return await self._in_pool(pool, runtime, payload)
-            matrix, probabilities = runtime.prepare(payload)  # bad input fails here, alone
+                return await self._in_pool(pool, runtime, payload, max_rows)
+            matrix, probabilities = prepare(payload, runtime.signature, max_rows)  # bad input fails here, alone
             self._counts["requests"] += 1
             large = len(matrix) > self._batch_max_rows
             if self._batching and not large and self._is_slow(runtime):
                 self._counts["slow_requests"] += 1
                 return await self._slow_queue.submit(BatchItem(runtime, matrix, probabilities))
             if large or self._is_slow(runtime):  # slow model calls never run on the event loop
-                return await self._in_pool(pool, runtime, payload, (matrix, probabilities))
+                return await self._in_pool(pool, runtime, payload, max_rows, (matrix, probabilities))
             # Batch only when there is company: a request alone in the replica would just wait out
             # batch_wait_s for nobody, so it runs at once. Requests that reached the replica while
             # a model call held its event loop are all ready now, but each only counts itself in
@@ -189,12 +193,15 @@ class ModelServer:
             prev = self._call_s.get(key)
             self._call_s[key] = seconds if prev is None else 0.8 * prev + 0.2 * seconds
 
-    async def _in_pool(self, pool, runtime, payload: dict[str, Any], prepared=None) -> dict[str, Any]:
+    async def _in_pool(
+        self, pool, runtime, payload: dict[str, Any], max_rows: int, prepared=None
+    ) -> dict[str, Any]:
         """Check ``payload`` (unless ``prepared``: checked and counted already) and call the
         model in a thread of ``pool``."""
+        from app.serving.payload import prepare
 
         def run():
-            matrix, probabilities = prepared or runtime.prepare(payload)
+            matrix, probabilities = prepared or prepare(payload, runtime.signature, max_rows)
             started = time.perf_counter()
             return runtime.predict(matrix, probabilities=probabilities), time.perf_counter() - started
 

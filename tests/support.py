@@ -23,6 +23,17 @@ def skops_iris_model() -> bytes:
     return sio.dumps(LogisticRegression(max_iter=300).fit(X, y))
 
 
+def wait_until(fn, timeout: float = 120, every: float = 0.3):
+    """``fn()``'s first truthy value, polled every ``every`` seconds for at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met in {timeout}s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,6 +107,6 @@ def in_process_context(settings, admin_token: str | None, jobs):
         store=store,
         registry=registry,
         authenticator=Authenticator(settings, store, admin_token),
-        predictor=LocalPredictor(ModelLoader(settings, registry)),
+        predictor=LocalPredictor(ModelLoader(settings, registry, trust=store.get_trust)),
         jobs=jobs,
     )

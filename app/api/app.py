@@ -21,7 +21,8 @@ from app import __version__
 from app.api.deadline import RequestDeadline
 from app.api.errors import install_error_handlers
 from app.auth import Authenticator, Principal, Role
-from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge
+from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge, PermissionDenied
+from app.redaction import redact
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable
 from app.registry.targets import ModelRef, parse_target
 from app.schemas import (
@@ -34,6 +35,7 @@ from app.schemas import (
     PredictResponse,
     TokenCreate,
 )
+from app.serving.endpoint_config import check_endpoint_config
 from app.settings import Settings
 from app.store import MetadataStore, redacted_endpoint
 
@@ -202,7 +204,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         for name, res in zip(names, results):
             if isinstance(res, BaseException):
                 msg = res.message if isinstance(res, MatihError) else (str(res) or type(res).__name__)
-                deps[name] = {"status": "down", "error": msg}
+                deps[name] = {"status": "down", "error": redact(msg)}
             else:
                 deps[name] = {"status": "up"}
         # MLflow is not needed to serve: models already resolved and loaded keep serving (last
@@ -222,9 +224,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
             "version": __version__,
             "profile": s.profile,
             "integrations": {
-                "mlflow": {"tracking_uri": _redact(s.mlflow_tracking_uri)},
+                "mlflow": {"tracking_uri": redact(s.mlflow_tracking_uri)},
                 "metadata_store": ctx.store.engine.dialect.name,
-                "ray": {"address": s.ray_address or "local"},
+                "ray": {"address": redact(s.ray_address) if s.ray_address else "local"},
                 "runtimes": sorted(RUNTIMES),
                 "feast": bool(s.feast_repo_path),
                 "s3": bool(s.s3_endpoint),
@@ -236,7 +238,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # -- tokens ----------------------------------------------------------------------------
     @api.post("/v1/tokens", status_code=201, tags=["auth"], summary="Issue a token with a role (admin)")
     async def create_token(body: TokenCreate, who: Principal = admin) -> dict[str, Any]:
-        record, plaintext = await asyncio.to_thread(ctx.store.create_token, body.name, body.role, who.name)
+        record, plaintext = await asyncio.to_thread(
+            ctx.store.create_token, body.name, body.role, who.name, body.expiry()
+        )
         return {**record, "token": plaintext}
 
     @api.delete("/v1/tokens/{token_id}", status_code=204, tags=["auth"], summary="Revoke a token (admin)")
@@ -259,19 +263,23 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def get_job(job_id: str, _: Principal = viewer) -> dict[str, Any]:
         return await asyncio.to_thread(ctx.store.get_job, job_id, with_logs=True)
 
-    @api.post("/v1/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], summary="Cancel a job")
+    @api.post("/v1/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], summary="Cancel a job",
+              description="A developer cancels the jobs it submitted (403 for others'); an admin any job.")
     async def cancel_job(job_id: str, who: Principal = developer) -> dict[str, Any]:
+        check_job_owner(await asyncio.to_thread(ctx.store.get_job, job_id), who)
         return await ctx.jobs.cancel(job_id, who.name)
 
     @api.post(
         "/v1/jobs/{job_id}/retry", response_model=JobView, tags=["jobs"], summary="Queue a failed or cancelled job again",
         description="The same job id and spec go back to the queue (attempts count up); a training job whose model "
-        "was registered by an earlier attempt is not registered twice. 409 for a queued, running or succeeded job.",
+        "was registered by an earlier attempt is not registered twice. 409 for a queued, running or succeeded job; "
+        "403 when a developer retries a job it did not submit (an admin may retry any).",
     )
     async def retry_job(job_id: str, who: Principal = developer) -> dict[str, Any]:
         from app.errors import Conflict
 
         job = await asyncio.to_thread(ctx.store.get_job, job_id)
+        check_job_owner(job, who)
         if job["status"] not in ("failed", "cancelled"):
             raise Conflict(f"job {job_id} is {job['status']}; only failed or cancelled jobs can be retried")
         out = await asyncio.to_thread(
@@ -284,9 +292,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @api.post("/v1/endpoints", status_code=201, tags=["serving"], summary="Create an endpoint")
     async def create_endpoint(body: EndpointCreate, who: Principal = developer) -> dict[str, Any]:
         _check_device(ctx, body.config)
+        check_endpoint_config(body.runtime, body.config, ctx.settings)
         resolved = await _resolve(ctx, body.target, use_cache=False)
+        # Stored under the model's guard, checking again that the target resolves: a delete of
+        # the model racing this request either sees the endpoint or makes this one fail.
         row = await asyncio.to_thread(
-            ctx.store.create_endpoint, body.name, body.target, body.runtime, body.config, who.name
+            ctx.store.create_endpoint, body.name, body.target, body.runtime, body.config, who.name,
+            model=parse_target(body.target).name, verify=lambda: ctx.registry.resolve(body.target, use_cache=False),
         )
         return {**redacted_endpoint(row), "model_version": resolved.version}
 
@@ -305,15 +317,28 @@ def create_app(ctx: ApiContext) -> FastAPI:
             row["model_version"] = resolved.version
         except MatihError as exc:
             row["model_version"] = None
-            row["resolve_error"] = exc.message
+            row["resolve_error"] = redact(exc.message)
         return row
 
     @api.put("/v1/endpoints/{name}", tags=["serving"], summary="Change an endpoint (no redeploy)")
     async def update_endpoint(name: str, body: EndpointUpdate, who: Principal = developer) -> dict[str, Any]:
         _check_device(ctx, body.config or {})
+        guard: dict[str, Any] = {}
+        if body.runtime is not None or body.config is not None:  # the runtime and config as they will be
+            current: dict[str, Any] = {}
+            if body.runtime is None or body.config is None:
+                current = await asyncio.to_thread(ctx.store.get_endpoint, name)
+            runtime = body.runtime if body.runtime is not None else current["runtime"]
+            config = body.config if body.config is not None else current["config"]
+            check_endpoint_config(runtime, config, ctx.settings)
         if body.target is not None:
             await _resolve(ctx, body.target, use_cache=False)
-        row = await asyncio.to_thread(ctx.store.update_endpoint, name, body.model_dump(exclude_unset=True), who.name)
+            target = body.target
+            guard = {"model": parse_target(target).name,
+                     "verify": lambda: ctx.registry.resolve(target, use_cache=False)}
+        row = await asyncio.to_thread(
+            ctx.store.update_endpoint, name, body.model_dump(exclude_unset=True), who.name, **guard
+        )
         ctx.forget_endpoint(name)
         return redacted_endpoint(row)
 
@@ -369,13 +394,25 @@ def role_dependencies(ctx: ApiContext):
 
     def require(role: Role):
         async def dependency(request: Request) -> Principal:
-            principal = ctx.authenticator.authenticate(request.headers.get("authorization"))
+            principal = await ctx.authenticator.authenticate(request.headers.get("authorization"))
             principal.require(role)
             return principal
 
         return dependency
 
     return tuple(Depends(require(r)) for r in Role)
+
+
+def check_job_owner(job: dict[str, Any], who: Principal) -> None:
+    """A job belongs to the principal that submitted it (``created_by``): a developer cancels or
+    retries only its own jobs, an admin any. Raises PermissionDenied (403) otherwise."""
+    if who.role >= Role.admin or job.get("created_by") == who.name:
+        return
+    raise PermissionDenied(
+        f"job {job['job_id']} was submitted by {job.get('created_by')!r}; {who.name} (role {who.role.name}) may "
+        "cancel or retry only its own jobs, an admin any",
+        details={"job_id": job["job_id"], "owner": job.get("created_by")},
+    )
 
 
 # Routers of further domains: "module:function", each function taking (ctx) -> APIRouter.
@@ -407,13 +444,3 @@ def _check_device(ctx: ApiContext, config: dict[str, Any]) -> None:
             "config.device 'gpu': this Ray cluster has no GPUs, so there is no GPU pool; omit device or use 'cpu'",
             details={"field": "config.device"},
         )
-
-
-def _redact(uri: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri

@@ -8,9 +8,9 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from app.api.app import ApiContext, role_dependencies
+from app.api.app import ApiContext, check_job_owner, role_dependencies
 from app.auth import Principal
-from app.batch.spec import BatchJobSpec
+from app.batch.spec import BatchJobSpec, check_spec_paths
 from app.errors import NotFound
 from app.registry.mlflow_registry import check_servable
 from app.registry.targets import parse_target
@@ -35,6 +35,7 @@ def router(ctx: ApiContext) -> APIRouter:
     async def submit(spec: BatchJobSpec, who: Principal = developer) -> dict[str, Any]:
         from app.batch.predict import plan_batch
 
+        spec = check_spec_paths(spec, ctx.settings)  # before anything is read: 422 naming the field
         ref = parse_target(spec.model)
         if ctx.resolver is not None:
             model = await ctx.resolver.resolve(ref, use_cache=False)
@@ -79,6 +80,7 @@ def router(ctx: ApiContext) -> APIRouter:
         job = await asyncio.to_thread(ctx.store.get_job, job_id)
         if job["kind"] != KIND:
             raise NotFound(f"job {job_id} is a {job['kind']} job; POST /v1/jobs/{job_id}/cancel cancels it")
+        check_job_owner(job, who)
         return await ctx.jobs.cancel(job_id, who.name)
 
     return api

@@ -15,15 +15,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import errors as E
+from app.redaction import redact, redact_value
 
 log = logging.getLogger(__name__)
 
 # Most specific first: the first class in this table that the error is an instance of wins.
 STATUS_BY_ERROR: list[tuple[type[E.MatihError], int]] = [
     (E.BadRequest, 400),
+    (E.RegistryRejected, 422),
     (E.InvalidInput, 422),
     (E.Unauthenticated, 401),
     (E.PermissionDenied, 403),
+    (E.RegistryForbidden, 403),
     (E.NotFound, 404),
     (E.Conflict, 409),
     (E.PayloadTooLarge, 413),
@@ -57,9 +60,10 @@ def error_response(exc: E.MatihError) -> JSONResponse:
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     # A RayTaskError subclass carries the original's attributes; rebuild a plain body.
-    body = {"error": exc.message, "code": exc.code}
+    # Messages may quote a URI with its password (an MLflow or database URL): never shown.
+    body = {"error": redact(exc.message), "code": exc.code}
     if exc.details:
-        body["details"] = exc.details
+        body["details"] = redact_value(exc.details)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -101,7 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = "no such route; see /docs for the API"
-        return JSONResponse({"error": message, "code": code}, status_code=exc.status_code)
+        return JSONResponse({"error": redact(message), "code": code}, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -9,13 +9,13 @@ from typing import Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.app import ApiContext, role_dependencies
+from app.api.app import ApiContext, check_job_owner, role_dependencies
 from app.auth import Principal
 from app.errors import Conflict, InvalidInput, NotFound
 from app.jobs.resources import check_fits, job_needs
 from app.schemas import JobAccepted, JobView, Page
 from app.settings import Settings
-from app.training.spec import TrainingJobSpec
+from app.training.spec import TrainingJobSpec, check_spec_paths
 
 KIND = "training"
 
@@ -64,6 +64,7 @@ def router(ctx: ApiContext) -> APIRouter:
 
     async def _submit(spec: TrainingJobSpec, who: Principal) -> dict[str, Any]:
         check_training_spec(spec, ctx.settings)
+        spec = check_spec_paths(spec, ctx.settings)
         body = spec.model_dump(mode="json")
         if ctx.cluster_resources is not None:
             check_fits(job_needs(KIND, body, ctx.settings), await ctx.cluster_resources(), ctx.settings)
@@ -102,7 +103,7 @@ def router(ctx: ApiContext) -> APIRouter:
 
     @api.post("/{job_id}/cancel", response_model=JobView, summary="Cancel a queued or running training job")
     async def cancel_training(job_id: str, who: Principal = developer) -> dict[str, Any]:
-        await _training_job(job_id)
+        check_job_owner(await _training_job(job_id), who)
         return await ctx.jobs.cancel(job_id, who.name)
 
     @api.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="Checkpoints kept for a job")
@@ -114,7 +115,7 @@ def router(ctx: ApiContext) -> APIRouter:
         where = run_dir(spec, ctx.settings, job_id)
         if spec.framework != "torch":
             return {"job_id": job_id, "storage_dir": where, "items": []}
-        from app.training.torch_train import list_checkpoints
+        from app.training.torch_checkpoints import list_checkpoints
 
         items = await asyncio.to_thread(list_checkpoints, where, ctx.settings)
         return {"job_id": job_id, "storage_dir": where, "items": items}
@@ -127,7 +128,7 @@ def router(ctx: ApiContext) -> APIRouter:
     )
     async def resume(job_id: str, body: ResumeRequest | None = None, who: Principal = developer) -> dict[str, Any]:
         from app.training.pipeline import run_dir
-        from app.training.torch_train import list_checkpoints
+        from app.training.torch_checkpoints import list_checkpoints
 
         body = body or ResumeRequest()
         job = await _training_job(job_id)

@@ -28,6 +28,7 @@ from app.errors import (
     MatihError,
     NotFound,
 )
+from app.names import parse_version
 from app.registry.mlflow_registry import ResolvedModel
 from app.registry.mlflow_registry import model_metadata as version_metadata
 from app.registry.targets import parse_target
@@ -65,7 +66,7 @@ async def _served(ctx: ApiContext, name: str, version: str | None) -> _Served:
             "GET /v1/endpoints and /v1/models list them"
         )
     else:
-        target = f"{name}/{version}"
+        target = f"{name}/{parse_version(version)}"
         missing = f"model {name!r} has no version {version!r} in the registry"
     try:
         parse_target(target)
@@ -114,6 +115,8 @@ def _model_metadata(name: str, served: _Served) -> dict[str, Any]:
 
 
 async def _infer(ctx: ApiContext, name: str, version: str | None, request: Request) -> Response:
+    if version is not None:
+        parse_version(version)  # the path before the body: a bad URL needs no body read
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise BadRequest(

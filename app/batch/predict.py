@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,8 +108,18 @@ def _input_schema(path: str, fs, fmt: str, uri: str):
         if isinstance(exc, (DependencyUnavailable, NotFound)):
             raise
         raise InvalidInput(
-            f"input_uri {uri!r} cannot be read as {fmt}: {exc}", details={"field": "input_uri"}
+            f"input_uri {uri!r} cannot be read as {fmt}: {_summarize(exc)}", details={"field": "input_uri"}
         ) from None
+
+
+def _summarize(exc: Exception) -> str:
+    """pyarrow's message without the file's content: a CSV parse error ends with the row it
+    could not parse, which is not the caller's to read back."""
+    text = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if "CSV parse error" in text:
+        text = text[text.index("CSV parse error"):]
+    text = re.sub(r"(CSV parse error: (?:Row #\d+: )?[^:]*): .*$", r"\1", text)
+    return text[:500]
 
 
 def _check_output_empty(path: str, fs, uri: str) -> None:

@@ -99,3 +99,15 @@ class BatchJobSpec(BaseModel):
             if col is not None:
                 taken.append(col)
         return self
+
+
+def check_spec_paths(spec: BatchJobSpec, settings) -> BatchJobSpec:
+    """The spec with ``input_uri`` and ``output_uri`` confined to the data roots
+    (``settings.storage``) and made canonical; 422 naming the field otherwise. Checked at
+    submission and again when the job starts, before anything is read."""
+    from app.storage.paths import check_job_location
+
+    return spec.model_copy(update={
+        "input_uri": check_job_location(spec.input_uri, settings, "input_uri"),
+        "output_uri": check_job_location(spec.output_uri, settings, "output_uri"),
+    })

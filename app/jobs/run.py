@@ -7,8 +7,10 @@ The same code runs a spec by hand on any Ray cluster::
 
 With ``--spec`` the job is recorded in the metadata store as running (so the platform's API
 shows it and no scheduler starts it again) and then runs exactly as a scheduled one. Settings
-come from the platform's JobScheduler when it runs on this cluster, else from the profile and
-the environment (``MATIH_PROFILE``, ``DATABASE_URL``, ``MLFLOW_TRACKING_URI``, ...).
+come from the platform's JobScheduler when it runs on this cluster, without credentials, else
+from the profile. Credentials (``DATABASE_URL``, ``MLFLOW_TRACKING_URI``, ``S3_ACCESS_KEY``,
+``S3_SECRET_KEY``) always come from this process's environment: the scheduler sets them in the
+runtime_env of each job it submits; by hand, the cluster's or ``--runtime-env-json``'s.
 
 Exit status: 0 succeeded, 1 failed, 2 a bad spec or arguments.
 """
@@ -50,8 +52,8 @@ def _connect(address: str | None) -> None:
 
 
 def _settings(profile: str | None, required: bool):
-    """The platform's settings when its JobScheduler runs on this cluster, else (only for a
-    spec run by hand) the profile's."""
+    """The platform's settings when its JobScheduler runs on this cluster (without credentials:
+    those come from this job's environment), else (only for a spec run by hand) the profile's."""
     import ray
 
     from actors.job_scheduler import find_job_scheduler
@@ -59,14 +61,14 @@ def _settings(profile: str | None, required: bool):
 
     scheduler = find_job_scheduler()
     if scheduler is not None:
-        return Settings(**ray.get(scheduler.settings.remote(), timeout=120))
+        return Settings.from_shared(ray.get(scheduler.settings.remote(), timeout=120))
     if required:
         raise SystemExit(
             "no JobScheduler (namespace 'matih') on the Ray cluster this job runs on; "
             f"a --job-id job needs the platform's settings (cluster: {ray.get_runtime_context().gcs_address})"
         )
     log.info("no JobScheduler on this cluster; settings from the profile %s", profile or "(MATIH_PROFILE or local)")
-    return load_settings(profile)
+    return load_settings(profile, need_admin_token=False)
 
 
 def _load_spec(path: str, kind: str) -> dict[str, Any]:
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.jobs.runner import run_job
     from app.store import MetadataStore
 
-    store = MetadataStore(settings.database_url)
+    store = MetadataStore.from_settings(settings)
     if spec is not None:
         store.migrate()
         sub_id = _submission_id()

@@ -7,7 +7,9 @@ Durability comes from the metadata store: a job is ``queued`` until a scheduler 
 ``running`` (a compare-and-set, so two schedulers never both start it), and the id of the Ray
 Job that runs it is stored before that Ray Job is submitted. A restarted scheduler therefore
 re-attaches to Ray Jobs still running, and queues again only jobs whose Ray Job never
-existed, so no job runs twice.
+existed, so no job runs twice. The same reconciliation settles a launch that raised (Ray may
+have accepted the submission before the answer was lost: the job is attached, not failed) and,
+every ``jobs.reconcile_interval_s`` (``sweep``), any job recorded running without a handle.
 """
 
 from __future__ import annotations
@@ -66,12 +68,18 @@ class SchedulerCore:
 
     # -- the loop ---------------------------------------------------------------------------
     def recover(self) -> dict[str, list[str]]:
-        """After a restart: re-attach to jobs whose Ray Job still exists (running or ended:
-        the next tick reaps the ended ones); queue again jobs whose Ray Job never started (the
-        runners are idempotent by job id), or fail them when they have used up their attempts.
+        """After a restart, and now and then afterwards (``sweep``): re-attach to jobs whose Ray
+        Job still exists (running or ended: the next tick reaps the ended ones); queue again jobs
+        whose Ray Job never started (the runners are idempotent by job id), or fail them when
+        they have used up their attempts. So no job stays ``running`` without a handle.
         Returns {"reattached": [...], "requeued": [...]}."""
         out: dict[str, list[str]] = {"reattached": [], "requeued": []}
-        for job in self.store.jobs_with_status("running"):
+        running = self.store.jobs_with_status("running")
+        ended = set(self.running) - {job["job_id"] for job in running}
+        for job_id in ended:  # recorded its end (or was cancelled) without its handle seeing it end:
+            if self.running.pop(job_id, None) is not None:  # e.g. a process on another host
+                self._release(job_id)
+        for job in running:
             job_id = job["job_id"]
             if job_id in self.running:
                 continue
@@ -85,6 +93,7 @@ class SchedulerCore:
                 out["reattached"].append(job_id)
                 continue
             try:
+                self._release(job_id)
                 if job["attempts"] >= self.max_attempts:
                     self.store.transition_job(
                         job_id, "failed", expect="running",
@@ -128,13 +137,38 @@ class SchedulerCore:
                 self.store.transition_job(job["job_id"], "queued", expect="running")
                 self._note_waiting(job["job_id"], str(exc))
                 break  # the launcher is not ready: try again next tick
-            except Exception as exc:  # could not even start: record it, keep the loop alive
-                log.exception("launching job %s failed", job["job_id"])
-                self._release(job["job_id"])
-                self.store.transition_job(job["job_id"], "failed", error=f"could not start: {exc}")
-                continue
+            except Exception as exc:
+                try:
+                    handle = self._reconcile(job, exc)
+                except Exception:  # Ray cannot say: the job stays running for the next sweep to settle
+                    log.exception("launching job %s raised (%s); whether Ray has it is unknown", job["job_id"], exc)
+                    continue
+                if handle is None:  # could not even start: record it, keep the loop alive
+                    self._release(job["job_id"])
+                    self.store.transition_job(
+                        job["job_id"], "failed", expect="running", error=f"could not start: {exc}"
+                    )
+                    continue
+                self.running[job["job_id"]] = handle
             started.append(job["job_id"])
         return started
+
+    def sweep(self) -> dict[str, list[str]]:
+        """``recover`` for jobs found ``running`` without a handle in this scheduler: a launch
+        whose outcome Ray could not tell, a lookup that failed at the last try, a job started
+        by hand meanwhile. Called by the driver every ``jobs.reconcile_interval_s``."""
+        return self.recover()
+
+    def _reconcile(self, job: dict[str, Any], exc: Exception) -> RunningJob | None:
+        """A launch raised; it may still have reached Ray (a submission that timed out after
+        Ray accepted it). The job's Ray Job when Ray has it, None when Ray says it has none;
+        raises when Ray cannot be asked."""
+        handle = self._attach(job)
+        if handle is None:
+            log.error("launching job %s failed: %s", job["job_id"], exc)
+        else:
+            log.warning("launching job %s raised (%s) but Ray has its Ray Job: attached to it", job["job_id"], exc)
+        return handle
 
     def cancel(self, job_id: str, actor: str = "system") -> dict[str, Any]:
         job = self.store.get_job(job_id)

@@ -23,7 +23,6 @@ import io
 import json
 import os
 import pickletools
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,7 +261,7 @@ def _sklearn_onnx(est, settings: Settings) -> tuple[Any | None, dict[str, str], 
     """(ONNX model or None, tags, metrics): skl2onnx conversion and parity on generated rows."""
     from sklearn.base import is_classifier
 
-    from app.training.sklearn_trainer import onnx_parity, to_onnx
+    from app.onnx.sklearn_export import onnx_parity, to_onnx
 
     is_clf = is_classifier(est)
     X = _sample_rows(_check_estimator(est))
@@ -424,42 +423,8 @@ def torchscript_task(out: np.ndarray, hints: Hints) -> str:
     return "classification" if out.ndim == 2 and out.shape[1] > 1 else "regression"
 
 
-def _export_torchscript(module, width: int, task: str):
-    """ONNX via the TorchScript exporter (``dynamo=False``: the dynamo exporter needs
-    onnxscript and does not take ScriptModules). Classifiers get ``label`` (argmax) and
-    ``probabilities`` (softmax of the scores) outputs."""
-    import onnx
-    import torch
-
-    class _Classifier(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            z = self.inner(x)
-            return torch.argmax(z, dim=1), torch.softmax(z, dim=1)
-
-    target = torch.jit.script(_Classifier(module)) if task == "classification" else module
-    names = ["label", "probabilities"] if task == "classification" else ["variable"]
-    buf = io.BytesIO()
-    with warnings.catch_warnings():  # "no signature found for ScriptMethod": expected for ScriptModules
-        warnings.simplefilter("ignore", UserWarning)
-        torch.onnx.export(
-            target,
-            (torch.zeros(2, width),),
-            buf,
-            dynamo=False,
-            input_names=["input"],
-            output_names=names,
-            dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}},
-            opset_version=17,
-        )
-    return onnx.load_from_string(buf.getvalue())
-
-
 def prepare_torchscript(data: bytes, dest: Path, settings: Settings, hints: Hints) -> PreparedModel:
-    import onnxruntime as ort
+    from app.onnx.torch_export import export_torchscript, torchscript_parity
 
     module = load_torchscript(data)
     width = torchscript_width(module, hints)
@@ -482,17 +447,8 @@ def prepare_torchscript(data: bytes, dest: Path, settings: Settings, hints: Hint
         tags[TAG_FEATURES] = json.dumps(hints.feature_names)
     metrics: dict[str, float] = {}
     try:
-        model = _export_torchscript(module, width, task)
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        outs = sess.run(None, {"input": X.astype(np.float32)})
-        if is_clf:
-            shifted = reference - reference.max(axis=1, keepdims=True)
-            proba = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-            max_diff = float(np.max(np.abs(outs[1] - proba)))
-            agreement = float(np.mean(outs[0].reshape(-1) == reference.argmax(axis=1)))
-        else:
-            max_diff = float(np.max(np.abs(outs[0].reshape(-1) - reference.reshape(-1))))
-            agreement = 1.0
+        model = export_torchscript(module, width, task)
+        max_diff, agreement = torchscript_parity(model, X, reference, is_clf)
         model, ptags, metrics = _parity_outcome(model, max_diff, agreement, is_clf, reference, settings)
     except Exception as exc:
         model, ptags = None, {
@@ -649,23 +605,44 @@ def native_entry(model_dir: Path) -> tuple[str, Path, dict[str, Any]]:
 
 
 def load_native(model_dir: Path, metadata: dict[str, Any]) -> NativeModel:
-    """Load a version's native file. Pickle-based files load only when the version's tags say
-    an admin trusted it; skops files trust only the types the registry accepted at
-    registration (tag ``matih.skops_trusted_types``); TorchScript through ``torch.jit.load``."""
+    """Load a version's native file. Pickle-based files load only when the bytes hash to the
+    digest an admin trusted (``metadata["trusted_sha256"]``, from the metadata store's trust
+    record, never from an MLflow tag); skops files trust only the types the registry
+    accepted at registration (tag ``matih.skops_trusted_types``); TorchScript through
+    ``torch.jit.load``."""
+    from app.registry.trust import file_sha256
+
     fmt, path, conf = native_entry(model_dir)
     tags = metadata.get("tags") or {}
     model_id = metadata.get("model", "this version")
     if fmt in PICKLE_FORMATS or metadata.get("format") in PICKLE_FORMATS:
-        if not metadata.get("trusted"):
+        expected = metadata.get("trusted_sha256")
+        if not expected:
             raise Conflict(
                 f"model {model_id} is pickle-based ({fmt}) and not trusted, so it is never unpickled; an admin "
                 "may POST /v1/models/{name}/versions/{v}/trust after reviewing it, or register it as ONNX or skops",
                 code="untrusted_model",
                 details={"model": model_id, "format": fmt},
             )
+        actual = file_sha256(path)
+        if actual != expected:
+            raise Conflict(
+                f"model {model_id} is pickle-based and its file is not the one an admin trusted (sha256 {actual}, "
+                f"trusted {expected}), so it is not unpickled; an admin may review it and trust it again",
+                code="untrusted_model",
+                details={"model": model_id, "format": fmt, "sha256": actual, "trusted_sha256": expected},
+            )
         import joblib
 
-        model = joblib.load(path)  # trusted by an admin: pickle, cloudpickle and joblib files
+        try:
+            model = joblib.load(path)  # trusted by an admin: pickle, cloudpickle and joblib files
+        except Exception as exc:  # unpickling fails in any way the bytes choose; the file was never loaded before
+            raise Conflict(
+                f"model {model_id}'s {fmt} file cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); "
+                "register a working file as a new version",
+                code="unloadable_model",
+                details={"model": model_id, "format": fmt},
+            ) from None
         return NativeModel(fmt, model, _check_estimator(model))
     if fmt == "skops":
         trusted = json.loads(tags.get(TAG_SKOPS_TYPES, "[]"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 
 from cachetools import TTLCache
 
-from app.errors import Conflict, DependencyUnavailable, NotFound
+from app.errors import Conflict, DependencyUnavailable, MatihError, NotFound, RegistryForbidden, RegistryRejected
 from app.registry.targets import ModelRef, model_name_of, parse_target
 from app.settings import Settings
 from app.storage.s3 import configure_s3_env
@@ -29,7 +30,7 @@ TAG_FEATURES = "matih.feature_names"
 TAG_TASK = "matih.task"
 TAG_CLASSES = "matih.classes"
 TAG_STAGE = "matih.stage"  # staging | production | archived
-TAG_TRUSTED = "matih.trusted"  # "true" once an admin marks a pickle-based version trusted
+TAG_TRUSTED = "matih.trusted"  # mirrors the metadata store's trust record, for MLflow readers; never decides
 TAG_FORMATS = "matih.formats"  # JSON list of the formats the version's artifacts hold, e.g. ["onnx", "skops"]
 TAG_VALIDATION = "matih.validation"  # passed | failed: the ONNX parity (or ONNX check) at training or registration
 TAG_VALIDATION_REPORT = "matih.validation_report"  # JSON: holdout metrics, champion's, each gate's outcome
@@ -44,6 +45,8 @@ class ResolvedModel:
     name: str
     version: str
     tags: dict[str, str] = field(default_factory=dict)
+    # sha256 of the pickle-based file an admin trusted, from the metadata store (never from a tag)
+    trusted_sha256: str | None = None
 
     @property
     def model_id(self) -> str:
@@ -68,6 +71,47 @@ def _is_unavailable(exc: Exception) -> bool:
             exc
         ).lower()
     return isinstance(exc, (ConnectionError, OSError, TimeoutError))
+
+
+_NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+# MLflow answers a missing alias with its 400 (INVALID_PARAMETER_VALUE); that one is a 404.
+_MISSING_ALIAS = re.compile(r"Registered model alias \S+ not found")
+_EXISTS_CODES = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS", "RESOURCE_CONFLICT", "INVALID_STATE", "ABORTED")
+
+
+def mlflow_error(exc: Exception, what: str, fix: str = "") -> MatihError:
+    """One of our errors for an error MLflow raised about ``what``: unknown -> NotFound,
+    exists (or a state that forbids it) -> Conflict, MLflow's 400 -> RegistryRejected, its
+    401/403 -> RegistryForbidden (the platform's MLflow identity, not the caller), anything
+    else -> DependencyUnavailable. By MLflow's error code first; the message decides only
+    for codes that say nothing (a local store's INTERNAL_ERROR "... not found")."""
+    from mlflow.exceptions import MlflowException
+
+    hint = f"; {fix}" if fix else ""
+    if not isinstance(exc, MlflowException):
+        return DependencyUnavailable(f"MLflow is unavailable: {exc}")
+    code = getattr(exc, "error_code", "") or ""
+    msg = getattr(exc, "message", str(exc))
+    status = exc.get_http_status_code()
+    if code in _NOT_FOUND_CODES or _MISSING_ALIAS.search(msg):
+        return NotFound(f"{what} does not exist{hint}")
+    if code in _EXISTS_CODES:
+        if code in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS") or "already exists" in msg.lower():
+            return Conflict(f"{what} exists already{hint}")
+        return Conflict(f"MLflow refused the change to {what}: {msg}")
+    if status in (401, 403):
+        return RegistryForbidden(
+            f"MLflow refused the platform access to {what} (HTTP {status}: {msg}); an operator must grant the "
+            "platform's MLflow user that permission",
+            details={"mlflow_error_code": code},
+        )
+    if status == 400:
+        return RegistryRejected(f"MLflow refused {what}: {msg}", details={"mlflow_error_code": code})
+    if code not in ("ENDPOINT_NOT_FOUND", "TEMPORARILY_UNAVAILABLE") and (
+        "not found" in msg.lower() or "does not exist" in msg.lower()
+    ):
+        return NotFound(f"{what} does not exist{hint}")
+    return DependencyUnavailable(f"MLflow failed on {what}: {msg}")
 
 
 class ModelRegistry:
@@ -128,6 +172,9 @@ class ModelRegistry:
         except MlflowException as exc:
             if _is_unavailable(exc):
                 raise DependencyUnavailable(f"MLflow is unavailable at {self.tracking_uri}: {exc}") from None
+            err = mlflow_error(exc, f"model {ref}")
+            if isinstance(err, (RegistryForbidden, RegistryRejected)):
+                raise err from None
             raise NotFound(
                 f"model {ref} is not in the registry; register a version first "
                 "(POST /v1/training/jobs with register_as) or fix the endpoint's target",
@@ -211,7 +258,8 @@ def model_metadata(model: ResolvedModel) -> dict[str, Any]:
         "model": model.model_id,
         "format": fmt,
         "formats": json.loads(tags[TAG_FORMATS]) if TAG_FORMATS in tags else [fmt],
-        "trusted": tags.get(TAG_TRUSTED) == "true",
+        "trusted": model.trusted_sha256 is not None,  # the store's record; the matih.trusted tag only mirrors it
+        "trusted_sha256": model.trusted_sha256,
         "task": tags.get(TAG_TASK),
         "feature_names": json.loads(tags[TAG_FEATURES]) if TAG_FEATURES in tags else None,
         "classes": json.loads(tags[TAG_CLASSES]) if TAG_CLASSES in tags else None,

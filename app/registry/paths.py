@@ -19,56 +19,14 @@ rules and a symlink trick cannot pass the filesystem check.
 
 from __future__ import annotations
 
-import os
 import posixpath
-import re
-from urllib.parse import urlsplit
 
-from app.errors import InvalidInput, NotFound
+from app.errors import DependencyUnavailable, InvalidInput
+from app.storage.paths import is_object_store, no_dotdot, refuse, resolve_location, scheme_of, string_rules
+
+__all__ = ["UNSAFE", "check_relative_path", "is_object_store", "resolve_source"]
 
 UNSAFE = "unsafe_source"
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
-_MAX_LEN = 2048
-
-
-def _refuse(source: str, why: str, fix: str, field: str = "source") -> InvalidInput:
-    return InvalidInput(f"{field} {source!r} is refused: {why}; {fix}", code=UNSAFE, details={"field": field})
-
-
-def _string_rules(value: str, field: str, fix: str) -> None:
-    if not value:
-        raise InvalidInput(f"{field} is empty; {fix}", code=UNSAFE, details={"field": field})
-    if len(value) > _MAX_LEN:
-        raise _refuse(value[:64] + "...", f"it is longer than {_MAX_LEN} characters", fix, field)
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise _refuse(value, "it holds control characters", fix, field)
-    if "\\" in value:
-        raise _refuse(value, "backslashes are not path separators here", "use '/' between path segments", field)
-    if "%" in value:
-        raise _refuse(
-            value, "percent-encoded characters are not accepted (they could hide '../')",
-            "give the plain, decoded path", field,
-        )
-    if "?" in value or "#" in value:
-        raise _refuse(value, "URL queries and fragments are not part of an artifact location",
-                      "remove the '?...' or '#...' part", field)
-
-
-def _no_dotdot(value: str, path: str, field: str, fix: str) -> None:
-    if any(seg == ".." for seg in path.split("/")):
-        raise _refuse(value, "'..' segments are not allowed", fix, field)
-
-
-def is_object_store(uri: str) -> bool:
-    parts = urlsplit(uri)
-    return bool(parts.scheme) and parts.scheme != "file" and bool(parts.netloc)
-
-
-def _local_root(artifact_root: str) -> str:
-    root = artifact_root
-    if root.startswith("file:"):
-        root = urlsplit(root).path
-    return os.path.realpath(root)
 
 
 def resolve_source(source: str, artifact_root: str) -> str:
@@ -77,56 +35,40 @@ def resolve_source(source: str, artifact_root: str) -> str:
 
     Raises ``InvalidInput`` (code ``unsafe_source``) for anything outside the root and
     ``NotFound`` for a local path inside the root that does not exist."""
-    fix = f"give a path (or file:// URI) inside the artifact root {artifact_root}"
-    if not isinstance(source, str):
-        raise InvalidInput(f"source must be a string; {fix}", code=UNSAFE, details={"field": "source"})
-    _string_rules(source, "source", fix)
-    match = _SCHEME_RE.match(source)
-    scheme = match.group(1).lower() if match else ""
-
-    if is_object_store(artifact_root):
-        root = urlsplit(artifact_root)
-        if scheme != root.scheme.lower():
-            raise _refuse(source, f"scheme {scheme or '(none)'!r} is not the artifact root's",
-                          f"give a {root.scheme}:// URI inside {artifact_root}")
-        parts = urlsplit(source)
-        if parts.netloc != root.netloc:
-            raise _refuse(source, f"bucket {parts.netloc!r} is not the artifact root's bucket {root.netloc!r}", fix)
-        _no_dotdot(source, parts.path, "source", fix)
-        key = posixpath.normpath("/" + parts.path.lstrip("/"))
-        prefix = posixpath.normpath("/" + root.path.strip("/"))
-        if prefix != "/" and key != prefix and not key.startswith(prefix + "/"):
-            raise _refuse(source, f"it is outside the artifact root {artifact_root}", fix)
-        return f"{root.scheme}://{root.netloc}{key}"
-
-    if scheme == "file":
-        parts = urlsplit(source)
-        if parts.netloc not in ("", "localhost"):
-            raise _refuse(source, f"file:// URIs name no host here (got {parts.netloc!r})", fix)
-        path = parts.path
-    elif scheme:
-        raise _refuse(source, f"scheme {scheme + '://'!r} is not allowed for this artifact root", fix)
-    else:
-        path = source
-    _no_dotdot(source, path, "source", fix)
-    root = _local_root(artifact_root)
-    full = path if os.path.isabs(path) else os.path.join(root, path)
-    real = os.path.realpath(full)  # follows every symlink, so a link out of the root is caught here
-    if os.path.commonpath([root, real]) != root:
-        raise _refuse(source, f"it resolves to {real}, outside the artifact root {root}", fix)
-    if not os.path.exists(real):
-        raise NotFound(f"source {source!r} does not exist under the artifact root {root}", details={"field": "source"})
-    return real
+    return resolve_location(
+        source, [artifact_root], field="source", must_exist=True, code=UNSAFE,
+        where=f"the artifact root {artifact_root}",
+    )
 
 
 def check_relative_path(value: str, field: str = "artifact_path") -> str:
     """A path inside a run's artifacts (``model``, ``models/onnx``): relative, no ``..``."""
     fix = "give a relative path inside the run's artifacts, like 'model'"
-    _string_rules(value, field, fix)
-    if _SCHEME_RE.match(value) or value.startswith("/"):
-        raise _refuse(value, "it must be relative to the run's artifact root", fix, field)
-    _no_dotdot(value, value, field, fix)
+    string_rules(value, field, fix, UNSAFE)
+    if scheme_of(value) or value.startswith("/"):
+        raise refuse(value, "it must be relative to the run's artifact root", fix, field, UNSAFE)
+    no_dotdot(value, value, field, fix, UNSAFE)
     norm = posixpath.normpath(value)
     if norm in (".", ""):
-        raise _refuse(value, "it names the run's whole artifact root", fix, field)
+        raise refuse(value, "it names the run's whole artifact root", fix, field, UNSAFE)
     return norm
+
+
+def check_run_source(client, source: str, artifact_root: str) -> str:
+    """Where a run's model lies in storage, checked inside ``artifact_root`` before anything
+    is downloaded: the run's own artifacts (``source`` is their URI) or, for ``models:/m-...``,
+    the logged model's ``artifact_location``. A run of an experiment whose artifact location is
+    elsewhere (``/etc``, another bucket) is refused with 422, code ``unsafe_source``."""
+    location = source
+    if source.startswith("models:/"):
+        try:
+            location = client.get_logged_model(source[len("models:/"):].strip("/")).artifact_location
+        except Exception as exc:  # MLflow down or the model gone since it was listed
+            raise DependencyUnavailable(f"could not look up {source} in MLflow: {exc}") from None
+    try:
+        return resolve_source(location, artifact_root)
+    except InvalidInput as exc:
+        raise InvalidInput(
+            f"the run's model is stored at {location}, outside the artifact root {artifact_root}; only runs of "
+            "experiments under the artifact root can be registered from", code=UNSAFE, details={"field": "run_id"},
+        ) from exc

@@ -6,10 +6,11 @@ import re
 from dataclasses import dataclass
 
 from app.errors import InvalidInput
+from app.names import VERSION_PATTERN
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 _ALIAS_RE = re.compile(rf"^(?:models:/)?(?P<name>{_NAME})@(?P<alias>[A-Za-z][A-Za-z0-9_-]{{0,63}})$")
-_VERSION_RE = re.compile(rf"^(?:models:/)?(?P<name>{_NAME})/(?P<version>[1-9][0-9]{{0,8}})$")
+_VERSION_RE = re.compile(rf"^(?:models:/)?(?P<name>{_NAME})/(?P<version>{VERSION_PATTERN})$")
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,10 @@ class ModelRef:
 
 
 def parse_target(target: str) -> ModelRef:
-    m = _ALIAS_RE.match(target)
+    m = _ALIAS_RE.fullmatch(target)
     if m:
         return ModelRef(m["name"], alias=m["alias"])
-    m = _VERSION_RE.match(target)
+    m = _VERSION_RE.fullmatch(target)
     if m:
         return ModelRef(m["name"], version=m["version"])
     raise InvalidInput(

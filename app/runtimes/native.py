@@ -3,8 +3,9 @@ TorchScript models in their own framework, for models ONNX cannot express or whe
 endpoint wants the original.
 
 Safety lives in :func:`app.registry.formats.load_native`: a pickle-based version is never
-unpickled unless its tags say an admin trusted it (``Conflict``, code ``untrusted_model``,
-otherwise); skops files trust only the types the registry accepted when they were
+unpickled unless the metadata store holds an admin's trust record for it and the file's bytes
+hash to the record's sha256 (the loader passes it in as ``metadata["trusted_sha256"]``; MLflow
+tags decide nothing), ``Conflict`` with code ``untrusted_model`` otherwise; skops files trust only the types the registry accepted when they were
 registered; TorchScript goes through ``torch.jit.load``.
 """
 
@@ -14,13 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from app.errors import ModelError
-from app.runtimes.base import ModelRuntime, ModelSignature
+from app.runtimes.base import ModelRuntime, RuntimeConfig
+from app.serving.signature import ModelSignature
+
+
+class NativeConfig(RuntimeConfig):
+    """Options of the ``native`` runtime."""
+
+    intra_op_threads: int | None = Field(
+        None, ge=0, description="torch threads for a TorchScript model (at least 1). Default: serving.onnx_intra_op_threads."
+    )
 
 
 class NativeModelRuntime(ModelRuntime):
     name = "native"
+    Config = NativeConfig
+    config: NativeConfig
 
     def load(self, model_dir: Path, metadata: dict[str, Any]) -> None:
         from app.registry.formats import load_native
@@ -39,7 +52,7 @@ class NativeModelRuntime(ModelRuntime):
         else:
             import torch
 
-            torch.set_num_threads(max(1, int(self.options.get("intra_op_threads", 1) or 1)))
+            torch.set_num_threads(max(1, self.serving_default(self.config.intra_op_threads, "onnx_intra_op_threads")))
         self._task = task or "regression"
         self.signature = ModelSignature(
             n_features=loaded.n_features,

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from app.errors import Conflict, ModelError
-from app.runtimes.base import ModelRuntime, ModelSignature
+from app.runtimes.base import ModelRuntime, RuntimeConfig
+from app.serving.signature import ModelSignature
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,8 +68,21 @@ def find_onnx_file(model_dir: Path) -> Path:
     return candidates[0]
 
 
+class OnnxConfig(RuntimeConfig):
+    """Options of the ``onnx`` runtime: the ONNX Runtime session of this endpoint's model."""
+
+    intra_op_threads: int | None = Field(
+        None, ge=0, description="Intra-op threads of the session (0: one per core). Default: serving.onnx_intra_op_threads."
+    )
+    inter_op_threads: int | None = Field(
+        None, ge=0, description="Inter-op threads of the session (0: ONNX Runtime's default). Default: serving.onnx_inter_op_threads."
+    )
+
+
 class OnnxModelRuntime(ModelRuntime):
     name = "onnx"
+    Config = OnnxConfig
+    config: OnnxConfig
 
     def load(self, model_dir: Path, metadata: dict[str, Any]) -> None:
         import onnxruntime as ort
@@ -81,7 +96,10 @@ class OnnxModelRuntime(ModelRuntime):
                 details={"format": metadata.get("format")},
             )
         path = find_onnx_file(Path(model_dir))
-        opts = session_options(self.options.get("intra_op_threads", 1), self.options.get("inter_op_threads", 1))
+        opts = session_options(
+            self.serving_default(self.config.intra_op_threads, "onnx_intra_op_threads"),
+            self.serving_default(self.config.inter_op_threads, "onnx_inter_op_threads"),
+        )
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=available_providers())
         except Exception as exc:

@@ -3,25 +3,21 @@ any server speaking the Open Inference Protocol over HTTP), through ``tritonclie
 
 Nothing is loaded locally (``needs_artifact = False``): ``load`` asks the remote server for
 the model's readiness and metadata and takes the signature from there; ``predict`` sends the
-float32 matrix as binary tensor data. The endpoint's runtime config says where:
-
-``url``           ``host:port[/base-path]`` of the server (``http://`` or ``https://`` accepted;
-                  https turns on TLS). Required.
-``model_name``    the model on the server; default: the registered model's name.
-``model_version`` the version on the server; default: the server's own choice.
-``input_name``    default: the model's only input, from its metadata.
-``label_output``, ``probabilities_output``  default: the outputs named ``label*`` and ``*prob*``.
-``timeout_s``     connection and network timeout (default 30).
-``headers``       extra HTTP headers on every call, e.g. ``{"Authorization": "Bearer ..."}``.
+float32 matrix as binary tensor data. The endpoint's runtime config (:class:`TritonConfig`)
+says where.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from app.errors import (
     DependencyUnavailable,
@@ -30,39 +26,137 @@ from app.errors import (
     ModelError,
     NotFound,
 )
-from app.runtimes.base import ModelRuntime, ModelSignature
+from app.runtimes.base import ModelRuntime, RuntimeConfig
+from app.serving.signature import ModelSignature
+from app.settings import TritonRuntimeSettings
+
+log = logging.getLogger(__name__)
+
+# The host part of config.url: a DNS name, IPv4 or [IPv6] address, with an optional port. Stricter
+# than any URL parser, so that the host checked against the allow-list is the host connected to.
+_HOST = re.compile(r"^[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_.])?(?::\d{1,5})?$|^\[[0-9a-f:.]+\](?::\d{1,5})?$", re.I)
+
+
+class TritonConfig(RuntimeConfig):
+    """Options of the ``triton`` runtime: where the remote V2 server is and what to call there."""
+
+    url: str = Field(
+        ...,
+        min_length=1,
+        max_length=2048,
+        description="host:port[/base-path] of the Triton (or any V2 HTTP) server, e.g. triton:8000; "
+        "http:// is accepted and https:// turns on TLS.",
+    )
+    model_name: str | None = Field(None, min_length=1, description="The model on the server. Default: the registered model's name.")
+    model_version: str | None = Field(None, description="The version on the server. Default: the server's own choice.")
+    input_name: str | None = Field(
+        None, min_length=1, description="The input to feed. Default: the model's only input (needed when it has several)."
+    )
+    label_output: str | None = Field(None, min_length=1, description="The output read as predictions. Default: the one named label*.")
+    probabilities_output: str | None = Field(
+        None, min_length=1, description="The output read as class probabilities. Default: the one named *prob*."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Connection and network timeout of every call, in seconds.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        repr=False,  # credentials: never in a log line
+        description='Extra HTTP headers on every call, e.g. {"Authorization": "Bearer ..."}.'
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip()
+        scheme, sep, rest = v.partition("://")
+        if sep and scheme.lower() not in ("http", "https"):
+            raise ValueError(f"the scheme must be http:// or https:// (or none), not {scheme}://")
+        if not (rest if sep else v):
+            raise ValueError("give host:port of the server, e.g. triton:8000")
+        return v
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def _allowed(entry: str) -> tuple[str, int | None]:
+    """(host, port or None for any) of an entry of runtimes.triton.allowed_hosts (checked by the settings)."""
+    parts = urlsplit(f"//{entry}")
+    return (parts.hostname or "").rstrip("."), parts.port
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """(lower-case host, port) of config.url, ``[scheme://][user@]host[:port][/path]``; without
+    a port, the scheme's (443 for https, else 80), as tritonclient connects."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "http", url
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, at, hostport = authority.rpartition("@")
+    if not _HOST.match(hostport) or any(c in userinfo for c in "\\ "):
+        raise InvalidInput(
+            "config.url must be [http(s)://]host[:port][/base-path] with a DNS name or IP address as host, "
+            "e.g. triton.ml.svc:8000",
+            details={"field": "config.url"},
+        )
+    parts = urlsplit(f"//{hostport}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidInput("config.url has a port outside 1-65535", details={"field": "config.url"}) from None
+    if port is None:
+        port = 443 if scheme.lower() == "https" else 80
+    return (parts.hostname or "").rstrip("."), port
 
 
 class TritonModelRuntime(ModelRuntime):
     name = "triton"
+    Config = TritonConfig
+    config: TritonConfig
     needs_artifact = False
     blocking_io = True
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        super().__init__(options)
-        url = self.options.get("url")
-        if not isinstance(url, str) or not url.strip():
-            raise InvalidInput(
-                "the triton runtime needs config.url: host:port of the Triton server, e.g. triton:8000",
-                details={"field": "config.url"},
-            )
-        url = url.strip()
-        self._ssl = url.startswith("https://")
+    def __init__(self, config: TritonConfig | dict[str, Any] | None = None, settings=None):
+        super().__init__(config, settings)
+        url = self.config.url
+        self._ssl = url.lower().startswith("https://")
         self.url = url.split("://", 1)[1] if "://" in url else url
-        headers = self.options.get("headers") or {}
-        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-            raise InvalidInput("config.headers must map header names to strings", details={"field": "config.headers"})
-        self._headers = {str(k): v for k, v in headers.items()} or None
-        try:
-            self._timeout = float(self.options.get("timeout_s", 30.0))
-        except (TypeError, ValueError):
-            raise InvalidInput("config.timeout_s must be a number of seconds", details={"field": "config.timeout_s"}) from None
-        version = self.options.get("model_version")
-        self.model_version = "" if version is None else str(version)
-        self.model_name: str | None = self.options.get("model_name")
+        # The URL as messages show it: user info (credentials) in it is masked.
+        self._shown_url = re.sub(r"^[^/?#]*@", "***@", self.url)
+        self._headers = dict(self.config.headers) or None
+        self._timeout = self.config.timeout_s
+        self.model_version = self.config.model_version or ""
+        self.model_name: str | None = self.config.model_name
         # A tritonclient.http client works only in the thread that made it (gevent), and the
         # ModelServer calls load and predict from different worker threads: one client each.
         self._local = threading.local()
+
+    @classmethod
+    def check_config(cls, config: TritonConfig, settings) -> None:  # type: ignore[override]
+        """config.url must name a host on ``runtimes.triton.allowed_hosts`` (empty: none is), and
+        config.timeout_s stay within ``runtimes.triton.max_timeout_s``."""
+        limits = settings.runtimes.triton if settings is not None else TritonRuntimeSettings()
+        host, port = _host_port(config.url)
+        allowed = [_allowed(entry) for entry in limits.allowed_hosts]
+        if not any(h == host and p in (None, port) for h, p in allowed):
+            where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+            listed = (
+                f"it holds {', '.join(limits.allowed_hosts)}" if limits.allowed_hosts
+                else "it is empty, so every remote URL is refused"
+            )
+            raise InvalidInput(
+                f"config.url: the triton runtime may not call {where}: it is not on the setting "
+                f"runtimes.triton.allowed_hosts ({listed}); an operator adds the server there",
+                code="host_not_allowed",
+                details={"field": "config.url", "setting": "runtimes.triton.allowed_hosts"},
+            )
+        if config.timeout_s > limits.max_timeout_s:
+            raise InvalidInput(
+                f"config.timeout_s is {config.timeout_s:g} s; at most {limits.max_timeout_s:g} s "
+                "(the setting runtimes.triton.max_timeout_s)",
+                details={"field": "config.timeout_s", "setting": "runtimes.triton.max_timeout_s"},
+            )
 
     # -- remote calls ----------------------------------------------------------------------
     def _client(self):
@@ -81,32 +175,44 @@ class TritonModelRuntime(ModelRuntime):
 
     def _where(self) -> str:
         version = f" version {self.model_version}" if self.model_version else ""
-        return f"model {self.model_name!r}{version} on the Triton server at {self.url}"
+        return f"model {self.model_name!r}{version} on the Triton server at {self._shown_url}"
 
     def _call(self, what: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` against the server; a failure becomes a platform error whose
+        message is ours (what failed, the status, what to check), never the remote server's
+        text: that goes to this replica's log only, shortened."""
         from tritonclient.utils import InferenceServerException
 
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as exc:
             status = str(exc.status() or "")
-            message = f"{what} of {self._where()} failed ({status or 'no status'}): {exc.message()}"
+            log.warning("%s of %s failed (%s); the server said: %.300r", what, self._where(), status, exc.message())
+            failed = f"{what} of {self._where()} failed: the server answered {status or 'with no status'}"
             if status == "404":
-                raise NotFound(f"{message}; check the endpoint's config.model_name", details={"remote_status": 404}) from None
+                raise NotFound(
+                    f"{failed} (no such model or version); check the endpoint's config.model_name and "
+                    "config.model_version",
+                    details={"remote_status": 404},
+                ) from None
             if status in ("400", "422"):
-                raise InvalidInput(message, details={"remote_status": int(status)}) from None
+                raise InvalidInput(f"{failed} (it refused the request)", details={"remote_status": int(status)}) from None
             if status in ("401", "403"):
-                raise DependencyUnavailable(f"{message}; set config.headers to credentials the server accepts") from None
+                raise DependencyUnavailable(
+                    f"{failed} (it refused the credentials); set config.headers to credentials the server accepts"
+                ) from None
             if status.startswith("5") and status not in ("502", "503", "504"):
-                raise ModelError(message) from None
+                raise ModelError(f"{failed} (a server error)") from None
             self._local.client = None  # the connection may be broken: make a fresh client next time
-            raise DependencyUnavailable(message) from None
+            raise DependencyUnavailable(failed) from None
         except MatihError:
             raise
         except Exception as exc:  # noqa: BLE001 - refused connections, DNS, timeouts (socket, gevent)
             self._local.client = None
+            log.warning("%s of %s failed: %.300r", what, self._where(), exc)
             raise DependencyUnavailable(
-                f"{what} of {self._where()} failed: {type(exc).__name__}: {exc}"
+                f"{what} of {self._where()} failed: the server could not be reached or did not answer in "
+                f"{self._timeout:g} s ({type(exc).__name__})"
             ) from None
 
     # -- the runtime interface -------------------------------------------------------------
@@ -123,7 +229,7 @@ class TritonModelRuntime(ModelRuntime):
             raise DependencyUnavailable(f"{self._where()} is not ready; load it on the server first")
 
         inputs = meta.get("inputs") or []
-        wanted = self.options.get("input_name")
+        wanted = self.config.input_name
         if wanted:
             inp = next((i for i in inputs if i.get("name") == wanted), None)
             if inp is None:
@@ -152,10 +258,10 @@ class TritonModelRuntime(ModelRuntime):
         outputs = [o["name"] for o in meta.get("outputs") or []]
         if not outputs:
             raise ModelError(f"{self._where()} declares no outputs")
-        self._label_out = self.options.get("label_output") or next(
+        self._label_out = self.config.label_output or next(
             (o for o in outputs if o.lower().startswith("label")), outputs[0]
         )
-        self._proba_out = self.options.get("probabilities_output") or next(
+        self._proba_out = self.config.probabilities_output or next(
             (o for o in outputs if "prob" in o.lower() and o != self._label_out), None
         )
         names = metadata.get("feature_names")
@@ -164,7 +270,7 @@ class TritonModelRuntime(ModelRuntime):
             feature_names=names if names and (n_features is None or len(names) == n_features) else None,
             task=metadata.get("task"),
             classes=metadata.get("classes"),
-            extra={"remote": self.url, "remote_model": self.model_name, "remote_versions": meta.get("versions")},
+            extra={"remote": self._shown_url, "remote_model": self.model_name, "remote_versions": meta.get("versions")},
         )
         self.ready = True
 

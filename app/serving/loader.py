@@ -4,8 +4,7 @@ miss, and what the in-process predictor does for tests and benchmarks."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,19 +13,26 @@ from typing import Any
 from cachetools import LRUCache
 
 from app.errors import InvalidInput
+from app.names import parse_version
+from app.registry.formats import PICKLE_FORMATS
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable, model_metadata
 from app.runtimes.base import ModelRuntime, get_runtime_class
+from app.serving.endpoint_config import parse_endpoint_config
+from app.serving.payload import prepare
 from app.settings import Settings
 
 
 def model_id_for(model: ResolvedModel, runtime: str = "onnx", config: dict[str, Any] | None = None) -> str:
-    """The multiplexed model id: ``name/version`` for ONNX with no config, else
+    """The multiplexed model id: ``name/version`` for ONNX with its default options, else
     ``runtime:name/version[#config-hash]``, so one replica can hold the same version in two
-    runtimes, and a changed endpoint config opens a new runtime instead of reusing the old."""
+    runtimes, and a changed runtime config opens a new runtime instead of reusing the old.
+    Only the runtime's own config counts (not the endpoint's ``device`` or ``max_rows``); a
+    config that is not valid for the runtime is an InvalidInput naming the field."""
     base = model.model_id if runtime == "onnx" else f"{runtime}:{model.model_id}"
     if config:
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        base = f"{base}#{digest}"
+        key = parse_endpoint_config(runtime, config).runtime_key()
+        if key:
+            base = f"{base}#{key}"
     return base
 
 
@@ -37,9 +43,9 @@ def parse_model_id(model_id: str) -> tuple[str, str, str]:
     if not sep:
         runtime, rest = "onnx", model_id
     name, sep, version = rest.rpartition("/")
-    if not sep or not name or not version.isdigit():
+    if not sep or not name:
         raise InvalidInput(f"model id {model_id!r} is not '[runtime:]name/version'")
-    return runtime, name, version
+    return runtime, name, parse_version(version)
 
 
 class ModelLoader:
@@ -58,30 +64,34 @@ class ModelLoader:
         resolve: Callable[[str], ResolvedModel] | None = None,
         fetch: Callable[[ResolvedModel], Path] | None = None,
         release: Callable[[Path], None] | None = None,
+        trust: Callable[[str, str], dict[str, Any] | None] | None = None,
     ):
+        """``trust(name, version)`` is the metadata store's trust record of a pickle-based
+        version (``MetadataStore.get_trust``, or the RegistryCache actor's copy of it); without
+        it no pickle-based file is ever loaded."""
         self.settings = settings
         self.registry = registry or ModelRegistry(settings)
         self._resolve = resolve or (lambda model_id: self.registry.resolve(model_id))
         self._fetch = fetch or self.registry.download
         self._release = release  # called once the runtime holds the model (temp copies)
+        self._trust = trust
 
-    def runtime_options(self) -> dict[str, Any]:
-        return {
-            "intra_op_threads": self.settings.serving.onnx_intra_op_threads,
-            "inter_op_threads": self.settings.serving.onnx_inter_op_threads,
-            "max_rows": self.settings.serving.max_batch_rows,
-        }
+    def max_rows(self, config: dict[str, Any] | None) -> int:
+        """Most rows in one request to an endpoint: its ``config.max_rows``, else the setting."""
+        value = (config or {}).get("max_rows")
+        return int(value) if value else self.settings.serving.max_batch_rows
 
     def load(self, model_id: str, config: dict[str, Any] | None = None) -> ModelRuntime:
-        """Open ``[runtime:]name/version``; ``config`` is the endpoint's runtime config."""
+        """Open ``[runtime:]name/version``; ``config`` is the endpoint's config."""
         runtime, name, version = parse_model_id(model_id)
-        resolved = self._resolve(f"{name}/{version}")
+        runtime_config = parse_endpoint_config(runtime, config).runtime
+        resolved = self._with_trust(self._resolve(f"{name}/{version}"))
         check_servable(resolved)
         started = time.perf_counter()
         cls = get_runtime_class(runtime)
         model_dir = self._fetch(resolved) if cls.needs_artifact else None  # remote runtimes load nothing here
         fetched = time.perf_counter()
-        rt = cls({**self.runtime_options(), **(config or {})})
+        rt = cls(runtime_config, self.settings)
         try:
             rt.load(model_dir, model_metadata(resolved))
         finally:
@@ -92,6 +102,16 @@ class ModelLoader:
             {"fetch_seconds": fetched - started, "load_seconds": time.perf_counter() - fetched}
         )
         return rt
+
+
+    def _with_trust(self, resolved: ResolvedModel) -> ResolvedModel:
+        """The version with the digest from its trust record when it holds a pickle-based file;
+        the runtime compares it with the file's bytes before unpickling (``load_native``)."""
+        meta = model_metadata(resolved)
+        if not PICKLE_FORMATS.intersection([meta["format"], *meta["formats"]]):
+            return resolved
+        record = self._trust(resolved.name, resolved.version) if self._trust is not None else None
+        return dataclasses.replace(resolved, trusted_sha256=record["sha256"] if record else None)
 
 
 class LocalPredictor:
@@ -114,6 +134,7 @@ class LocalPredictor:
         self, model: ResolvedModel, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
     ) -> dict[str, Any]:
         rt = await asyncio.to_thread(self.get, model_id_for(model, runtime, config), config)
+        matrix, probabilities = prepare(payload, rt.signature, self.loader.max_rows(config))
         if rt.blocking_io:
-            return await asyncio.to_thread(rt.infer, payload)
-        return rt.infer(payload)
+            return await asyncio.to_thread(rt.predict, matrix, probabilities=probabilities)
+        return rt.predict(matrix, probabilities=probabilities)

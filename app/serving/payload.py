@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import InvalidInput
-from app.runtimes.base import ModelSignature
+from app.serving.signature import ModelSignature
 
 
 def _number(value: Any, where: str) -> float:
@@ -139,3 +139,9 @@ def payload_to_matrix(payload: dict[str, Any], signature: ModelSignature, max_ro
         raise InvalidInput(f"'inputs' has {n_rows} rows; at most {max_rows} per request")
     cols = [[_number(v, f"inputs.{n}[{i}]") for i, v in enumerate(inputs[n])] for n in names]
     return np.asarray(cols, dtype=np.float32).T.copy()
+
+
+def prepare(payload: dict[str, Any], signature: ModelSignature, max_rows: int) -> tuple[np.ndarray, bool]:
+    """A prediction payload checked against ``signature``: (float32 matrix, want probabilities).
+    What a server does before it hands the matrix to a runtime's ``predict``."""
+    return payload_to_matrix(payload, signature, max_rows=max_rows), bool(payload.get("return_probabilities"))

@@ -80,3 +80,55 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ModelTrust(Base):
+    """An admin vouched for the pickle-based file of a model version whose bytes hash to
+    ``sha256``: the only thing that lets the platform unpickle it (MLflow tags do not)."""
+
+    __tablename__ = "model_trust"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(String(16), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    trusted_by: Mapped[str] = mapped_column(String(128))
+    trusted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ModelApproval(Base):
+    """An admin approved a model version (whose model file hashes to ``sha256``) for production."""
+
+    __tablename__ = "model_approvals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    approved_by: Mapped[str] = mapped_column(String(128))
+    approved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    comment: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (Index("ix_model_approvals_version", "model", "version"),)
+
+
+class RegistryOp(Base):
+    """The outbox of registry mutations that touch MLflow: written (``pending``) before the
+    MLflow calls, completed (``done``, with its audit record in the same transaction) after
+    them, or ``rolled_back``; what a crash leaves ``pending`` is finished or rolled back by
+    :func:`app.registry.outbox.recover`."""
+
+    __tablename__ = "registry_ops"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    op: Mapped[str] = mapped_column(String(32))  # model_version.create | model_version.stage | model.delete
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | done | rolled_back
+    actor: Mapped[str] = mapped_column(String(128))
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (Index("ix_registry_ops_model", "model", "state"),)

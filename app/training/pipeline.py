@@ -7,11 +7,12 @@
    stages, checkpointed, surviving worker failures);
 4. convert to ONNX and check parity with the native model on the holdout;
 5. score the ONNX model and the current champion on the same holdout, apply the gates;
-6. register a passing model: the first version becomes ``champion``, later ones the
-   ``validation.alias_on_pass`` alias (``challenger``); the validation report goes on the
-   version (its model card shows it).
+6. register a passing model with one ``create_model_version`` carrying every ``matih.*`` tag
+   (the validation report among them: its model card shows it); the first version becomes
+   ``champion``, later ones the ``validation.alias_on_pass`` alias (``challenger``).
 
-Idempotent by job id: a re-run of a job whose version is registered returns that version.
+Idempotent by job id: a re-run of a job whose version is registered returns that version
+(and sets its alias if the earlier attempt stopped before); see :func:`register_version`.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def _fit(spec: TrainingJobSpec, data: PreparedData, settings: Settings, job_id: 
          report: Reporter) -> tuple[Any, float, float, dict[str, Any]]:
     """Train; returns (onnx ModelProto, max |onnx - native|, label agreement, extra result fields)."""
     if spec.framework == "sklearn":
-        from app.training.sklearn_trainer import build_estimator, onnx_parity, to_onnx
+        from app.onnx.sklearn_export import onnx_parity, to_onnx
+        from app.training.sklearn_trainer import build_estimator
 
         est = build_estimator(spec, settings, hparams)
         report({"stage": "fitting", "rows_train": len(data.X_train), "rows_holdout": len(data.X_holdout)},
@@ -138,7 +140,8 @@ def _fit(spec: TrainingJobSpec, data: PreparedData, settings: Settings, job_id: 
         diff, agreement = onnx_parity(onnx_model, est, data.X_holdout, is_clf)
         scale = 1.0 if is_clf else max(1.0, float(np.max(np.abs(est.predict(data.X_holdout)))))
         return onnx_model, diff, agreement, {"parity_scale": scale}
-    from app.training.torch_train import export_onnx, fit_torch
+    from app.onnx.torch_export import export_onnx
+    from app.training.torch_train import fit_torch
 
     report({"stage": "training", "strategy": spec.strategy, "workers": spec.resources.num_workers},
            f"training {spec.model.kind} with strategy {spec.strategy} on {spec.resources.num_workers} worker(s)")
@@ -163,9 +166,11 @@ def run_training(spec: TrainingJobSpec, settings: Settings, job_id: str, report:
     if spec.register_as:
         prior = _existing_version(client, spec.register_as, job_id)
         if prior is not None:  # a retry after the version was registered: do not register twice
+            alias = ensure_alias(client, spec.register_as, str(prior.version), spec.validation.alias_on_pass)
             report({"stage": "done"}, f"version {prior.version} was registered by an earlier attempt")
             run = client.get_run(prior.run_id)
             return {"run_id": prior.run_id, "model_name": prior.name, "model_version": str(prior.version),
+                    "aliases": [alias],
                     "metrics": {k[len("holdout_"):]: v for k, v in run.data.metrics.items() if k.startswith("holdout_")},
                     "onnx_max_abs_diff": run.data.metrics.get("onnx_max_abs_diff")}
 
@@ -226,18 +231,23 @@ def run_training(spec: TrainingJobSpec, settings: Settings, job_id: str, report:
         first_out = np.asarray(onnx_outputs_first(model_bytes, sample))
         signature = infer_signature(sample, first_out)
         report({"stage": "registering"}, "logging the ONNX model to MLflow")
-        info = mlflow.onnx.log_model(
-            onnx_model, name="model", signature=signature, registered_model_name=spec.register_as,
-            pip_requirements=["onnxruntime"], save_as_external_data=False,
+        info = mlflow.onnx.log_model(  # logged only; registered below with every tag at once
+            onnx_model, name="model", signature=signature, pip_requirements=["onnxruntime"],
+            save_as_external_data=False,
         )
         result["model_uri"] = info.model_uri
     if spec.register_as:
-        result.update(_register(client, spec, data, job_id, diff, validation, str(info.registered_model_version)))
+        result.update(_register(client, spec, data, job_id, diff, validation, result["run_id"], info.model_id))
         report({"stage": "done"}, f"registered {spec.register_as} version {result['model_version']} "
                f"{result['aliases'] or ''}".rstrip())
     else:
         report({"stage": "done"}, "trained; not registered (no register_as)")
     return result
+
+
+def train_sklearn(spec: TrainingJobSpec, settings: Settings, job_id: str, report: Reporter) -> dict[str, Any]:
+    """A scikit-learn job end to end (see run_training)."""
+    return run_training(spec, settings, job_id, report)
 
 
 def onnx_outputs_first(model_bytes: bytes, X: np.ndarray) -> np.ndarray:
@@ -247,8 +257,7 @@ def onnx_outputs_first(model_bytes: bytes, X: np.ndarray) -> np.ndarray:
 
 
 def _register(client, spec: TrainingJobSpec, data: PreparedData, job_id: str, diff: float,
-              validation: ValidationReport, version: str) -> dict[str, Any]:
-    name = spec.register_as
+              validation: ValidationReport, run_id: str, model_id: str) -> dict[str, Any]:
     report_json = json.dumps(validation.as_dict(), separators=(",", ":"), default=str)
     tags = {
         TAG_JOB: job_id,
@@ -264,10 +273,45 @@ def _register(client, spec: TrainingJobSpec, data: PreparedData, job_id: str, di
     }
     if data.task == "classification":
         tags[TAG_CLASSES] = json.dumps(data.classes)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    rm = client.get_registered_model(name)
-    existing = rm.aliases or {}
-    alias = "champion" if "champion" not in existing else spec.validation.alias_on_pass
+    version, alias = register_version(
+        client, spec.register_as, job_id, source=f"models:/{model_id}", run_id=run_id, model_id=model_id, tags=tags,
+        alias_on_pass=spec.validation.alias_on_pass,
+    )
+    return {"model_name": spec.register_as, "model_version": version, "aliases": [alias]}
+
+
+def register_version(client, name: str, job_id: str, *, source: str, run_id: str, model_id: str | None,
+                     tags: dict[str, str], alias_on_pass: str) -> tuple[str, str]:
+    """Register a job's model: (version, alias). Safe to repeat after a crash at any point:
+
+    1. a version tagged ``matih.job_id`` = ``job_id`` is looked for first (an earlier attempt
+       may have made it, even if it never saw MLflow's answer);
+    2. otherwise ONE ``create_model_version`` carries every ``matih.*`` tag, so a version
+       exists fully tagged or not at all;
+    3. the alias is set by :func:`ensure_alias`, which leaves it where an earlier attempt put it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    prior = _existing_version(client, name, job_id)
+    if prior is None:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        prior = client.create_model_version(name, source=source, run_id=run_id, tags={**tags, TAG_JOB: job_id},
+                                            model_id=model_id)
+    version = str(prior.version)
+    return version, ensure_alias(client, name, version, alias_on_pass)
+
+
+def ensure_alias(client, name: str, version: str, alias_on_pass: str) -> str:
+    """The alias of a job's new version: ``champion`` for a model's first, else ``alias_on_pass``;
+    if an earlier attempt set either on this version already, that one stays (repeatable)."""
+    aliases = {a: str(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
+    for alias in ("champion", alias_on_pass):
+        if aliases.get(alias) == version:
+            return alias
+    alias = "champion" if "champion" not in aliases else alias_on_pass
     client.set_registered_model_alias(name, alias, version)
-    return {"model_name": name, "model_version": version, "aliases": [alias]}
+    return alias

@@ -342,3 +342,24 @@ class TorchHyperparameters(_Strict):
 
 
 TORCH_HYPERPARAMETERS: tuple[str, ...] = tuple(TorchHyperparameters.model_fields)
+
+
+def check_spec_paths(spec: TrainingJobSpec, settings) -> TrainingJobSpec:
+    """The spec with ``dataset.uri``, ``checkpoint.storage_path`` and ``checkpoint.resume_from``
+    confined to the data roots (``settings.storage``) and made canonical; 422 naming the field
+    otherwise. Checked at submission and again when the job starts."""
+    from app.storage.paths import check_job_location
+
+    dataset, checkpoint = spec.dataset, spec.checkpoint
+    updates: dict[str, Any] = {}
+    if not dataset.uri.startswith("builtin://"):
+        uri = check_job_location(dataset.uri, settings, "dataset.uri")
+        updates["dataset"] = dataset.model_copy(update={"uri": uri})
+    paths = {
+        key: check_job_location(getattr(checkpoint, key), settings, f"checkpoint.{key}", checkpoints=True)
+        for key in ("storage_path", "resume_from")
+        if getattr(checkpoint, key) is not None
+    }
+    if paths:
+        updates["checkpoint"] = checkpoint.model_copy(update=paths)
+    return spec.model_copy(update=updates) if updates else spec

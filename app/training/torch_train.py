@@ -29,51 +29,47 @@ own latest checkpoint. ``restarts`` in the job's progress counts how often the l
 again within one ``fit_torch`` call.
 
 ``train_in_process`` is the same loop without Ray Train, for Ray Tune trials.
+
+The pieces: ``app.training.torch_loop`` (batches, steps, holdout metrics, the in-process
+loop), ``app.training.torch_strategies`` (one class per strategy),
+``app.training.torch_checkpoints`` (checkpoint files, importable without torch) and
+``app.onnx.torch_export`` (the trained model as ONNX).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import tempfile
 import time
 import uuid
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import ValidationError
 from torch import nn
 
 from app.errors import InvalidInput, MatihError, ModelError
 from app.training.data import PreparedData
 from app.training.spec import TorchHyperparameters, TrainingJobSpec
-from app.training.torch_models import (
-    build_model,
-    merge_stage_state_dicts,
-    pipeline_stages,
+from app.training.torch_checkpoints import META_FILE, _checkpoint_uri, _read_checkpoint, _write_checkpoint
+from app.training.torch_loop import (
+    _check_inputs,
+    _describe,
+    _seed,
+    _tensors,
+    epoch_metric_names,
+    evaluate_model,
+    torch_hparams,
 )
-from app.training.validation import classification_metrics, regression_metrics
+from app.training.torch_models import build_model, pipeline_stages
+from app.training.torch_strategies import _STRATEGIES
 
 if TYPE_CHECKING:
-    import onnx
-
     from app.settings import Settings
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.pt"
-OPTIMIZER_FILE = "optimizer.pt"
-META_FILE = "matih.json"
-CLASSIFICATION_EPOCH_METRICS: tuple[str, ...] = ("val_loss", "train_loss", "accuracy", "f1", "log_loss")
-REGRESSION_EPOCH_METRICS: tuple[str, ...] = ("val_loss", "train_loss", "rmse", "mae", "r2")
 
 
 @dataclass
@@ -87,259 +83,6 @@ class TorchResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_checkpoint: str | None = None
     storage_dir: str = ""
-
-
-# -- shared by every strategy and by train_in_process ---------------------------------------
-
-
-def torch_hparams(spec: TrainingJobSpec, hparams: dict[str, Any] | None = None) -> TorchHyperparameters:
-    """The spec's hyperparameters with ``hparams`` (a Tune trial's sample) on top."""
-    merged = {**spec.hyperparameters, **(hparams or {})}
-    try:
-        return TorchHyperparameters.model_validate(merged)
-    except ValidationError as exc:
-        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise InvalidInput(f"torch hyperparameters {merged} are invalid: {bad}",
-                           details={"field": "hyperparameters"}) from None
-
-
-def epoch_metric_names(task: str) -> tuple[str, ...]:
-    """Metrics reported each epoch (what checkpoint.metric may name)."""
-    return CLASSIFICATION_EPOCH_METRICS if task == "classification" else REGRESSION_EPOCH_METRICS
-
-
-def _check_inputs(spec: TrainingJobSpec, data: PreparedData) -> None:
-    if spec.framework != "torch" or spec.model is None:
-        raise InvalidInput(f"job {spec.name!r} is framework {spec.framework!r}; torch training needs framework 'torch'")
-    if data.task == "classification":
-        y = np.concatenate([np.asarray(data.y_train), np.asarray(data.y_holdout)])
-        if not np.issubdtype(y.dtype, np.integer) or y.min(initial=0) < 0 or y.max(initial=0) >= len(data.classes):
-            raise InvalidInput(
-                f"classification targets must be class indices 0..{len(data.classes) - 1} (got dtype {y.dtype}); "
-                "prepare the data with encode_labels=True"
-            )
-    if len(data.X_train) == 0 or len(data.X_holdout) == 0:
-        raise InvalidInput(
-            f"dataset {data.dataset_uri!r} leaves {len(data.X_train)} training and {len(data.X_holdout)} holdout rows; "
-            "torch training needs both"
-        )
-
-
-def _seed(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def _optimizer(params, hp: TorchHyperparameters) -> torch.optim.Optimizer:
-    if hp.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=hp.lr, weight_decay=hp.weight_decay)
-    return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-
-
-def _loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if task == "classification":
-        return F.cross_entropy
-
-    def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(out.reshape(-1), y)
-
-    return mse
-
-
-def _tensors(X: np.ndarray, y: np.ndarray, task: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Copies: arrays from ray.get are read-only views of the object store.
-    Xt = torch.tensor(np.asarray(X, dtype=np.float32), device=device)
-    yt = torch.tensor(np.asarray(y, dtype=np.int64 if task == "classification" else np.float32), device=device)
-    return Xt, yt
-
-
-def _batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-             whole: bool = False) -> list[torch.Tensor]:
-    """Row indices of one epoch's batches. The shuffle depends on (seed, epoch) only, so every
-    rank, and a run resumed from a checkpoint, sees the same order. With ``world`` > 1 the rows
-    are padded (by repeating) to a multiple of ``world`` and rank ``rank`` takes every
-    ``world``-th, so all ranks run the same number of steps (as DistributedSampler does).
-    ``whole`` pads to full batches: a pipeline schedule needs one batch shape throughout."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=gen)
-    if world > 1:
-        total = -(-n // world) * world
-        perm = perm[torch.arange(total) % n][rank::world]
-    if whole:
-        m = len(perm)
-        perm = perm[torch.arange(-(-m // batch_size) * batch_size) % m]
-    return list(perm.split(batch_size))
-
-
-def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor,
-                 loss_fn, batches: list[torch.Tensor]) -> tuple[float, int]:
-    """One epoch of plain steps; (sum of batch losses x rows, rows)."""
-    model.train()
-    total, rows = 0.0, 0
-    for idx in batches:
-        idx = idx.to(X.device)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(X[idx]), y[idx])
-        loss.backward()
-        opt.step()
-        total += float(loss.detach()) * len(idx)
-        rows += len(idx)
-    return total, rows
-
-
-def evaluate_model(model: nn.Module, data: PreparedData, device: torch.device | str | None = None,
-                   full: bool = True) -> dict[str, float]:
-    """Holdout metrics of a (plain, unwrapped) model; leaves it in eval mode.
-
-    ``full``: val_loss plus what validation gates read (accuracy, f1, log_loss, roc_auc, or
-    rmse, mae, r2), through scikit-learn. Otherwise the per-epoch set computed with numpy
-    alone (val_loss, accuracy, f1, log_loss, or val_loss, rmse, mae, r2): Ray Train workers
-    then never import scikit-learn, which costs seconds per worker start."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    X, y = _tensors(data.X_holdout, data.y_holdout, data.task, device)
-    model.eval()
-    with torch.no_grad():
-        out = model(X)
-        val_loss = float(_loss_fn(data.task)(out, y))
-    y_true = np.asarray(data.y_holdout)
-    if data.task == "classification":
-        proba = torch.softmax(out.double(), dim=1).cpu().numpy()
-        labels = proba.argmax(axis=1)
-        if full:
-            return {"val_loss": val_loss,
-                    **classification_metrics(y_true, labels, proba, classes=list(range(len(data.classes))))}
-        return {"val_loss": val_loss, "accuracy": float(np.mean(labels == y_true)),
-                "f1": _f1(y_true, labels, len(data.classes)), "log_loss": val_loss}
-    pred = out.reshape(-1).double().cpu().numpy()
-    if full:
-        return {"val_loss": val_loss, **regression_metrics(y_true, pred)}
-    err = pred - y_true
-    ss_tot = float(np.sum((y_true - y_true.mean()) ** 2))
-    return {"val_loss": val_loss, "rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err))),
-            "r2": 1.0 - float(np.sum(err**2)) / ss_tot if ss_tot > 0 else 0.0}
-
-
-def _f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """F1 as app.training.validation reports it: of the last class for two classes, else the
-    macro average over the classes present in either array (scikit-learn's defaults)."""
-    def f1_of(c: int) -> float:
-        tp = float(np.sum((y_pred == c) & (y_true == c)))
-        fp = float(np.sum((y_pred == c) & (y_true != c)))
-        fn = float(np.sum((y_pred != c) & (y_true == c)))
-        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-
-    if n_classes == 2:
-        return f1_of(1)
-    present = np.union1d(y_true, y_pred)
-    return float(np.mean([f1_of(int(c)) for c in present]))
-
-
-def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def _describe(metrics: dict[str, float]) -> str:
-    keys = [k for k in ("train_loss", "val_loss", "accuracy", "rmse") if k in metrics]
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
-
-
-def train_in_process(spec: TrainingJobSpec, data: PreparedData, hparams: dict[str, Any],
-                     on_epoch: Callable[[int, dict[str, float]], None]) -> tuple[nn.Module, dict[str, float]]:
-    """The training loop of strategy ``single`` in this process, without Ray Train: what a Ray
-    Tune trial runs. ``on_epoch(epoch, metrics)`` gets the holdout metrics after every epoch
-    (the trial reports them to Tune there; raising stops the trial). Returns the final model
-    (on CPU, eval mode) and its holdout metrics."""
-    _check_inputs(spec, data)
-    hp = torch_hparams(spec, hparams)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _seed(hp.seed)
-    model = build_model(spec.model, data.n_features, data.n_outputs).to(device)
-    opt = _optimizer(model.parameters(), hp)
-    loss_fn = _loss_fn(data.task)
-    X, y = _tensors(data.X_train, data.y_train, data.task, device)
-    metrics: dict[str, float] = {}
-    for epoch in range(1, hp.epochs + 1):
-        total, rows = _train_steps(model, opt, X, y, loss_fn, _batches(len(X), hp.batch_size, hp.seed, epoch))
-        metrics = {"epoch": epoch, "train_loss": total / max(rows, 1), **evaluate_model(model, data, device)}
-        on_epoch(epoch, metrics)
-        if hp.epoch_sleep_s:
-            time.sleep(hp.epoch_sleep_s)
-    return model.cpu().eval(), metrics
-
-
-# -- checkpoints ----------------------------------------------------------------------------
-
-
-def _read_checkpoint(checkpoint) -> dict[str, Any]:
-    """{"meta", "model", "optimizer"} of a ray.train.Checkpoint (downloaded when remote)."""
-    with checkpoint.as_directory() as path:
-        return _read_checkpoint_dir(path, shown_as=checkpoint.path)
-
-
-def _read_checkpoint_dir(path: str, shown_as: str | None = None) -> dict[str, Any]:
-    meta_path, model_path = os.path.join(path, META_FILE), os.path.join(path, MODEL_FILE)
-    if not os.path.exists(model_path) or not os.path.exists(meta_path):
-        raise InvalidInput(
-            f"{shown_as or path} is not a MATIH checkpoint (no {MODEL_FILE} / {META_FILE}); "
-            "GET /v1/training/jobs/<id>/checkpoints lists usable ones",
-            details={"field": "checkpoint.resume_from"},
-        )
-    with open(meta_path) as f:
-        meta = json.load(f)
-    opt_path = os.path.join(path, OPTIMIZER_FILE)
-    return {
-        "meta": meta,
-        "model": torch.load(model_path, map_location="cpu", weights_only=True),
-        "optimizer": torch.load(opt_path, map_location="cpu", weights_only=True) if os.path.exists(opt_path) else None,
-    }
-
-
-def _write_checkpoint(path: str, model_state: dict, optimizer_state: Any, meta: dict[str, Any]) -> None:
-    torch.save(model_state, os.path.join(path, MODEL_FILE))
-    if optimizer_state is not None:
-        torch.save(optimizer_state, os.path.join(path, OPTIMIZER_FILE))
-    with open(os.path.join(path, META_FILE), "w") as f:
-        json.dump(meta, f)
-
-
-def _checkpoint_uri(path: str, storage_uri: str) -> str:
-    """A checkpoint's path as users give it back (s3:// paths come from pyarrow without the scheme)."""
-    return ("s3://" + path.lstrip("/")) if storage_uri.startswith(("s3://", "s3a://")) and "://" not in path else path
-
-
-def list_checkpoints(storage_dir: str, settings: Settings | None = None) -> list[dict[str, Any]]:
-    """Checkpoints of a run that still exist (Ray deletes those beyond keep_best), sorted by
-    epoch: {"path", "name", "epoch", "metrics", "created_at"} each, from their matih.json.
-    ``storage_dir`` is a local path or an s3:// URI; with ``settings`` the configured S3
-    endpoint and keys are used, else pyarrow's defaults (the AWS_* environment)."""
-    from pyarrow import fs as pafs
-
-    if settings is not None:
-        from app.storage.s3 import resolve_uri
-
-        fs_path, filesystem = resolve_uri(storage_dir, settings)
-    elif "://" in storage_dir and not storage_dir.startswith("file://"):
-        filesystem, fs_path = pafs.FileSystem.from_uri(storage_dir)
-    else:
-        filesystem, fs_path = pafs.LocalFileSystem(), os.path.abspath(storage_dir.removeprefix("file://"))
-    fs_path = fs_path.rstrip("/")
-    out = []
-    for info in filesystem.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True)):
-        if info.type != pafs.FileType.Directory:
-            continue
-        try:
-            with filesystem.open_input_stream(f"{info.path}/{META_FILE}") as f:
-                meta = json.loads(f.read().decode())
-        except (FileNotFoundError, OSError, ValueError):
-            continue  # not a checkpoint, or one Ray is deleting right now
-        out.append({
-            "path": _checkpoint_uri(info.path, storage_dir),
-            "name": info.base_name,
-            "epoch": int(meta.get("epoch", 0)),
-            "metrics": meta.get("metrics", {}),
-            "created_at": meta.get("created_at"),
-        })
-    return sorted(out, key=lambda c: (c["epoch"], c["created_at"] or ""))
 
 
 # -- the Ray Train worker loop --------------------------------------------------------------
@@ -389,183 +132,6 @@ def _pick_start(config: dict[str, Any]) -> tuple[Any, dict[str, Any] | None, str
     if resume is not None:
         return resume, _read_checkpoint(resume), "resume_from"
     return None, None, "scratch"
-
-
-class _Parallel:
-    """One rank's share of the model under a strategy: what it trains, how an epoch runs, and
-    how the whole model's weights and the optimizer state reach rank 0. Built from the full
-    model (every rank builds it with the same seed) and the optimizer state of a checkpoint
-    written by the same strategy and world size, or None."""
-
-    shards_rows = True  # each rank trains on its own share of the rows
-
-    def __init__(self, model: nn.Module, hp: TorchHyperparameters, task: str, optimizer_state: Any,
-                 rank: int, world: int, device: torch.device):
-        self.full_model, self.hp, self.rank, self.world, self.device = model, hp, rank, world, device
-        self.loss_fn = _loss_fn(task)
-        self.distributed = world > 1
-        self.module = self._wrap(model)
-        self.opt = _optimizer(self.module.parameters(), hp)
-        if optimizer_state is not None:
-            self._load_optimizer(optimizer_state)
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device)
-
-    def _load_optimizer(self, state: Any) -> None:
-        self.opt.load_state_dict(state)
-
-    def batch_size(self, n_rows: int) -> int:
-        return min(self.hp.batch_size, n_rows)
-
-    def train_epoch(self, X: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, int]:
-        rank, world = (self.rank, self.world) if self.shards_rows else (0, 1)
-        batches = _batches(len(X), self.batch_size(len(X)), self.hp.seed, epoch, rank, world)
-        return _train_steps(self.module, self.opt, X, y, self.loss_fn, batches)
-
-    def full_state(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's state dict on CPU at rank 0 (None elsewhere); collective."""
-        return _cpu_state(getattr(self.module, "module", self.module).state_dict()) if self.rank == 0 else None
-
-    def optimizer_state(self) -> Any:
-        """What optimizer.pt holds, at rank 0 (None elsewhere); collective."""
-        return self.opt.state_dict() if self.rank == 0 else None
-
-    def local_params(self) -> int:
-        """Parameters this rank really holds (its shards under FSDP, its stage in a pipeline)."""
-        return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.module.parameters())
-
-
-class _DataParallel(_Parallel):
-    """DDP through Ray Train (which also moves the model to the worker's device)."""
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model)
-
-
-class _ModelParallel(_Parallel):
-    """FSDP2: every Linear / Conv2d / transformer layer is its own unit, gathered only around
-    its own forward and backward; the root holds the rest (embeddings, norms). Each rank keeps
-    1/world of every parameter."""
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
-        if not self.distributed:
-            return model
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(self.device.type, (self.world,))
-        units = (nn.Linear, nn.Conv2d, nn.TransformerEncoderLayer)
-
-        def walk(module: nn.Module) -> None:
-            for child in module.children():
-                if isinstance(child, units):
-                    fully_shard(child, mesh=mesh)
-                else:
-                    walk(child)
-
-        walk(model)
-        fully_shard(model, mesh=mesh)
-        return model
-
-    @staticmethod
-    def _options(cpu_offload: bool = True):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
-
-    def _load_optimizer(self, state: Any) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        if self.distributed:  # the full, name-keyed state; every rank takes its shards
-            set_optimizer_state_dict(self.module, self.opt, state, options=self._options(cpu_offload=False))
-        else:
-            self.opt.load_state_dict(state)
-
-    def full_state(self) -> dict[str, torch.Tensor] | None:
-        if not self.distributed:
-            return super().full_state()
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(self.module, options=self._options())
-        return state if self.rank == 0 else None
-
-    def optimizer_state(self) -> Any:
-        if not self.distributed:
-            return super().optimizer_state()
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        state = get_optimizer_state_dict(self.module, self.opt, options=self._options())
-        return state if self.rank == 0 else None
-
-
-class _PipelineParallel(_Parallel):
-    """Rank r trains stage r of the mlp (``pipeline_stages``); every rank walks the same
-    batches, rank 0 feeds the rows, the last rank the targets and the loss. The optimizer
-    state is a list by stage."""
-
-    shards_rows = False
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
-
-        stage = pipeline_stages(model, self.world)[self.rank].to(self.device)
-        self.schedule = ScheduleGPipe(PipelineStage(stage, self.rank, self.world, self.device),
-                                      n_microbatches=self.hp.microbatches, loss_fn=self.loss_fn)
-        return stage
-
-    def _load_optimizer(self, state: Any) -> None:
-        self.opt.load_state_dict(state[self.rank])
-
-    def batch_size(self, n_rows: int) -> int:
-        # The schedule splits each batch into microbatches; it needs equal ones.
-        size = min(self.hp.batch_size, n_rows)
-        return size - size % self.hp.microbatches
-
-    def train_epoch(self, X: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, int]:
-        self.module.train()
-        first, last = self.rank == 0, self.rank == self.world - 1
-        total, rows = 0.0, 0
-        # whole=True: the schedule fixes its buffers' shapes on the first step.
-        for idx in _batches(len(X), self.batch_size(len(X)), self.hp.seed, epoch, whole=True):
-            idx = idx.to(self.device)
-            self.opt.zero_grad(set_to_none=True)
-            losses: list[torch.Tensor] = []
-            args = (X[idx],) if first else ()
-            kwargs = {"target": y[idx], "losses": losses} if last else {}
-            self.schedule.step(*args, **kwargs)
-            self.opt.step()
-            if losses:
-                total += float(torch.stack([loss.detach() for loss in losses]).mean()) * len(idx)
-                rows += len(idx)
-        return total, rows
-
-    def _gather(self, value: Any) -> list[Any] | None:
-        import torch.distributed as dist
-
-        if not self.distributed:
-            return [value]
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, value)
-        return parts if self.rank == 0 else None
-
-    def full_state(self) -> dict[str, torch.Tensor] | None:
-        parts = self._gather(_cpu_state(self.module.state_dict()))
-        return merge_stage_state_dicts(self.full_model, parts) if parts is not None else None
-
-    def optimizer_state(self) -> Any:
-        return self._gather(self.opt.state_dict())
-
-
-_STRATEGIES: dict[str, type[_Parallel]] = {
-    "single": _Parallel,
-    "data_parallel": _DataParallel,
-    "model_parallel": _ModelParallel,
-    "pipeline_parallel": _PipelineParallel,
-}
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -798,96 +364,3 @@ def fit_torch(spec: TrainingJobSpec, data: PreparedData, settings: Settings, job
         best_checkpoint=spec.checkpoint.resume_from if chosen is resume else _checkpoint_uri(chosen.path, storage_uri),
         storage_dir=storage_dir,
     )
-
-
-# -- ONNX -----------------------------------------------------------------------------------
-
-
-def _label_kind(classes: list) -> str:
-    """How an exported classifier's ``label`` output holds the classes: "int" (the integer
-    classes themselves), "string" (the string classes, through an ONNX-ML LabelEncoder) or
-    "index" (class indices: booleans, which compare equal to 0 and 1, and mixed types)."""
-    if all(isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, (bool, np.bool_))
-           and float(c).is_integer() for c in classes):
-        return "int"
-    if all(isinstance(c, str) for c in classes):
-        return "string"
-    return "index"
-
-
-class _OnnxClassifier(nn.Module):
-    """Outputs what validation and the ONNX serving runtime read: ``label`` first,
-    ``probabilities`` (softmax of the logits) second."""
-
-    def __init__(self, inner: nn.Module, classes: list):
-        super().__init__()
-        self.inner = inner
-        values = [int(c) for c in classes] if _label_kind(classes) == "int" else list(range(len(classes)))
-        self.register_buffer("labels", torch.tensor(values, dtype=torch.int64))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.inner(x)
-        return self.labels[torch.argmax(z, dim=1)], torch.softmax(z, dim=1)
-
-
-def _string_labels(proto: onnx.ModelProto, classes: list[str]) -> None:
-    """Turn the int64 ``label`` output into the string classes (torch cannot emit strings)."""
-    from onnx import TensorProto, helper
-
-    graph = proto.graph
-    for node in graph.node:
-        node.output[:] = ["label_index" if name == "label" else name for name in node.output]
-    graph.node.append(helper.make_node(
-        "LabelEncoder", ["label_index"], ["label"], domain="ai.onnx.ml", name="classes",
-        keys_int64s=list(range(len(classes))), values_strings=list(classes), default_string="",
-    ))
-    next(o for o in graph.output if o.name == "label").type.tensor_type.elem_type = TensorProto.STRING
-    proto.opset_import.append(helper.make_opsetid("ai.onnx.ml", 2))
-
-
-def export_onnx(model: nn.Module, data: PreparedData) -> tuple[onnx.ModelProto, float]:
-    """ONNX (opset 17, input ``input`` with a dynamic batch axis) of a trained zoo model, and
-    the largest |ONNX - torch| difference on the holdout rows (class probabilities, or
-    predictions for a regression). Classifiers output ``label`` and ``probabilities``;
-    ``label`` holds the original classes when they are integers or strings (the model's
-    metadata ``matih.label_output`` is then "classes"), else class indices ("index", which
-    the caller maps). Regressors output ``variable`` ([N, 1])."""
-    import onnx
-    import onnxruntime as ort
-
-    model = model.to("cpu").eval()
-    width = data.n_features
-    if data.task == "classification":
-        target: nn.Module = _OnnxClassifier(model, data.classes).eval()
-        names = ["label", "probabilities"]
-    else:
-        target, names = model, ["variable"]
-    buf = io.BytesIO()
-    # Traced with autograd on: under no_grad an eval-mode TransformerEncoderLayer takes its fused
-    # fast path (aten::_transformer_encoder_layer_fwd), which has no ONNX export.
-    with warnings.catch_warnings(), torch.enable_grad():
-        warnings.simplefilter("ignore")  # tracer and deprecation chatter about the TorchScript exporter
-        torch.onnx.export(
-            target, (torch.zeros(2, width),), buf, dynamo=False, input_names=["input"], output_names=names,
-            dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}}, opset_version=17,
-        )
-    proto = onnx.load_from_string(buf.getvalue())
-    if data.task == "classification":
-        kind = _label_kind(data.classes)
-        if kind == "string":
-            _string_labels(proto, data.classes)
-            onnx.checker.check_model(proto)
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "matih.label_output", "index" if kind == "index" else "classes"
-
-    X = np.ascontiguousarray(data.X_holdout if len(data.X_holdout) else data.X_train[:64], dtype=np.float32)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    outs = sess.run(None, {"input": X})
-    with torch.no_grad():
-        reference = model(torch.from_numpy(X))
-    if data.task == "classification":
-        expected = torch.softmax(reference, dim=1).numpy()
-        got = outs[1]
-    else:
-        expected, got = reference.numpy().reshape(-1), np.asarray(outs[0]).reshape(-1)
-    return proto, float(np.max(np.abs(np.asarray(got, dtype=np.float64) - expected))) if len(X) else 0.0

@@ -532,14 +532,14 @@ def sklearn_trial_fn(spec: TrainingJobSpec, data: PreparedData, settings: Settin
 
 class _TorchTrial:
     """Train the spec's zoo model in this process with {**hyperparameters, **config}
-    (``app.training.torch_train.train_in_process``); each epoch's holdout metrics are a report."""
+    (``app.training.torch_loop.train_in_process``); each epoch's holdout metrics are a report."""
 
     def __init__(self, spec: TrainingJobSpec, data: PreparedData):
         self.spec = spec
         self.data = data
 
     def __call__(self, config: dict[str, Any], report: Callable[[dict[str, float]], None]) -> dict[str, float]:
-        from app.training.torch_train import train_in_process
+        from app.training.torch_loop import train_in_process
 
         _model, metrics = train_in_process(
             self.spec, self.data, {**self.spec.hyperparameters, **config}, lambda _epoch, m: report(m)

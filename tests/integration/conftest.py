@@ -96,7 +96,11 @@ def platform(tmp_path_factory) -> Platform:
     from tests.s3server import start_s3_server
 
     s3 = start_s3_server()  # real S3 over HTTP (moto server mode) for s3:// batch inputs and outputs
-    overrides = {"matih_home": str(home), "mlflow_tracking_uri": mlflow_server.uri, **s3.settings()}
+    overrides = {"matih_home": str(home), "mlflow_tracking_uri": mlflow_server.uri, **s3.settings(),
+                 # test_v2_protocol serves a triton endpoint from the platform's own V2 routes
+                 "runtimes": {"triton": {"allowed_hosts": ["127.0.0.1"]}},
+                 # job specs read and write under MATIH_HOME/data (the default data root) and in this bucket
+                 "storage": {"allowed_buckets": ["matih-batch"]}}
     port = free_port()
     # Jobs run as Ray Jobs, which need the dashboard's job API. The Ray Jobs' entry points run
     # `python` from the cluster's PATH: this environment's interpreter, as on a cluster node

@@ -28,6 +28,15 @@ def _frame(n: int, seed: int = 0) -> pd.DataFrame:
     )
 
 
+@pytest.fixture
+def data_dir(platform, request):
+    """A fresh folder under the platform's default data root (MATIH_HOME/data): job specs may
+    name only paths inside settings.storage.data_roots."""
+    folder = platform.home / "data" / f"batch-{request.node.name.replace('[', '-').replace(']', '')}"
+    folder.mkdir(parents=True)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def onnx_session(platform, iris):
     """The champion's ONNX model, opened directly with ONNX Runtime (the reference)."""
@@ -62,12 +71,12 @@ def _read_in_name_order(folder, fmt: str = "parquet") -> pd.DataFrame:
     return pd.concat([read(p) for p in files], ignore_index=True)
 
 
-def test_parquet_batch_of_100k_rows(platform, iris, onnx_session, tmp_path):
+def test_parquet_batch_of_100k_rows(platform, iris, onnx_session, data_dir):
     n = 100_000
     frame = _frame(n)
-    src = tmp_path / "scoring.parquet"
+    src = data_dir / "scoring.parquet"
     frame.to_parquet(src, row_group_size=30_000)
-    out = tmp_path / "predictions"
+    out = data_dir / "predictions"
     job = _submit(
         platform,
         {
@@ -109,12 +118,12 @@ def test_parquet_batch_of_100k_rows(platform, iris, onnx_session, tmp_path):
         assert c.get(f"/v1/batch/jobs/{iris['job_id']}").status_code == 404  # a training job
 
 
-def test_csv_in_csv_out(platform, iris, onnx_session, tmp_path):
+def test_csv_in_csv_out(platform, iris, onnx_session, data_dir):
     n = 5_000
     frame = _frame(n, seed=2)
-    src = tmp_path / "scoring.csv"
+    src = data_dir / "scoring.csv"
     frame.to_csv(src, index=False)
-    out = tmp_path / "csv-predictions"
+    out = data_dir / "csv-predictions"
     job = _submit(
         platform,
         {
@@ -137,32 +146,36 @@ def test_csv_in_csv_out(platform, iris, onnx_session, tmp_path):
     assert np.allclose(result[["probability_0", "probability_1", "probability_2"]].to_numpy(), proba, atol=1e-5)
 
 
-def test_bad_requests_are_refused_at_submit(platform, iris, tmp_path):
-    src = tmp_path / "ok.parquet"
+def test_bad_requests_are_refused_at_submit(platform, iris, data_dir):
+    src = data_dir / "ok.parquet"
     _frame(100).to_parquet(src)
-    used = tmp_path / "used"
+    used = data_dir / "used"
     used.mkdir()
     (used / "other.parquet").write_bytes(b"x")
-    base = {"model": "iris@champion", "input_uri": str(src), "output_uri": str(tmp_path / "out")}
+    base = {"model": "iris@champion", "input_uri": str(src), "output_uri": str(data_dir / "out")}
     cases = [
         ({"model": "no_such_model@champion"}, 404, "not_found"),
         ({"model": "iris/99"}, 404, "not_found"),
         ({"format": "xlsx"}, 422, "invalid_input"),
-        ({"input_uri": str(tmp_path / "missing.parquet")}, 404, "not_found"),
-        ({"input_uri": str(tmp_path / "data.bin")}, 422, "invalid_input"),
+        ({"input_uri": str(data_dir / "missing.parquet")}, 404, "not_found"),
+        ({"input_uri": str(data_dir / "data.bin")}, 422, "invalid_input"),
         ({"output_uri": str(used)}, 409, "conflict"),
         ({"output_uri": str(src)}, 422, "invalid_input"),
         ({"feature_columns": ["a", "b", "c", "d"]}, 422, "invalid_input"),
         ({"key_column": "nope"}, 422, "invalid_input"),
         ({"passthrough_columns": ["prediction"]}, 422, "invalid_input"),
         ({"batch_size": 0}, 422, "invalid_input"),
-        ({"input_uri": "gs://bucket/x.parquet"}, 422, "invalid_input"),
+        ({"input_uri": "gs://bucket/x.parquet"}, 422, "unsafe_path"),
+        ({"input_uri": "/etc/passwd", "input_format": "csv"}, 422, "unsafe_path"),
+        ({"output_uri": str(platform.home / "escape")}, 422, "unsafe_path"),
+        ({"input_uri": "s3://not-allowed-bucket/x.parquet"}, 422, "unsafe_path"),
     ]
     with platform.client() as c:
         for change, status, code in cases:
             r = c.post("/v1/batch/jobs", json={**base, **change})
             assert r.status_code == status, (change, r.text)
             assert r.json()["code"] == code, (change, r.text)
+            assert "root:" not in r.text, r.text  # nothing of a file outside the data roots is read back
         before = len(c.get("/v1/batch/jobs", params={"limit": 500}).json()["items"])
     # Refused requests leave no job behind.
     with platform.client() as c:
@@ -173,12 +186,12 @@ def test_bad_requests_are_refused_at_submit(platform, iris, tmp_path):
         assert r.status_code == 403 and r.json()["code"] == "permission_denied"
 
 
-def test_bad_data_fails_the_job_with_a_message(platform, iris, tmp_path):
-    src = tmp_path / "three.parquet"
+def test_bad_data_fails_the_job_with_a_message(platform, iris, data_dir):
+    src = data_dir / "three.parquet"
     _frame(50).to_parquet(src)
     holes = _frame(30_000, seed=4)
     holes.loc[20_000, "petal_width"] = None  # an empty CSV cell, met by a predictor actor mid-run
-    holey = tmp_path / "holes.csv"
+    holey = data_dir / "holes.csv"
     holes.to_csv(holey, index=False)
     with platform.client() as c:
         r1 = c.post(
@@ -186,13 +199,13 @@ def test_bad_data_fails_the_job_with_a_message(platform, iris, tmp_path):
             json={
                 "model": "iris@champion",
                 "input_uri": str(src),
-                "output_uri": str(tmp_path / "o"),
+                "output_uri": str(data_dir / "o"),
                 "feature_columns": FEATURES[:3],
             },
         )
         r2 = c.post(
             "/v1/batch/jobs",
-            json={"model": "iris@champion", "input_uri": str(holey), "output_uri": str(tmp_path / "o2")},
+            json={"model": "iris@champion", "input_uri": str(holey), "output_uri": str(data_dir / "o2")},
         )
         assert r1.status_code == 202 and r2.status_code == 202, (r1.text, r2.text)
     job = platform.wait_job(r1.json()["job_id"], timeout=300)

@@ -78,6 +78,23 @@ def test_a_pickle_never_runs_in_the_model_servers(platform):
             assert out.status_code == 409 and out.json()["code"] == code, out.text
         bad = c.post("/v1/models/reg-evil/versions", json={"source": "file:///etc/passwd", "format": "onnx"})
         assert bad.status_code == 422 and bad.json()["code"] == "unsafe_source"
+        # Someone with write access to MLflow forges trust: the replicas still never unpickle it.
+        MlflowClient(platform.settings.mlflow_tracking_uri).set_model_version_tag("reg-evil", "1", "matih.trusted",
+                                                                                  "true")
+        out = c.post("/v1/endpoints/evil-native/predict", json=ROW)
+        assert out.status_code == 409 and out.json()["code"] == "untrusted_model", out.text
+        # A benign pickle an admin trusts (the store's record, read by the replica) is served.
+        from sklearn.datasets import load_iris
+        from sklearn.linear_model import LogisticRegression
+
+        X, y = load_iris(return_X_y=True)
+        r = _upload(c, "reg-evil", "sklearn-pickle", pickle.dumps(LogisticRegression(max_iter=300).fit(X, y)))
+        assert r.status_code == 201 and r.json()["version"] == "2", r.text
+        assert c.post("/v1/models/reg-evil/versions/2/trust").status_code == 200
+        assert c.post("/v1/endpoints", json={"name": "evil-trusted", "target": "reg-evil/2",
+                                             "runtime": "native"}).status_code == 201
+        out = c.post("/v1/endpoints/evil-trusted/predict", json=ROW)
+        assert out.status_code == 200 and out.json()["predictions"] == [0], out.text
     assert not marker.exists()
 
 

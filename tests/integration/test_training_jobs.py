@@ -4,17 +4,18 @@ resume; validation gates; the scheduler killed with a queue; ``ray job submit`` 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from app.cli import DEMO_JOB
+from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,16 +41,6 @@ def submit(platform, spec: dict) -> str:
         r = c.post("/v1/training/jobs", json=spec)
         assert r.status_code == 202, r.text
         return r.json()["job_id"]
-
-
-def wait_until(fn, timeout: float = 120, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def mlflow_client(platform):
@@ -209,17 +200,34 @@ def test_scheduler_killed_with_a_queue_loses_nothing_and_runs_nothing_twice(plat
     assert recovered is not None
 
 
-def test_ray_job_submit_by_hand(platform, tmp_path):
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump({**DEMO_JOB, "name": "by-hand", "register_as": "iris-by-hand"}))
-    env = {**os.environ, "RAY_ADDRESS": platform.dashboard,
-           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
-    out = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--working-dir", str(REPO),
-         "--runtime-env-json", '{"excludes": [".venv", ".git", "tests"]}', "--",
-         "python", "-m", "app.jobs.run", "--spec", str(spec_file)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+def _documented_ray_job_submit() -> str:
+    """The shell block of docs/training.md section 5, as a user copies it."""
+    text = (REPO / "docs" / "training.md").read_text()
+    section = text[text.index("## 5. Running a spec by hand"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    return block[:block.index("```")]
+
+
+def test_documented_ray_job_submit_works_as_written(platform, tmp_path):
+    """docs/training.md's `ray job submit` line, run by bash in a checkout (the platform's
+    packages, a `.venv` link to this interpreter's environment) with only the dashboard's
+    port changed: from a shell that has no RAY_AUTH_MODE, against a cluster with Ray's token
+    auth on, as the cluster `serve run` starts has."""
+    import httpx
+
+    from actors.job_scheduler import find_job_scheduler
+
+    # Like a cluster `serve run` starts, the session's cluster (ray.init) has token auth on.
+    assert httpx.get(f"{platform.dashboard}/api/jobs/", timeout=10).status_code == 401
+    checkout = tmp_path / "checkout"
+    for name in ("app", "actors", "deployments", "configs"):
+        shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (checkout / ".venv").symlink_to(sys.prefix)
+    script = _documented_ray_job_submit()
+    assert "http://127.0.0.1:8265" in script and "ray job submit" in script
+    script = script.replace("http://127.0.0.1:8265", platform.dashboard)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    out = subprocess.run(["bash", "-ec", script], cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("job rayjob-"))
     job_id = line.split()[1].rstrip(":")
@@ -227,3 +235,32 @@ def test_ray_job_submit_by_hand(platform, tmp_path):
         job = c.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["created_by"].startswith("ray-job:")
     assert job["result"]["model_name"] == "iris-by-hand" and job["result"]["aliases"] == ["champion"]
+    # The job took the platform's settings from the JobScheduler, which answers no credential.
+    import ray
+
+    shared = json.dumps(ray.get(find_job_scheduler().settings.remote()))
+    assert platform.s3.settings()["s3_secret_key"] not in shared and platform.admin_token not in shared
+
+
+def test_scheduled_jobs_get_their_credentials_in_their_environment_only(platform, iris):
+    """The JobScheduler hands a job its credentials as runtime_env env_vars (never the admin token)."""
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(platform.dashboard).get_job_info(iris["ray_job_id"])
+    env = info.runtime_env["env_vars"]
+    assert env["S3_SECRET_KEY"] == platform.s3.settings()["s3_secret_key"]
+    assert env["MLFLOW_TRACKING_URI"] == platform.settings.mlflow_tracking_uri
+    assert env["DATABASE_URL"] == platform.settings.database_url
+    assert "MATIH_ADMIN_TOKEN" not in env
+
+
+def test_job_paths_are_confined_and_jobs_have_owners(platform, iris):
+    with platform.client() as c:
+        r = c.post("/v1/training/jobs", json={**DEMO_JOB, "dataset": {"uri": "/etc/passwd", "target": "target"}})
+        assert r.status_code == 422 and r.json()["code"] == "unsafe_path", r.text
+        assert r.json()["details"]["field"] == "dataset.uri"
+        token = c.post("/v1/tokens", json={"name": "jobs-dev", "role": "developer"}).json()["token"]
+    with platform.client(token) as dev:
+        r = dev.post(f"/v1/jobs/{iris['job_id']}/retry")  # the admin's job
+        assert r.status_code == 403 and r.json()["details"]["owner"] == "admin", r.text
+        assert dev.post(f"/v1/training/jobs/{iris['job_id']}/cancel").status_code == 403

@@ -189,8 +189,14 @@ def test_triton_runtime_serves_an_endpoint_from_a_remote_v2_server(platform, iri
             r = c.put("/v1/endpoints/iris-triton", json={"config": {**config, "url": "127.0.0.1:9", "timeout_s": 2}})
             r = c.post("/v1/endpoints/iris-triton/predict", json=body)
             assert r.status_code == 503 and "127.0.0.1:9" in r.json()["error"]
+            # a server not on runtimes.triton.allowed_hosts is refused at once, naming the setting
+            r = c.put("/v1/endpoints/iris-triton", json={"config": {**config, "url": "localhost:8000"}})
+            assert r.status_code == 422 and r.json()["code"] == "host_not_allowed", r.text
+            assert "config.url" in r.json()["error"] and "runtimes.triton.allowed_hosts" in r.json()["error"]
+            r = c.put("/v1/endpoints/iris-triton", json={"config": {**config, "timeout_s": 3600}})
+            assert r.status_code == 422 and r.json()["details"]["field"] == "config.timeout_s"
+            # a config the runtime cannot take is refused when it is set, not at the next prediction
             r = c.put("/v1/endpoints/iris-triton", json={"config": {"model_name": "iris"}})
-            r = c.post("/v1/endpoints/iris-triton/predict", json=body)
-            assert r.status_code == 422 and "config.url" in r.json()["error"]
+            assert r.status_code == 422 and r.json()["details"]["field"] == "config.url"
         finally:
             c.delete("/v1/endpoints/iris-triton")

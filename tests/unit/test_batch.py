@@ -5,6 +5,7 @@ the submit-time checks on real files, and the /v1/batch/jobs routes on an in-pro
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -276,7 +277,7 @@ def api(tmp_path_factory):
     from app.api.app import create_app
     from app.bootstrap import prepare
     from app.schemas import TrainingJobSpec
-    from app.training.sklearn_trainer import train_sklearn
+    from app.training.pipeline import train_sklearn
 
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which load_settings reads: name this
     # module's MLflow explicitly and put the environment back afterwards.
@@ -303,8 +304,10 @@ def api(tmp_path_factory):
     store = ctx.store
     client = TestClient(create_app(ctx))
     client.headers["Authorization"] = f"Bearer {prepared.admin_token}"
-    _table(50).to_pandas().to_parquet(home / "in.parquet")
-    yield client, home, jobs, settings
+    data = home / "data"  # the default data root: job specs may name only paths under it
+    data.mkdir()
+    _table(50).to_pandas().to_parquet(data / "in.parquet")
+    yield client, data, jobs, settings
     store.dispose()
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         if key not in saved_env:
@@ -356,3 +359,70 @@ def test_submit_refusals(api, change, status):
     r = client.post("/v1/batch/jobs", json={**body, **change})
     assert r.status_code == status, r.text
     assert set(r.json()) >= {"error", "code"}
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"input_uri": "/etc/passwd", "input_format": "csv"}, "input_uri"),
+        ({"input_uri": "file:///etc/passwd", "input_format": "csv"}, "input_uri"),
+        ({"input_uri": "{data}/../admin_token", "input_format": "csv"}, "input_uri"),
+        ({"input_uri": "{data}/%2e%2e/admin_token", "input_format": "csv"}, "input_uri"),
+        ({"input_uri": "s3://someone-elses-bucket/x.parquet"}, "input_uri"),
+        ({"output_uri": "/tmp/matih-batch-escape"}, "output_uri"),
+        ({"output_uri": "{data}/link-out/predictions"}, "output_uri"),
+    ],
+)
+def test_submit_refuses_paths_outside_the_data_roots(api, change, field):
+    """Job paths resolve inside settings.storage.data_roots (symlinks followed) or are a 422
+    naming the field; nothing of the named file reaches the error body."""
+    import os
+
+    client, data, _, _ = api
+    if not (data / "link-out").exists():
+        os.symlink("/tmp", data / "link-out")
+    body = {"model": "iris@champion", "input_uri": str(data / "in.parquet"), "output_uri": str(data / "out3")}
+    change = {k: v.replace("{data}", str(data)) if isinstance(v, str) else v for k, v in change.items()}
+    r = client.post("/v1/batch/jobs", json={**body, **change})
+    assert r.status_code == 422, r.text
+    out = r.json()
+    assert out["code"] == "unsafe_path" and out["details"]["field"] == field, out
+    assert "root:" not in r.text and "mtk_admin" not in r.text
+
+
+def test_relative_paths_are_under_the_first_data_root(api):
+    client, data, _, _ = api
+    body = {"model": "iris@champion", "input_uri": "in.parquet", "output_uri": "rel-out"}
+    r = client.post("/v1/batch/jobs", json=body)
+    assert r.status_code == 202, r.text
+    spec = client.get(f"/v1/batch/jobs/{r.json()['job_id']}").json()["spec"]
+    assert spec["input_uri"] == os.path.realpath(data / "in.parquet")
+    assert spec["output_uri"] == os.path.realpath(data / "rel-out")
+
+
+def test_unreadable_input_errors_do_not_echo_the_file(files):
+    """A file inside a data root that is not CSV: the error summarizes pyarrow's, without the row."""
+    (files / "data").mkdir()
+    (files / "data" / "rows.csv").write_text("a,b\n1,2\nsecret-row-text\n")
+    settings = load_settings("local", matih_home=str(files))
+    spec = _spec(input_uri=str(files / "data" / "rows.csv"), output_uri=str(files / "data" / "o"), input_format="csv")
+    with pytest.raises(InvalidInput, match="Expected 2 columns, got 1") as info:
+        plan_batch(spec, settings, MODEL)
+    assert "secret-row-text" not in info.value.message
+
+
+def test_the_job_checks_its_paths_again(api):
+    """A spec that reached the store without the API's check (written by hand, or before the
+    data roots changed) fails in the job, before anything is read."""
+    from app.jobs.runner import run_job
+    from app.store import MetadataStore
+
+    _, data, _, settings = api
+    store = MetadataStore.from_settings(settings)
+    spec = {"model": "iris@champion", "input_uri": "/etc/passwd", "input_format": "csv", "output_uri": str(data / "o9")}
+    job = store.create_job("batch_prediction", "by-hand", spec, "admin")
+    store.transition_job(job["job_id"], "running")
+    done = run_job(job["job_id"], settings, store)
+    assert done["status"] == "failed" and done["error"].startswith("unsafe_path: input_uri '/etc/passwd' is refused")
+    assert "root:" not in done["error"] and "root:" not in store.get_job(job["job_id"], with_logs=True)["logs"]
+    store.dispose()

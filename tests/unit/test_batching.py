@@ -1,7 +1,8 @@
 import numpy as np
 
 from app.errors import ModelError
-from app.runtimes.base import ModelRuntime, ModelSignature
+from app.runtimes.base import ModelRuntime
+from app.serving.signature import ModelSignature
 from app.serving.batching import BatchItem, run_grouped, rows_of
 
 

@@ -15,8 +15,8 @@ from sklearn.ensemble import (
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
-from app.training.onnx_compact import compact_tree_ensembles
-from app.training.sklearn_trainer import onnx_parity, to_onnx
+from app.onnx.compact import compact_tree_ensembles
+from app.onnx.sklearn_export import onnx_parity, to_onnx
 
 
 def _raw(est, X):

@@ -3,7 +3,7 @@ import pytest
 
 from app.errors import InvalidInput
 from app.registry.targets import ModelRef, parse_target
-from app.runtimes.base import ModelSignature
+from app.serving.signature import ModelSignature
 from app.serving.payload import payload_to_matrix
 
 SIG = ModelSignature(n_features=2, feature_names=["a", "b"])

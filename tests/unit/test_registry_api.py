@@ -21,7 +21,7 @@ from app.bootstrap import prepare
 from app.registry.mlflow_registry import ModelRegistry
 from app.schemas import TrainingJobSpec
 from app.settings import load_settings
-from app.training.sklearn_trainer import train_sklearn
+from app.training.pipeline import train_sklearn
 
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 
@@ -97,7 +97,7 @@ def skops_bytes(model=None) -> bytes:
 
 
 def onnx_bytes() -> bytes:
-    from app.training.sklearn_trainer import to_onnx
+    from app.onnx.sklearn_export import to_onnx
 
     X, _ = _iris()
     return to_onnx(_logreg(), X, True).SerializeToString()
@@ -189,7 +189,7 @@ def test_register_from_run_and_from_job(reg):
     # an MLflow model under the run's own artifacts (the runs:/ layout)
     import tempfile
 
-    from app.training.sklearn_trainer import to_onnx
+    from app.onnx.sklearn_export import to_onnx
 
     X, _ = _iris()
     with tempfile.TemporaryDirectory() as tmp:
@@ -307,7 +307,7 @@ def test_bad_uploads_are_refused_and_store_nothing(reg):
 def test_register_from_source_inside_the_root_and_every_bad_source(reg, tmp_path):
     import mlflow.onnx
 
-    from app.training.sklearn_trainer import to_onnx
+    from app.onnx.sklearn_export import to_onnx
 
     root = reg.settings.artifact_root
     inside = os.path.join(root, "incoming")
@@ -566,3 +566,25 @@ def test_openapi_documents_the_registry(reg):
         assert p in paths, p
     body = paths["/v1/models/{name}/versions"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "application/json" in body
+
+
+def test_register_from_a_run_outside_the_artifact_root_is_refused(reg, tmp_path):
+    """A run of an experiment whose artifacts live outside the artifact root: 422 before any
+    download (register_from_run reads only under the artifact root)."""
+    import tempfile
+
+    import mlflow.onnx
+
+    from app.onnx.sklearn_export import to_onnx
+
+    X, _ = _iris()
+    outside = tmp_path / "elsewhere"
+    exp_id = reg.mlflow.create_experiment("outside-root", artifact_location=str(outside))
+    run = reg.mlflow.create_run(exp_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.onnx.save_model(to_onnx(_logreg(), X, True), f"{tmp}/m", save_as_external_data=False)
+        reg.mlflow.log_artifacts(run.info.run_id, f"{tmp}/m", "model")
+    assert (outside / run.info.run_id / "artifacts" / "model" / "MLmodel").exists()
+    r = reg.dev.post("/v1/models/outside/versions", json={"run_id": run.info.run_id, "artifact_path": "model"})
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "unsafe_source" and r.json()["details"]["field"] == "run_id"

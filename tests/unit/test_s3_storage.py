@@ -15,7 +15,7 @@ from app.registry.mlflow_registry import ModelRegistry
 from app.schemas import TrainingJobSpec
 from app.settings import load_settings
 from app.storage.s3 import configure_s3_env, resolve_uri, s3_filesystem
-from app.training.sklearn_trainer import train_sklearn
+from app.training.pipeline import train_sklearn
 from tests.s3server import start_s3_server
 
 _ENV = (

@@ -114,3 +114,84 @@ def test_bad_json_section_in_the_environment_names_the_variable(tmp_path, monkey
     monkeypatch.setenv("MATIH_SERVING", "{oops")
     with pytest.raises(ConfigError, match="MATIH_SERVING"):
         load_settings("local", matih_home=str(tmp_path))
+
+
+def _with_credentials(tmp_path, monkeypatch):
+    for name in ("DATABASE_URL", "MLFLOW_TRACKING_URI", "S3_ACCESS_KEY", "S3_SECRET_KEY", "MATIH_ADMIN_TOKEN", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return load_settings(
+        "production", matih_home=str(tmp_path), admin_token="adm-t0ken",
+        database_url="postgresql://matih:db-pa55@db:5432/matih", mlflow_tracking_uri="https://ml:mlf-pa55@mlflow",
+        redis_url="redis://:red-pa55@cache:6379/0", s3_endpoint="http://minio:9000",
+        s3_access_key="AKIA-ID", s3_secret_key="s3-s3cret",
+    )
+
+
+SECRETS = ("adm-t0ken", "db-pa55", "mlf-pa55", "red-pa55", "AKIA-ID", "s3-s3cret")
+
+
+def test_shared_settings_hold_no_credential(tmp_path, monkeypatch):
+    import json
+
+    s = _with_credentials(tmp_path, monkeypatch)
+    shared = s.shared_kwargs()
+    dumped = json.dumps(shared)
+    assert not [x for x in SECRETS if x in dumped]
+    assert shared["database_url"] == "postgresql+psycopg://matih@db:5432/matih"
+    assert shared["mlflow_tracking_uri"] == "https://ml@mlflow" and shared["redis_url"] == "redis://cache:6379/0"
+    assert shared["s3_endpoint"] == "http://minio:9000" and "s3_secret_key" not in shared
+
+
+def test_each_process_gets_only_its_credentials(tmp_path, monkeypatch):
+    s = _with_credentials(tmp_path, monkeypatch)
+    assert s.credential_env("model_server") == {}
+    assert s.credential_env("registry_cache") == {  # the store: trust records and the registry outbox
+        "DATABASE_URL": "postgresql+psycopg://matih:db-pa55@db:5432/matih",
+        "MLFLOW_TRACKING_URI": "https://ml:mlf-pa55@mlflow", "S3_ACCESS_KEY": "AKIA-ID", "S3_SECRET_KEY": "s3-s3cret"}
+    job = s.credential_env("job")
+    assert job["DATABASE_URL"] == "postgresql+psycopg://matih:db-pa55@db:5432/matih"
+    assert "MATIH_ADMIN_TOKEN" not in job and "MATIH_ADMIN_TOKEN" not in s.credential_env("job_scheduler")
+    assert s.credential_env("gateway")["MATIH_ADMIN_TOKEN"] == "adm-t0ken"
+
+
+def test_a_process_rebuilds_its_settings_from_shared_ones_and_its_environment(tmp_path, monkeypatch):
+    from app.settings import Settings
+
+    s = _with_credentials(tmp_path, monkeypatch)
+    # a job: what the JobScheduler answers, plus the env_vars it set for the job
+    for name, value in s.credential_env("job").items():
+        monkeypatch.setenv(name, value)
+    job = Settings.from_shared(s.shared_kwargs())  # production profile, no admin token: no error
+    assert job.admin_token is None
+    assert job.redis_url == "redis://cache:6379/0"  # a job is not given Redis credentials
+    assert job.model_copy(update={"admin_token": s.admin_token, "redis_url": s.redis_url}) == s
+    # without the environment, URLs stand without password and there are no keys
+    for name in s.credential_env("job"):
+        monkeypatch.delenv(name)
+    bare = Settings.from_shared(s.shared_kwargs())
+    assert bare.database_url == "postgresql+psycopg://matih@db:5432/matih" and not bare.s3_secret_key.get_secret_value()
+
+
+def test_a_job_by_hand_needs_no_admin_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("MATIH_ADMIN_TOKEN", raising=False)
+    s = load_settings("production", matih_home=str(tmp_path), need_admin_token=False)
+    assert s.admin_token is None
+
+
+def test_local_binds_this_machine_and_production_every_interface(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import yaml
+
+    from app.cli import serve_config_for
+
+    repo_config = str(Path(__file__).resolve().parents[2] / "serve_config.yaml")
+    with open(repo_config) as fh:
+        assert yaml.safe_load(fh)["http_options"]["host"] == "127.0.0.1"  # `serve run serve_config.yaml` as is
+    monkeypatch.delenv("MATIH_HTTP_PORT", raising=False)
+    local = serve_config_for(load_settings("local", matih_home=str(tmp_path)), repo_config)
+    assert local["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    monkeypatch.setenv("MATIH_ADMIN_TOKEN", "t")
+    prod = serve_config_for(load_settings("production", matih_home=str(tmp_path), http_port=8080), repo_config)
+    assert prod["http_options"] == {"host": "0.0.0.0", "port": 8080}
+    assert prod["applications"] == local["applications"]

@@ -97,3 +97,41 @@ def test_unreachable_database_is_a_dependency_error():
     bad = MetadataStore("postgresql+psycopg://nobody@127.0.0.1:1/none")
     with pytest.raises(DependencyUnavailable, match="metadata store unreachable"):
         bad.ping()
+
+
+@pytest.mark.postgres
+def test_postgres_connections_have_connect_and_statement_timeouts(tmp_path):
+    """settings.database bounds every PostgreSQL call: a statement past statement_timeout is
+    cancelled by the server (503 dependency_unavailable through the store), and a server that
+    does not answer fails the connect within connect_timeout."""
+    import time
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from app.errors import DependencyUnavailable
+    from app.settings import load_settings
+    from tests.conftest import POSTGRES_URL, _postgres_admin_engine
+
+    try:
+        _postgres_admin_engine().connect().close()
+    except OperationalError:
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}")
+    settings = load_settings(database_url=POSTGRES_URL, matih_home=str(tmp_path),
+                             database={"connect_timeout_s": 1, "statement_timeout_s": 0.3})
+    store = MetadataStore.from_settings(settings)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "300ms"
+            with pytest.raises(OperationalError, match="statement timeout"):
+                conn.execute(text("SELECT pg_sleep(2)"))
+        with pytest.raises(DependencyUnavailable), store._tx() as s:
+            s.execute(text("SELECT pg_sleep(2)"))
+    finally:
+        store.dispose()
+    # 10.255.255.1 is not routed: without connect_timeout the connect would wait for the OS (minutes)
+    silent = MetadataStore("postgresql+psycopg://u@10.255.255.1:5432/x", connect_timeout_s=1)
+    started = time.monotonic()
+    with pytest.raises(DependencyUnavailable):
+        silent.ping()
+    assert time.monotonic() - started < 5

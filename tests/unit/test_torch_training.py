@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from app.errors import InvalidInput
+from app.onnx.torch_export import export_onnx
 from app.training.data import PreparedData, prepare_data
 from app.training.spec import TorchModelSpec, TrainingJobSpec
 from app.training.torch_models import (
@@ -21,16 +22,8 @@ from app.training.torch_models import (
     pipeline_stages,
     split_state_dict,
 )
-from app.training.torch_train import (
-    _batches,
-    _read_checkpoint_dir,
-    _write_checkpoint,
-    evaluate_model,
-    export_onnx,
-    list_checkpoints,
-    torch_hparams,
-    train_in_process,
-)
+from app.training.torch_checkpoints import _read_checkpoint_dir, _write_checkpoint, list_checkpoints
+from app.training.torch_loop import _batches, evaluate_model, torch_hparams, train_in_process
 from app.training.validation import onnx_outputs
 
 SMALL_TRANSFORMER = {"kind": "tab_transformer", "d_model": 16, "heads": 2, "layers": 1}

@@ -21,7 +21,7 @@ from app.registry.mlflow_registry import TAG_JOB, TAG_PARITY
 from app.schemas import TrainingJobSpec
 from app.settings import load_settings
 from app.store import MetadataStore
-from app.training.sklearn_trainer import train_sklearn
+from app.training.pipeline import train_sklearn
 
 IRIS = DEMO_JOB  # the README's first job, one definition in app/cli.py
 
@@ -209,3 +209,54 @@ def test_retry_a_failed_job_queues_it_again(platform):
     ok = client.post("/v1/training/jobs", json={**IRIS, "name": "retry-ok"}).json()["job_id"]
     assert wait(client, core, ok)["status"] == "succeeded"
     assert client.post(f"/v1/jobs/{ok}/retry").status_code == 409
+
+
+def test_jobs_have_owners(platform):
+    """A developer cancels or retries only the jobs it submitted (403 otherwise); an admin any."""
+    settings, store, core, client = platform
+
+    def as_(name, role):
+        c = TestClient(client.app)
+        c.headers["Authorization"] = f"Bearer {store.create_token(name, role, 'admin')[1]}"
+        return c
+
+    alice, bob = as_("alice", "developer"), as_("bob", "developer")
+    bad = {**IRIS, "name": "owned", "dataset": {"uri": "builtin://iris", "target": "species"}}  # fails at once
+    job_id = alice.post("/v1/training/jobs", json=bad).json()["job_id"]
+    job = wait(client, core, job_id)
+    assert job["created_by"] == "alice" and job["status"] == "failed"
+    for path in (f"/v1/jobs/{job_id}/retry", f"/v1/jobs/{job_id}/cancel", f"/v1/training/jobs/{job_id}/cancel"):
+        r = bob.post(path)
+        assert r.status_code == 403 and r.json()["code"] == "permission_denied", (path, r.text)
+        assert r.json()["details"]["owner"] == "alice"
+    assert store.get_job(job_id)["attempts"] == 1  # nothing happened
+    assert alice.post(f"/v1/jobs/{job_id}/retry").status_code == 200
+    assert wait(client, core, job_id)["attempts"] == 2
+    assert client.post(f"/v1/jobs/{job_id}/retry").status_code == 200  # the admin retries anyone's job
+    assert wait(client, core, job_id)["attempts"] == 3
+    queued = store.create_job("training", "queued-one", bad, "alice")  # stays queued: nobody ticks the core
+    assert bob.post(f"/v1/jobs/{queued['job_id']}/cancel").status_code == 403
+    assert alice.post(f"/v1/jobs/{queued['job_id']}/cancel").json()["status"] == "cancelled"
+
+
+def test_dataset_paths_outside_the_data_roots_are_refused(platform, tmp_path):
+    settings, store, core, client = platform
+    outside = tmp_path / "d.csv"
+    outside.write_text("a,target\n1,0\n")
+    for uri in (str(outside), "/etc/passwd", f"file://{settings.matih_home}/matih.db"):
+        r = client.post("/v1/training/jobs", json={**IRIS, "dataset": {"uri": uri, "target": "target"}})
+        assert r.status_code == 422 and r.json()["details"]["field"] == "dataset.uri", r.text
+    r = client.post("/v1/training/jobs", json={**IRIS, "checkpoint": {"storage_path": "/var/tmp/x"}})
+    assert r.status_code == 422 and r.json()["details"]["field"] == "checkpoint.storage_path", r.text
+    # inside the default data root: accepted and stored as the resolved path
+    inside = settings.matih_home / "data" / "diabetes.csv"
+    inside.parent.mkdir(exist_ok=True)
+    from sklearn.datasets import load_diabetes
+
+    load_diabetes(as_frame=True).frame.to_csv(inside, index=False)
+    spec = {**IRIS, "name": "in-root", "estimator": "sklearn.linear_model.Ridge", "hyperparameters": {},
+            "dataset": {"uri": "diabetes.csv", "target": "target"}}
+    job_id = client.post("/v1/training/jobs", json=spec).json()["job_id"]
+    job = wait(client, core, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["spec"]["dataset"]["uri"] == str(inside.resolve())

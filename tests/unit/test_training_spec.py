@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.cli import DEMO_JOB
-from app.errors import InvalidInput
+from app.errors import Conflict, InvalidInput
 from app.jobs.resources import check_fits, job_needs
 from app.jobs.scheduler import SchedulerCore
 from app.settings import load_settings
@@ -208,3 +208,255 @@ def test_s3_datasets_need_the_settings_and_exist():
         load_dataset("s3://bucket/data.parquet")
     with pytest.raises(InvalidInput, match="unknown format"):
         load_dataset("s3://bucket/data.txt", load_settings("local"))
+
+
+# -- paths confined to the data roots ----------------------------------------------------------
+def _paths_spec(dataset: str, **checkpoint) -> TrainingJobSpec:
+    return TrainingJobSpec.model_validate({**TORCH, "dataset": {"uri": dataset, "target": "target"},
+                                           "checkpoint": checkpoint})
+
+
+def test_job_paths_resolve_inside_the_data_roots(tmp_path):
+    import os
+
+    from app.training.spec import check_spec_paths
+
+    settings = load_settings("local", matih_home=str(tmp_path))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "d.csv").write_text("a,target\n1,0\n")
+    os.symlink("/etc", data / "etc-link")
+    assert settings.storage.data_roots == [str(data), str(tmp_path / "artifacts")]
+
+    ok = check_spec_paths(_paths_spec("d.csv", storage_path=str(tmp_path / "artifacts" / "ckpt"),
+                                      resume_from=str(tmp_path / "train_results" / "job" / "checkpoint_000001")),
+                          settings)
+    assert ok.dataset.uri == os.path.realpath(data / "d.csv")  # relative: under the first data root
+    assert check_spec_paths(_paths_spec("builtin://iris"), settings).dataset.uri == "builtin://iris"
+
+    for dataset, ckpt, field in [
+        ("/etc/passwd", {}, "dataset.uri"),
+        (f"file://{data}/../matih.db", {}, "dataset.uri"),
+        (f"{data}/etc-link/passwd", {}, "dataset.uri"),
+        ("s3://other-bucket/d.parquet", {}, "dataset.uri"),
+        ("http://example.com/d.csv", {}, "dataset.uri"),
+        ("d.csv", {"storage_path": "/tmp/elsewhere"}, "checkpoint.storage_path"),
+        ("d.csv", {"resume_from": "/root/checkpoint_000001"}, "checkpoint.resume_from"),
+    ]:
+        with pytest.raises(InvalidInput) as info:
+            check_spec_paths(_paths_spec(dataset, **ckpt), settings)
+        assert info.value.code == "unsafe_path" and info.value.details["field"] == field, (dataset, ckpt)
+
+
+def test_s3_data_roots_and_buckets(tmp_path):
+    from app.training.spec import check_spec_paths
+
+    settings = load_settings("local", matih_home=str(tmp_path), artifact_root="s3://artifacts/mlflow",
+                             storage={"data_roots": ["s3://lake/training"], "allowed_buckets": ["s3://scratch"]})
+    assert check_spec_paths(_paths_spec("s3://lake/training/d.parquet"), settings).dataset.uri.endswith("d.parquet")
+    check_spec_paths(_paths_spec("s3://scratch/any/where.csv"), settings)
+    for bad in ("s3://lake/other/d.parquet", "s3://artifacts/mlflow/d.parquet", f"{tmp_path}/data/d.csv"):
+        with pytest.raises(InvalidInput):
+            check_spec_paths(_paths_spec(bad), settings)
+    # defaults: the artifact root's bucket is allowed when the artifact root is on S3
+    default = load_settings("local", matih_home=str(tmp_path), artifact_root="s3://artifacts/mlflow")
+    assert default.storage.allowed_buckets == ["artifacts"]
+    check_spec_paths(_paths_spec("s3://artifacts/datasets/d.parquet"), default)
+
+
+# -- launches that raise, runners whose end cannot be recorded ----------------------------------
+def test_a_launch_that_raised_after_ray_accepted_it_is_reconciled_not_failed(store):
+    class AcceptedThenTimedOut(_Launcher):
+        def launch(self, job):
+            super().launch(job)  # Ray has it ...
+            raise TimeoutError("read timed out")  # ... but the answer was lost
+
+    launcher = AcceptedThenTimedOut()
+    core = SchedulerCore(store, launcher, max_concurrent=2)
+    job = store.create_job("training", "j", {}, "x")
+    assert core.tick() == [job["job_id"]]
+    assert store.get_job(job["job_id"])["status"] == "running" and job["job_id"] in core.running
+    assert launcher.launched == [job["job_id"]]
+    launcher.known[job["job_id"]].ended = True
+    core.tick()  # reaped as any other job: exactly one Ray Job ran it
+    assert launcher.launched == [job["job_id"]]
+
+    class Refused(_Launcher):
+        def launch(self, job):
+            raise RuntimeError("runtime_env is not valid")  # Ray never had it
+
+    core = SchedulerCore(store, Refused(), max_concurrent=1)
+    bad = store.create_job("training", "bad", {}, "x")
+    core.tick()
+    failed = store.get_job(bad["job_id"])
+    assert failed["status"] == "failed" and "runtime_env" in failed["error"]
+
+
+def test_no_job_stays_running_without_a_handle(store):
+    """A launch whose outcome Ray cannot tell leaves the job running; the sweep settles it:
+    attached when its Ray Job exists, else queued again (failed after max_attempts)."""
+
+    class Unreachable(_Launcher):
+        down = True
+
+        def launch(self, job):
+            raise ConnectionError("dashboard unreachable")
+
+        def attach(self, job):
+            if self.down:
+                raise ConnectionError("dashboard unreachable")
+            return super().attach(job)
+
+    launcher = Unreachable()
+    core = SchedulerCore(store, launcher, max_concurrent=1, max_attempts=2)
+    job = store.create_job("training", "j", {}, "x")
+    core.tick()
+    assert store.get_job(job["job_id"])["status"] == "running" and not core.running
+    assert core.sweep() == {"reattached": [], "requeued": []}  # still cannot ask: left as it is
+    launcher.down = False
+    assert core.sweep()["requeued"] == [job["job_id"]]  # Ray never had it: queued again
+    assert store.get_job(job["job_id"])["status"] == "queued"
+    launcher.launch = _Launcher.launch.__get__(launcher)  # Ray is back: it starts for real
+    assert core.tick() == [job["job_id"]] and store.get_job(job["job_id"])["attempts"] == 2
+    # a job recorded running by hand meanwhile (ray job submit) is attached by the sweep
+    by_hand = store.create_job("training", "h", {}, "x", running_as="raysubmit_1")
+    launcher.known[by_hand["job_id"]] = _Handle()
+    assert core.sweep()["reattached"] == [by_hand["job_id"]]
+    store.transition_job(by_hand["job_id"], "succeeded")  # it recorded its end; its handle cannot tell
+    core.sweep()
+    assert by_hand["job_id"] not in core.running  # the slot is free again
+    # lost with max_attempts used up: failed, not queued forever
+    store.transition_job(job["job_id"], "cancelled")
+    core.running.pop(job["job_id"])
+    lost = store.create_job("training", "lost", {}, "x")
+    store.transition_job(lost["job_id"], "running")
+    store.transition_job(lost["job_id"], "queued")
+    store.transition_job(lost["job_id"], "running")
+    assert core.sweep()["requeued"] == []
+    assert "not retried again" in store.get_job(lost["job_id"])["error"]
+
+
+class _Switch:
+    """A TCP proxy in front of PostgreSQL that can be switched off: while off it drops every
+    connection, as a database restart or a network cut would."""
+
+    def __init__(self, port: int):
+        import socket
+        import threading
+
+        self.target, self.up, self.pairs = port, True, []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (a, b):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def off(self):
+        self.up = False
+        for pair in self.pairs:
+            for sock in pair:
+                try:
+                    sock.shutdown(2)
+                except OSError:
+                    pass
+        self.pairs.clear()
+
+    def close(self):
+        self.server.close()
+        self.off()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+def test_the_runner_retries_recording_its_end(tmp_path, store_url):
+    """The job's work is done but PostgreSQL is briefly unreachable: the final transition is
+    retried until it goes through, and the job ends succeeded exactly once."""
+    import threading
+    import time
+    from urllib.parse import urlsplit
+
+    from app.jobs.runner import _finish
+
+    pg = urlsplit(store_url)
+    switch = _Switch(pg.port or 5432)
+    url = f"postgresql+psycopg://{pg.username}@127.0.0.1:{switch.port}{pg.path}"
+    settings = load_settings("local", matih_home=str(tmp_path), database_url=url, database={"connect_timeout_s": 2})
+    store = MetadataStore.from_settings(settings)
+    try:
+        store.migrate()
+        job = store.create_job("training", "finish-retry", {}, "x")
+        store.transition_job(job["job_id"], "running")
+        switch.off()
+        threading.Timer(2.0, lambda: setattr(switch, "up", True)).start()
+        started = time.monotonic()
+        done = _finish(store, job["job_id"], "succeeded", 30, result={"ok": True})
+        assert time.monotonic() - started >= 1.5  # it waited for the store to come back
+        assert done["status"] == "succeeded" and done["result"] == {"ok": True}
+        audit, _ = store.list_audit(resource_type="job", limit=1000)
+        assert [a["action"] for a in audit if a["resource_id"] == job["job_id"]].count("job.succeeded") == 1
+        with pytest.raises(Conflict):  # recorded once: a further try is refused, not applied twice
+            store.transition_job(job["job_id"], "succeeded", expect="running")
+    finally:
+        store.dispose()
+        switch.close()
+
+
+def test_ray_job_api_calls_are_bounded_and_retried():
+    """A job API that accepts connections and never answers: every request times out after
+    jobs.ray_api_timeout_s and is tried jobs.ray_api_attempts times, then raises."""
+    import socket
+    import threading
+    import time
+
+    from actors.job_scheduler import job_client
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(server.accept()[0])  # held open, never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(OSError):
+            job_client(f"http://127.0.0.1:{server.getsockname()[1]}", timeout_s=0.3, attempts=3)
+        elapsed = time.monotonic() - started
+        assert len(accepted) == 3 and 0.9 <= elapsed < 10, (len(accepted), elapsed)
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()

@@ -11,7 +11,7 @@ from tritonclient.http import InferResult
 from tritonclient.http._utils import _get_inference_request
 
 from app.errors import BadRequest, InvalidInput
-from app.runtimes.base import ModelSignature
+from app.serving.signature import ModelSignature
 from app.serving import v2_codec as codec
 from app.serving.payload import payload_to_matrix
 

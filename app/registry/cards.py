@@ -1,0 +1,122 @@
+"""Model cards (JSON and Markdown) and the side-by-side comparison of versions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.errors import InvalidInput
+from app.registry import formats as F
+from app.registry.base import RegistryBase
+from app.registry.checks import check_version
+from app.registry.mlflow_registry import TAG_PARITY, TAG_VALIDATION_REPORT
+
+
+class CardsMixin(RegistryBase):
+    """Model cards and comparisons of versions."""
+
+    def card(self, name: str, version: str | int) -> dict[str, Any]:
+        v = self.get_version(name, version)
+        tags = v["tags"]
+        trust, approved = self._grants(name)  # the metadata store's records, not the mirror tags
+        approvals = [{"by": a["by"], "at": a["at"], "comment": a["comment"], "sha256": a["sha256"]}
+                     for a in approved.get(v["version"], [])]
+        record = trust.get(v["version"]) if v["trusted"] else None
+        parity = tags.get(TAG_PARITY)
+        return {
+            "name": v["name"],
+            "version": v["version"],
+            "description": v["description"],
+            "intended_use": v["intended_use"],
+            "task": v["task"],
+            "metrics": v["metrics"],
+            "params": v["params"],
+            "data": {
+                "dataset_uri": v["lineage"]["dataset_uri"],
+                "dataset_sha256": v["lineage"]["dataset_sha256"],
+                "feature_names": v["feature_names"],
+                "classes": v["classes"],
+            },
+            "signature": v["signature"],
+            "lineage": v["lineage"],
+            "format": v["format"],
+            "formats": v["formats"],
+            "parity": {
+                "onnx_max_abs_diff": float(parity) if parity else None,
+                "validation": v["validation"],
+                "detail": tags.get(F.TAG_VALIDATION_DETAIL),
+            },
+            "validation": json.loads(tags[TAG_VALIDATION_REPORT]) if TAG_VALIDATION_REPORT in tags else None,
+            "stage": v["stage"],
+            "aliases": v["aliases"],
+            "approvals": approvals,
+            "trusted": v["trusted"],
+            "trusted_by": record["trusted_by"] if record else None,
+            "trusted_sha256": record["sha256"] if record else None,
+        }
+
+    def compare(self, name: str, versions: list[str]) -> dict[str, Any]:
+        if not 2 <= len(versions) <= 10:
+            raise InvalidInput(
+                f"compare takes 2 to 10 versions (got {len(versions)}): ?versions=1,2", details={"field": "versions"}
+            )
+        versions = [check_version(v) for v in versions]
+        rows = [self.get_version(name, v, detail=False) for v in versions]
+        runs = {r["version"]: self._run(r["run_id"]) for r in rows}
+        metrics: dict[str, dict[str, float | None]] = {}
+        params: dict[str, dict[str, str | None]] = {}
+        for r in rows:
+            run = runs[r["version"]]
+            for k, val in (run.data.metrics if run else {}).items():
+                metrics.setdefault(k, {})[r["version"]] = val
+            for k, val in (run.data.params if run else {}).items():
+                params.setdefault(k, {})[r["version"]] = val
+        for table in (metrics, params):
+            for values in table.values():
+                for v in versions:
+                    values.setdefault(v, None)
+        return {
+            "name": name,
+            "versions": versions,
+            "metrics": dict(sorted(metrics.items())),
+            "params": dict(sorted(params.items())),
+            "differing_params": sorted(k for k, vals in params.items() if len(set(vals.values())) > 1),
+            "summary": {
+                r["version"]: {k: r[k] for k in ("format", "stage", "validation", "aliases", "approved_by", "run_id")}
+                for r in rows
+            },
+        }
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """The model card as Markdown, for people and for the MLflow version description."""
+    lines = [f"# {card['name']} version {card['version']}", ""]
+    if card["description"]:
+        lines += [card["description"], ""]
+    lines += ["## Intended use", "", card["intended_use"] or "_not stated_", ""]
+    lines += ["## Metrics", ""]
+    lines += [f"- {k}: {v:.6g}" for k, v in sorted(card["metrics"].items())] or ["_none recorded_"]
+    lines += ["", "## Parameters", ""]
+    lines += [f"- {k}: {v}" for k, v in sorted(card["params"].items())] or ["_none recorded_"]
+    data = card["data"]
+    lines += ["", "## Data", "", f"- dataset: {data['dataset_uri'] or 'unknown'}",
+              f"- sha256: {data['dataset_sha256'] or 'unknown'}"]
+    lin = card["lineage"]
+    lines += ["", "## Lineage", ""] + [f"- {k}: {v}" for k, v in lin.items() if v]
+    parity = card["parity"]
+    lines += ["", "## Format and validation", "", f"- format: {card['format']} (artifacts: {', '.join(card['formats'])})",
+              f"- validation: {parity['validation']}" + (f" ({parity['detail']})" if parity["detail"] else "")]
+    report = card.get("validation")
+    if report:
+        champ = report.get("champion") or {}
+        lines += ["", "## Validation gates", "",
+                  f"- holdout: {', '.join(f'{k} {v:.4g}' for k, v in (report.get('metrics') or {}).items())}",
+                  f"- compared with: version {champ['version']}" if champ else "- compared with: no champion"]
+        lines += [f"- {g['metric']} {g['rule']}: {'passed' if g['passed'] else 'FAILED'} ({g['note']})"
+                  for g in report.get("gates") or []]
+    lines += ["", "## Stage and approvals", "", f"- stage: {card['stage']}",
+              f"- aliases: {', '.join(card['aliases']) or 'none'}"]
+    lines += [f"- approved by {a['by']} at {a['at']}" + (f": {a['comment']}" if a["comment"] else "")
+              for a in card["approvals"]] or ["- not approved"]
+    return "\n".join(lines) + "\n"
+
