@@ -86,12 +86,15 @@ def cmd_init(args) -> int:
 
 
 def serve_config_for(settings, config_path: str) -> dict[str, Any]:
-    """``config_path`` (serve_config.yaml) with the HTTP host and port of the profile."""
+    """``config_path`` (serve_config.yaml) with the HTTP host, port and request timeout of the
+    profile (Serve's ``request_timeout_s`` is the one the Gateway answers 504 just before)."""
     import yaml
 
     with open(config_path) as fh:
         config = yaml.safe_load(fh) or {}
-    config.setdefault("http_options", {}).update(host=settings.http.host, port=settings.http_port)
+    config.setdefault("http_options", {}).update(
+        host=settings.http.host, port=settings.http_port, request_timeout_s=settings.http.request_timeout_s
+    )
     return config
 
 

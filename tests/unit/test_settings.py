@@ -190,8 +190,8 @@ def test_local_binds_this_machine_and_production_every_interface(tmp_path, monke
         assert yaml.safe_load(fh)["http_options"]["host"] == "127.0.0.1"  # `serve run serve_config.yaml` as is
     monkeypatch.delenv("MATIH_HTTP_PORT", raising=False)
     local = serve_config_for(load_settings("local", matih_home=str(tmp_path)), repo_config)
-    assert local["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    assert local["http_options"] == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 60}
     monkeypatch.setenv("MATIH_ADMIN_TOKEN", "t")
     prod = serve_config_for(load_settings("production", matih_home=str(tmp_path), http_port=8080), repo_config)
-    assert prod["http_options"] == {"host": "0.0.0.0", "port": 8080}
+    assert prod["http_options"] == {"host": "0.0.0.0", "port": 8080, "request_timeout_s": 60}
     assert prod["applications"] == local["applications"]
