@@ -33,7 +33,10 @@ class RegistryCacheCore:
         # MLflow is down, which cachetools' TTLCache (it drops expired entries) cannot keep, so the
         # freshness is an LRU of (fresh until, model) and the expiry check is ours.
         self._entries: LRUCache = LRUCache(maxsize=max_entries)
-        self.epoch = 0
+        # Epochs start at the clock (µs), not 0: a restarted actor's epochs are then past any
+        # epoch a subscriber holds from before, which it answers with "drop all" instead of
+        # waiting until its own count climbs back to that number.
+        self.epoch = time.time_ns() // 1_000
         self._changed = asyncio.Event()
         self._recent: list[tuple[int, str]] = []
         self.mlflow_error: str | None = None
