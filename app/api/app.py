@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
@@ -19,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app import __version__
 from app.api.deadline import RequestDeadline
-from app.api.errors import install_error_handlers
+from app.api.errors import error_response, install_error_handlers
 from app.auth import Authenticator, Principal, Role
 from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge, PermissionDenied
 from app.redaction import redact
@@ -130,7 +129,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         for key, value in scope.get("headers", []):
             if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                return await self._reject(send)
+                return await self._reject(scope, send)
         seen, too_large, rejected = 0, False, False
 
         async def limited_receive():
@@ -151,27 +150,18 @@ class BodySizeLimit:
                 return await send(message)
             if not rejected:
                 rejected = True
-                await self._reject(send)
+                await self._reject(scope, send)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except PayloadTooLarge:
             if not rejected:
                 rejected = True
-                await self._reject(send)
+                await self._reject(scope, send)
 
-    async def _reject(self, send):
-        body = json.dumps(
-            {"error": f"request body is over the limit of {self.limit} bytes", "code": "payload_too_large"}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _reject(self, scope, send):
+        error = PayloadTooLarge(f"request body is over the limit of {self.limit} bytes")
+        await error_response(error)(scope, None, send)  # a JSONResponse never reads the request
 
 
 def create_app(ctx: ApiContext) -> FastAPI:

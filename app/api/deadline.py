@@ -9,8 +9,8 @@ the handler (Serve passes the cancellation on to a ModelServer call in flight).
 from __future__ import annotations
 
 import asyncio
-import json
 
+from app.api.errors import error_response
 from app.errors import RequestTimeout
 
 # Serve's per-request timeout header (ray.serve._private.constants.SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER).
@@ -60,17 +60,8 @@ class RequestDeadline:
         except TimeoutError:
             if started:
                 return
-            body = json.dumps(
-                RequestTimeout(
-                    f"the request did not finish within {timeout:.3g} s; it was cancelled",
-                    details={"timeout_s": round(timeout, 3)},
-                ).to_body()
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 504,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
+            error = RequestTimeout(
+                f"the request did not finish within {timeout:.3g} s; it was cancelled",
+                details={"timeout_s": round(timeout, 3)},
             )
-            await send({"type": "http.response.body", "body": body})
+            await error_response(error)(scope, receive, send)
