@@ -112,11 +112,27 @@ def cmd_up(args) -> int:
               "put TLS in front of it, see 'Securing a cluster' in docs/configuration.md")
     else:
         print(f"HTTP API on http://{host}:{port} only (profile {settings.profile}: http.host {host!r})")
+    from app.serving.ingress import apply_cluster_env, mode_in_effect
+
+    env = apply_cluster_env(settings)  # Serve's ingress mode: read by every process of the cluster serve run starts
+    print(f"ingress: {mode_in_effect()} (http.ingress.mode {settings.http.ingress.mode!r}; "
+          f"{', '.join(f'{k}={v}' for k, v in env.items())})")
     serve = shutil.which("serve") or os.path.join(os.path.dirname(sys.executable), "serve")
     argv = [serve, "run", str(path)]
     print("starting:", " ".join(argv), flush=True)
     os.execv(serve, argv)
     return 0  # not reached
+
+
+def cmd_ray_env(args) -> int:
+    """``export`` lines for the environment of ``ray start`` on every node of an existing cluster."""
+    import shlex
+
+    from app.serving.ingress import cluster_env
+
+    for key, value in cluster_env(_settings()).items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -180,13 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         "up", help="init, then `serve run` on serve_config.yaml with the profile's http.host and http_port"
     )
     up.add_argument("--config", default="serve_config.yaml")
+    sub.add_parser("ray-env", help="the environment `ray start` needs on each node for the profile's ingress mode")
     sub.add_parser("status", help="readiness of each dependency and platform info")
     pr = sub.add_parser("predict", help="predict with an endpoint")
     pr.add_argument("endpoint")
     pr.add_argument("instances", help='JSON: one row [..] or rows [[..], ..]')
     sub.add_parser("demo", help="train iris, create an endpoint, predict; prints each step")
     args = p.parse_args(argv)
-    handler = {"init": cmd_init, "up": cmd_up, "status": cmd_status, "predict": cmd_predict, "demo": cmd_demo}
+    handler = {"init": cmd_init, "up": cmd_up, "ray-env": cmd_ray_env, "status": cmd_status, "predict": cmd_predict, "demo": cmd_demo}
     return handler[args.command](args)
 
 

@@ -64,10 +64,44 @@ class AuthSettings(_Section):
     )
 
 
+class IngressSettings(_Section):
+    """How HTTP (and gRPC) requests reach the Gateway replicas: one of Ray Serve's ingress modes,
+    chosen for the whole Ray cluster by the environment its processes start with (see
+    app/serving/ingress.py and "Choosing the ingress" in docs/configuration.md)."""
+
+    mode: Literal["haproxy", "proxy"] = Field(
+        "haproxy",
+        description="haproxy: Ray Serve's HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1): HAProxy listens on http_port "
+        "(and grpc_port) and forwards each request straight to a Gateway replica's own port, health-checked, "
+        "least-connections across replicas; Serve's Python proxy stays only as HAProxy's backup. proxy: the "
+        "classic Serve HTTP proxy actor on http_port, which relays every request to the Gateway (one Python hop "
+        "more, several times the CPU per request: docs/benchmarks.md).",
+    )
+    haproxy_threads: int = Field(
+        1, ge=1, le=64, description="HAProxy threads (RAY_SERVE_HAPROXY_NBTHREAD; Ray's default is 4). One "
+        "thread forwards tens of thousands of requests a second, far more than the Gateway replicas behind it.",
+    )
+    stats_port: int = Field(
+        8404, ge=1, le=65535, description="HAProxy's stats page (RAY_SERVE_HAPROXY_STATS_PORT). HAProxy binds it "
+        "on every interface: keep it behind the node's firewall.",
+    )
+    metrics_port: int = Field(
+        9101, ge=1, le=65535, description="HAProxy's Prometheus exporter (RAY_SERVE_HAPROXY_METRICS_PORT), bound "
+        "on every interface like the stats page.",
+    )
+    fallback_http_port: int = Field(
+        8500, ge=1, le=65535, description="The backup Serve proxy HAProxy falls back to while no Gateway replica "
+        "is up (RAY_SERVE_FALLBACK_PROXY_HTTP_PORT).",
+    )
+    fallback_grpc_port: int = Field(
+        9500, ge=1, le=65535, description="The backup Serve proxy's gRPC port (RAY_SERVE_FALLBACK_PROXY_GRPC_PORT)."
+    )
+
+
 class HttpSettings(_Section):
     host: str = Field(
         "127.0.0.1",
-        description="Interface the Serve HTTP proxy listens on, as `matih-ml up` starts it (http_options.host of "
+        description="Interface the HTTP API listens on (HAProxy or the Serve proxy, and the Gateway replicas), as `matih-ml up` starts it (http_options.host of "
         "serve_config.yaml): 127.0.0.1 = this machine only (local profile); 0.0.0.0 = every interface "
         "(production profile: put TLS in front of it).",
     )
@@ -81,6 +115,9 @@ class HttpSettings(_Section):
         "(serve_config.yaml) to the same value: the Gateway answers 504 with an error body just before it "
         "(Serve's own answer would be a bare 408). A client may ask for less with the x-request-timeout-seconds "
         "header, never for more.",
+    )
+    ingress: IngressSettings = Field(
+        default_factory=IngressSettings, description="Ray Serve's ingress mode and its ports."
     )
     gateway_max_queued_requests: int = Field(
         512, ge=1, description="Requests the Serve proxy queues for the Gateway when every replica has "

@@ -86,6 +86,7 @@ def platform(tmp_path_factory) -> Platform:
     import ray
     from ray import serve
 
+    from app.serving.ingress import apply_cluster_env
     from app.settings import load_settings
     from deployments.app import build
 
@@ -108,6 +109,13 @@ def platform(tmp_path_factory) -> Platform:
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     dashboard_port = free_port()
     _own_dashboard_agent_port(free_port())
+    # The ingress mode of the profile (HAProxy by default), its side ports free ones so that a
+    # `make run` beside the tests does not collide; MATIH_TEST_INGRESS=proxy runs the suite on
+    # the classic Serve proxy instead.
+    ingress = {"mode": os.environ.get("MATIH_TEST_INGRESS", "haproxy"), "stats_port": free_port(),
+               "metrics_port": free_port(), "fallback_http_port": free_port(), "fallback_grpc_port": free_port()}
+    overrides["http"] = {**load_settings("local", **overrides).http.model_dump(mode="json"), "ingress": ingress}
+    apply_cluster_env(load_settings("local", **overrides))
     ray.init(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=2, log_to_driver=False)
     base = load_settings("local", **overrides)
     # A short queue in front of the ModelServer (more than the 32 clients of the replica-kill test

@@ -1,0 +1,38 @@
+"""The cluster environment of each ingress mode (app/serving/ingress.py)."""
+
+from app.serving.ingress import apply_cluster_env, cluster_env, mode_in_effect
+from app.settings import load_settings
+
+
+def test_haproxy_is_the_default_and_names_its_ports():
+    settings = load_settings("local")
+    env = cluster_env(settings)
+    assert settings.http.ingress.mode == "haproxy"
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_HAPROXY_NBTHREAD"] == "1"
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "8404"
+    assert env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8500"
+    assert mode_in_effect(env) == "haproxy"
+
+
+def test_proxy_mode_switches_both_flags_off():
+    env = cluster_env(load_settings("local", http={"ingress": {"mode": "proxy"}}))
+    assert env == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert mode_in_effect(env) == "proxy"
+    assert mode_in_effect({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) == "direct"
+
+
+def test_a_variable_already_set_wins():
+    environ = {"RAY_SERVE_HAPROXY_STATS_PORT": "18404"}
+    effective = apply_cluster_env(load_settings("local", http={"ingress": {"stats_port": 9999}}), environ)
+    assert effective["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    assert environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+def test_an_unknown_mode_is_refused():
+    import pytest
+
+    from app.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mode"):
+        load_settings("local", http={"ingress": {"mode": "nginx"}})
