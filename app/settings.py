@@ -144,6 +144,12 @@ class ServingSettings(_Section):
         False, description="Write a Serve access-log line per ModelServer call too (the Gateway logs every "
         "request already)."
     )
+    inline_onnx: bool = Field(
+        True, description="Gateway replicas run ONNX models on CPU in their own process (with the ModelServer's "
+        "code: LRU of serving.max_models_per_replica models, batching, thread pools) instead of calling a "
+        "ModelServer replica: a Serve handle call costs more CPU than the whole prediction. An endpoint chooses "
+        "otherwise with config.placement; other runtimes and GPU endpoints always use the ModelServer pools.",
+    )
     handle_grpc: bool = Field(
         True, description="Gateway -> ModelServer calls over Serve's direct gRPC channel rather than a Ray actor "
         "task per call (faster for small payloads)."

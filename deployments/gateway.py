@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 import ray
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -39,21 +39,37 @@ class _ServePredictor:
 
     def __init__(
         self, handle: DeploymentHandle, gpu_handle: DeploymentHandle | None = None, grpc: bool = True,
-        *, timeout_s: float = 30.0, retries: int = 2,
+        *, timeout_s: float = 30.0, retries: int = 2, inline=None,
     ):
+        """``inline``: a :class:`deployments.model_host.ModelHost` of this replica, which serves
+        the endpoints placed in the Gateway (``serves_in_gateway``); None = every call goes
+        to a ModelServer replica."""
         # _by_reference=False: Serve's direct gRPC channel to the replica instead of a Ray
         # actor task per call (payloads and results are small JSON-like values).
         self.handle = handle.options(_by_reference=False) if grpc else handle
         self.gpu_handle = (gpu_handle.options(_by_reference=False) if grpc else gpu_handle) if gpu_handle else None
         self.timeout_s = timeout_s
         self.retries = retries
+        self.inline = inline
+        self._calls: LRUCache = LRUCache(maxsize=_RESOLVE_CACHE_SIZE)  # (pool, model id) -> bound handle method
 
     async def predict(
         self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
     ) -> dict[str, Any]:
+        from app.serving.endpoint_config import serves_in_gateway
+
         model_id = model_id_for(model, runtime, config)
-        handle = self.gpu_handle if (config or {}).get("device") == "gpu" and self.gpu_handle else self.handle
-        call = handle.options(multiplexed_model_id=model_id).predict
+        if self.inline is not None and serves_in_gateway(runtime, config, True):
+            try:
+                async with asyncio.timeout(self.timeout_s):  # no task per request, unlike wait_for
+                    return await self.inline.predict_model(model_id, payload, config)
+            except TimeoutError:
+                raise self._timeout(model_id) from None
+        gpu = (config or {}).get("device") == "gpu" and self.gpu_handle is not None
+        call = self._calls.get((gpu, model_id))
+        if call is None:  # handle options are built once per model, not per request
+            handle = self.gpu_handle if gpu else self.handle
+            call = self._calls[(gpu, model_id)] = handle.options(multiplexed_model_id=model_id).predict
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.retries + 1),
             wait=wait_exponential(multiplier=0.25, max=2.0),
@@ -69,15 +85,18 @@ class _ServePredictor:
         try:
             out = await asyncio.wait_for(attempts(), self.timeout_s)
         except TimeoutError:
-            raise RequestTimeout(
-                f"model {model_id} did not answer within {self.timeout_s:g} s (serving.predict_timeout_s)",
-                details={"timeout_s": self.timeout_s},
-            ) from None
+            raise self._timeout(model_id) from None
         except _ReplicaGone as exc:
             raise DependencyUnavailable(f"model server unavailable: {exc}", retry_after_s=2) from None
         if isinstance(out, MatihError):  # the caller's error, handed back as a value (see ModelServer.predict)
             raise out
         return out
+
+    def _timeout(self, model_id: str) -> RequestTimeout:
+        return RequestTimeout(
+            f"model {model_id} did not answer within {self.timeout_s:g} s (serving.predict_timeout_s)",
+            details={"timeout_s": self.timeout_s},
+        )
 
     @staticmethod
     async def _call(call, payload: dict[str, Any], config: dict | None) -> Any:
@@ -272,6 +291,8 @@ class Gateway:
         from app.store import MetadataStore
 
         from actors.registry_cache import get_registry_cache
+        from deployments.model_host import ModelHost
+        from deployments.model_server import registry_cache_loader
 
         settings = Settings.from_shared(settings_kwargs)
         store = MetadataStore.from_settings(settings)
@@ -295,6 +316,8 @@ class Gateway:
             predictor=_ServePredictor(
                 model_server, gpu_pool, grpc=settings.serving.handle_grpc,
                 timeout_s=settings.serving.predict_timeout_s, retries=settings.serving.replica_retries,
+                inline=ModelHost(settings, registry_cache_loader(settings, cache)) if settings.serving.inline_onnx
+                else None,
             ),
             gpu_pool=gpu_pool is not None,
             jobs=scheduler,

@@ -35,6 +35,13 @@ class EndpointOptions(BaseModel):
     max_rows: int | None = Field(
         None, gt=0, description="Most rows in one request to this endpoint. Default: serving.max_batch_rows."
     )
+    placement: Literal["gateway", "model_server"] | None = Field(
+        None, description="Where the model runs. gateway: in the process of the Gateway replica that took the "
+        "request (no hop to another replica: the fastest path; ONNX on CPU only, since an ONNX graph is data for "
+        "ONNX Runtime while other formats run code, and the Gateway holds the platform's credentials). "
+        "model_server: a ModelServer replica (Serve's multiplexing across replicas, their own CPUs and queue). "
+        "Default: gateway for ONNX on CPU when serving.inline_onnx is on, else model_server.",
+    )
 
 
 ENDPOINT_KEYS = frozenset(EndpointOptions.model_fields)
@@ -65,8 +72,23 @@ def parse_endpoint_config(runtime: str, config: dict[str, Any] | None) -> Endpoi
         options = EndpointOptions.model_validate({k: v for k, v in config.items() if k in ENDPOINT_KEYS})
     except ValidationError as exc:
         raise config_error(exc, "every endpoint", EndpointOptions) from None
+    if options.placement == "gateway" and (runtime != "onnx" or options.device != "cpu"):
+        raise InvalidInput(
+            f"config.placement 'gateway' serves ONNX models on CPU only (this endpoint: runtime {runtime!r}, device "
+            f"{options.device!r}); omit placement or use 'model_server'",
+            details={"field": "config.placement"},
+        )
     rest = {k: v for k, v in config.items() if k not in ENDPOINT_KEYS}
     return EndpointConfig(options, parse_config(cls, rest, also=ENDPOINT_KEYS))
+
+
+def serves_in_gateway(runtime: str, config: dict[str, Any] | None, inline_onnx: bool) -> bool:
+    """Whether the Gateway runs this endpoint's model itself (see EndpointOptions.placement);
+    ``config`` has been checked when the endpoint was stored."""
+    placement = (config or {}).get("placement")
+    if placement is not None:
+        return placement == "gateway"
+    return inline_onnx and runtime == "onnx" and (config or {}).get("device", "cpu") == "cpu"
 
 
 def check_endpoint_config(runtime: str, config: dict[str, Any] | None, settings: Settings) -> EndpointConfig:

@@ -149,3 +149,18 @@ def iris(platform) -> dict:
         r = c.post("/v1/endpoints", json={"name": "iris", "target": "iris@champion"})
         assert r.status_code == 201, r.text
     return job
+
+
+IRIS_MS = "iris-ms"
+
+
+@pytest.fixture(scope="session")
+def iris_ms(platform, iris) -> str:
+    """Endpoint 'iris-ms': the iris champion served by the ModelServer deployment
+    (config.placement model_server) rather than in the Gateway's process, for the tests of
+    what happens between the Gateway and ModelServer replicas."""
+    with platform.client() as c:
+        r = c.post("/v1/endpoints", json={"name": IRIS_MS, "target": "iris@champion",
+                                          "config": {"placement": "model_server"}})
+        assert r.status_code == 201, r.text
+    return IRIS_MS

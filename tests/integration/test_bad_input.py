@@ -90,7 +90,7 @@ def test_bad_training_specs_and_targets(platform, iris):
         _still_serves(c)
 
 
-def test_a_bad_payload_is_not_logged_as_a_model_server_failure(platform, iris):
+def test_a_bad_payload_is_not_logged_as_a_model_server_failure(platform, iris_ms):
     """The ModelServer hands a caller's error back as a value: the client gets its 422 and the
     replica's log has no failure (no traceback, no error message) for it."""
     import glob
@@ -102,7 +102,7 @@ def test_a_bad_payload_is_not_logged_as_a_model_server_failure(platform, iris):
     marker = f"not_a_feature_{uuid.uuid4().hex[:8]}"
     row = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2, marker: 1.0}
     with platform.client() as c:
-        r = c.post("/v1/endpoints/iris/predict", json={"instances": [row]})
+        r = c.post(f"/v1/endpoints/{iris_ms}/predict", json={"instances": [row]})
         _assert_error(r, 422, "invalid_input")
         assert marker in r.json()["error"]  # the message names the unknown field
         _still_serves(c)

@@ -94,7 +94,8 @@ def slow_endpoint(platform, iris):
     with platform.client() as c:
         r = c.post(f"/v1/models/{SLOW}/versions", files={"file": ("slow.onnx", model)}, data={"format": "onnx"})
         assert r.status_code == 201, r.text
-        r = c.post("/v1/endpoints", json={"name": SLOW, "target": f"{SLOW}/{r.json()['version']}"})
+        r = c.post("/v1/endpoints", json={"name": SLOW, "target": f"{SLOW}/{r.json()['version']}",
+                                          "config": {"placement": "model_server"}})  # the ModelServer's queue
         assert r.status_code == 201, r.text
         r = c.post(f"/v1/endpoints/{SLOW}/predict", json={"instances": [[0, 0, 0, 0]]})
         assert r.status_code == 200 and r.json()["predictions"] == [0.0], r.text
@@ -112,16 +113,16 @@ def _replicas(deployment: str) -> list:
     ]
 
 
-def _healthy(platform) -> None:
+def _healthy(platform, endpoint: str = "iris") -> None:
     with platform.client() as c:
-        r = c.post("/v1/endpoints/iris/predict", json={"instances": [SETOSA]})
+        r = c.post(f"/v1/endpoints/{endpoint}/predict", json={"instances": [SETOSA]})
         assert r.status_code == 200, r.text
 
 
-def test_a_killed_model_server_replica_fails_at_most_the_requests_in_flight_and_comes_back(platform, iris):
+def test_a_killed_model_server_replica_fails_at_most_the_requests_in_flight_and_comes_back(platform, iris_ms):
     import ray
 
-    _healthy(platform)
+    _healthy(platform, iris_ms)
     before = _replicas("ModelServer")
     assert before, "no ModelServer replica is alive"
     lock = threading.Lock()
@@ -137,7 +138,7 @@ def test_a_killed_model_server_replica_fails_at_most_the_requests_in_flight_and_
                     in_flight += 1
                 started = time.monotonic()
                 try:
-                    status = c.post("/v1/endpoints/iris/predict", json={"instances": [SETOSA]}).status_code
+                    status = c.post(f"/v1/endpoints/{iris_ms}/predict", json={"instances": [SETOSA]}).status_code
                 except httpx.HTTPError:
                     status = 0
                 with lock:
@@ -181,7 +182,7 @@ def test_a_killed_model_server_replica_fails_at_most_the_requests_in_flight_and_
     assert len(failed) <= in_flight_at_kill, failed
     assert after_back and all(r[2] == 200 for r in after_back)
     assert all(r[2] == 200 for r in records if r[0] < killed_at and r[1] < killed_at)
-    _healthy(platform)
+    _healthy(platform, iris_ms)
 
 
 def test_overload_gets_429_or_503_with_retry_after_never_500_and_serving_resumes(platform, slow_endpoint):

@@ -240,3 +240,21 @@ def test_endpoint_creation_refuses_a_host_that_is_not_allowed(api):
     assert r.json()["details"] == {"field": "config.url", "setting": "runtimes.triton.allowed_hosts"}
     assert "config.url" in r.json()["error"] and "runtimes.triton.allowed_hosts" in r.json()["error"]
     assert client.get("/v1/endpoints/remote").status_code == 404
+
+
+def test_placement_defaults_onnx_on_cpu_to_the_gateway_and_refuses_it_for_code_running_runtimes():
+    from app.serving.endpoint_config import parse_endpoint_config, serves_in_gateway
+
+    assert serves_in_gateway("onnx", None, inline_onnx=True)
+    assert not serves_in_gateway("onnx", None, inline_onnx=False)
+    assert not serves_in_gateway("onnx", {"device": "gpu"}, inline_onnx=True)
+    assert not serves_in_gateway("native", None, inline_onnx=True)
+    assert not serves_in_gateway("onnx", {"placement": "model_server"}, inline_onnx=True)
+    assert serves_in_gateway("onnx", {"placement": "gateway"}, inline_onnx=False)
+    assert parse_endpoint_config("onnx", {"placement": "gateway"}).options.placement == "gateway"
+    for runtime, config in (("native", {"placement": "gateway"}), ("onnx", {"placement": "gateway", "device": "gpu"})):
+        with pytest.raises(InvalidInput) as err:
+            parse_endpoint_config(runtime, config)
+        assert err.value.details["field"] == "config.placement"
+    with pytest.raises(InvalidInput):
+        parse_endpoint_config("onnx", {"placement": "sidecar"})
