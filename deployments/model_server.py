@@ -56,7 +56,10 @@ class ModelServer(ModelHost):
         # Serve's multiplexing owns this replica's LRU (it tells the router which models each
         # replica holds); wired at init time so its size comes from settings.
         lru = serve.multiplexed(max_num_models_per_replica=settings.serving.max_models_per_replica)
-        super().__init__(settings, registry_cache_loader(settings, cache), get_model=lru(self.load))
+        async def load(model_id: str):  # a function: Serve marks it, which a bound method refuses
+            return await self.load(model_id)
+
+        super().__init__(settings, registry_cache_loader(settings, cache), get_model=lru(load))
 
     async def predict(self, payload: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
         """The prediction for ``payload`` with the request's multiplexed model; or, when the
