@@ -621,7 +621,7 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]]) -> None:
           + "  ".join(f"{k} {pooled_cpu_ms(results[k]):.2f}" for k in TARGETS))
 
 
-def print_markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+def markdown_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = ["| target | c=1 p50 ms | c=1 p99 ms | c=1 req/s | c=8 p50 ms | c=8 p99 ms | c=8 req/s | c=32 p50 ms "
              "| c=32 p99 ms | c=32 req/s | CPU ms / request (c=1 / 8 / 32; pooled) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         if disturbed:
             print(f"WARNING: other processes used over {BUSY_PCT:g}% of the CPUs while measuring: the machine was "
                   "busy with other work, the numbers are disturbed; run again when it is quiet")
-        print("\n" + print_markdown(results))
+        print("\n" + markdown_table(results))
         total = time.perf_counter() - started
         print(f"\ntotal run time {total:.0f}s", flush=True)
         if args.json:
