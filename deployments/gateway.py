@@ -1,5 +1,7 @@
 """Gateway: the FastAPI ingress. It builds an ApiContext whose services are Ray-backed
-(the ModelServer handle, the JobScheduler actor) and serves ``app.api.app.create_app``."""
+(the ModelServer handle, the JobScheduler actor) and serves ``app.api.app.create_app`` over
+HTTP, and the Open Inference Protocol's gRPC service (``app.api.v2_grpc``) over Serve's gRPC
+ingress: Serve calls the Gateway method named like the RPC."""
 
 from __future__ import annotations
 
@@ -308,6 +310,30 @@ class Gateway:
                 settings_kwargs, settings.registry.convert_num_cpus, settings.registry.convert_timeout_s
             ),
         )
+
+        from app.api.v2_grpc import InferenceService
+
+        self._grpc = InferenceService(self.ctx)
+
+    # -- inference.GRPCInferenceService (grpc_options in serve_config.yaml): Serve's gRPC proxy
+    # calls these by the RPC's name, passing its RayServegRPCContext as ``grpc_context``.
+    async def ServerLive(self, request, grpc_context=None):
+        return await self._grpc.ServerLive(request, grpc_context)
+
+    async def ServerReady(self, request, grpc_context=None):
+        return await self._grpc.ServerReady(request, grpc_context)
+
+    async def ServerMetadata(self, request, grpc_context=None):
+        return await self._grpc.ServerMetadata(request, grpc_context)
+
+    async def ModelMetadata(self, request, grpc_context=None):
+        return await self._grpc.ModelMetadata(request, grpc_context)
+
+    async def ModelReady(self, request, grpc_context=None):
+        return await self._grpc.ModelReady(request, grpc_context)
+
+    async def ModelInfer(self, request, grpc_context=None):
+        return await self._grpc.ModelInfer(request, grpc_context)
 
     def __serve_build_asgi_app__(self):
         from app.api.app import create_app
