@@ -30,7 +30,7 @@ from app.api.app import ApiContext
 from app.api.deadline import deadline_s
 from app.api.errors import grpc_status
 from app.auth import Role
-from app.errors import MatihError, NotFound, RequestTimeout
+from app.errors import MatihError, NotFound, PayloadTooLarge, RequestTimeout
 from app.names import parse_version
 from app.serving import v2_proto
 
@@ -136,6 +136,13 @@ class InferenceService:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any = None) -> pb.ModelInferResponse:
         async def work(metadata: dict[str, str]) -> pb.ModelInferResponse:
             await self._authorize(metadata, Role.predictor)
+            limit = self.ctx.settings.http.max_body_bytes  # Serve's gRPC proxy takes messages up to 2 GiB
+            size = request.ByteSize()
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"the request message has {size} bytes; at most {limit} (the setting http.max_body_bytes)",
+                    details={"limit": limit},
+                )
             version = _version(request.model_version)
             req = v2_proto.decode_infer_request(request)
             done = await v2.infer(self.ctx, request.model_name, version, req)
