@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 from app.api import v2
 from app.api.app import ApiContext
@@ -48,8 +49,9 @@ def _metadata(context: Any) -> dict[str, str]:
     return {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
 
 
-class InferenceService:
-    """The GRPCInferenceService methods on an :class:`ApiContext`. ``context`` is the call's
+class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The GRPCInferenceService methods on an :class:`ApiContext` (the generated base class
+    answers UNIMPLEMENTED for the others). ``context`` is the call's
     ``grpc.ServicerContext`` or Serve's ``RayServegRPCContext`` (None: no metadata, no status
     to set, as in a unit test). A failed call sets the status code and details on it and
     answers the RPC's empty response message."""

@@ -1,0 +1,99 @@
+"""The gRPC inference service (app/api/v2_grpc.py) on a real grpc.aio server in this process,
+with the platform's in-process services (no Ray), spoken to by tritonclient.grpc: auth from
+metadata, errors as status codes. Inference on a served model: tests/integration/test_grpc.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.support import in_process_context
+
+from app.api.v2_grpc import METHODS, InferenceService
+from app.bootstrap import prepare
+from app.settings import load_settings
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    settings = load_settings("local", matih_home=str(home), http={"max_body_bytes": 4096})
+    prepared = prepare(settings)
+    ctx = in_process_context(settings, prepared.admin_token, jobs=None)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict = {}
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(ctx), server)
+        holder["port"] = server.add_insecure_port("127.0.0.1:0")
+        holder["server"] = server
+        await server.start()
+        started.set()
+        await server.wait_for_termination()
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
+    thread.start()
+    assert started.wait(30)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{holder['port']}")
+    yield client, {"authorization": f"Bearer {prepared.admin_token}"}
+    client.close()
+    asyncio.run_coroutine_threadsafe(holder["server"].stop(None), loop).result(30)
+    thread.join(30)
+    ctx.store.dispose()
+
+
+def _fails(call, *args, **kwargs) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as err:
+        call(*args, **kwargs)
+    return err.value
+
+
+def test_the_service_has_every_method_the_gateway_exposes():
+    from deployments.gateway import Gateway
+
+    for name in METHODS:
+        assert callable(getattr(InferenceService, name)) and callable(getattr(Gateway.func_or_class, name))
+
+
+def test_health_needs_no_token_and_metadata_does(served):
+    client, auth = served
+    assert client.is_server_live() and client.is_server_ready()
+    err = _fails(client.get_server_metadata)
+    assert err.status() == "StatusCode.UNAUTHENTICATED" and "missing bearer token" in err.message()
+    err = _fails(client.get_server_metadata, headers={"authorization": "Basic abc"})
+    assert err.status() == "StatusCode.UNAUTHENTICATED"
+    assert client.get_server_metadata(headers=auth).name == "matih-ml"
+
+
+def test_unknown_models_are_not_found_and_not_ready(served):
+    client, auth = served
+    assert not client.is_model_ready("no-such-model", headers=auth)
+    err = _fails(client.get_model_metadata, "no-such-model", headers=auth)
+    assert err.status() == "StatusCode.NOT_FOUND" and err.message().startswith("not_found: model 'no-such-model'")
+    inp = grpcclient.InferInput("X", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    assert _fails(client.infer, "no-such-model", [inp], headers=auth).status() == "StatusCode.NOT_FOUND"
+    err = _fails(client.infer, "iris", [inp], model_version="03", headers=auth)
+    assert err.status() == "StatusCode.INVALID_ARGUMENT" and "not a model version" in err.message()
+
+
+def test_bad_and_oversized_requests(served):
+    client, auth = served
+    bad = grpcclient.InferInput("X", [1, 3], "FP32")
+    bad.set_data_from_numpy(np.ones((1, 3), np.float32))
+    bad.set_shape([1, 4])  # 12 bytes for a [1, 4] FP32 tensor
+    err = _fails(client.infer, "iris", [bad], headers=auth)
+    assert err.status() == "StatusCode.INVALID_ARGUMENT" and "needs 16" in err.message()
+    big = grpcclient.InferInput("X", [300, 4], "FP32")
+    big.set_data_from_numpy(np.ones((300, 4), np.float32))  # 4800 bytes > http.max_body_bytes 4096
+    err = _fails(client.infer, "iris", [big], headers=auth)
+    assert err.status() == "StatusCode.RESOURCE_EXHAUSTED" and "http.max_body_bytes" in err.message()
