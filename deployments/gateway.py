@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from app.api.v2_grpc import UNARY_RPCS
 from app.errors import DependencyUnavailable, MatihError, ModelError, Overloaded, RequestTimeout
 from app.registry.targets import model_name_of
 from app.serving.loader import model_id_for
@@ -255,9 +256,27 @@ def _pinger(actor, timeout_s: float):
     return ping
 
 
+class _GrpcMethods:
+    """inference.GRPCInferenceService on the ingress (grpc_options in serve_config.yaml):
+    Serve's gRPC proxy calls the ingress method named like the RPC, with its
+    RayServegRPCContext as ``grpc_context``; each hands the call to ``self._grpc``."""
+
+
+def _forward(name: str):
+    async def method(self, request, grpc_context=None):
+        return await getattr(self._grpc, name)(request, grpc_context)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+for _name in UNARY_RPCS:
+    setattr(_GrpcMethods, _name, _forward(_name))
+
+
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress()
-class Gateway:
+class Gateway(_GrpcMethods):
     def __init__(
         self,
         settings_kwargs: dict[str, Any],
@@ -314,26 +333,6 @@ class Gateway:
         from app.api.v2_grpc import InferenceService
 
         self._grpc = InferenceService(self.ctx)
-
-    # -- inference.GRPCInferenceService (grpc_options in serve_config.yaml): Serve's gRPC proxy
-    # calls these by the RPC's name, passing its RayServegRPCContext as ``grpc_context``.
-    async def ServerLive(self, request, grpc_context=None):
-        return await self._grpc.ServerLive(request, grpc_context)
-
-    async def ServerReady(self, request, grpc_context=None):
-        return await self._grpc.ServerReady(request, grpc_context)
-
-    async def ServerMetadata(self, request, grpc_context=None):
-        return await self._grpc.ServerMetadata(request, grpc_context)
-
-    async def ModelMetadata(self, request, grpc_context=None):
-        return await self._grpc.ModelMetadata(request, grpc_context)
-
-    async def ModelReady(self, request, grpc_context=None):
-        return await self._grpc.ModelReady(request, grpc_context)
-
-    async def ModelInfer(self, request, grpc_context=None):
-        return await self._grpc.ModelInfer(request, grpc_context)
 
     def __serve_build_asgi_app__(self):
         from app.api.app import create_app

@@ -11,8 +11,9 @@ metadata key; errors are gRPC status codes from ``app.api.errors.GRPC_STATUS_BY_
 the error's message as the details.
 
 Implemented: ServerLive, ServerReady (no token needed, as over REST), ServerMetadata,
-ModelMetadata, ModelReady (viewer) and ModelInfer (predictor). The other RPCs of the service
-(model repository, shared memory, statistics, streaming) are not served.
+ModelMetadata, ModelReady (viewer) and ModelInfer (predictor). The other unary RPCs of the
+service (model config and repository, shared memory, statistics, settings) answer
+UNIMPLEMENTED; the streaming ModelStreamInfer is not routed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 SERVICER_FUNCTION = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
 # The RPCs served, each a method of the same name here and on the Gateway.
 METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelMetadata", "ModelReady", "ModelInfer")
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# The service's other unary RPCs: methods here and on the Gateway too, answering UNIMPLEMENTED
+# (without one, Serve answers a call to a method the ingress lacks with INTERNAL).
+UNIMPLEMENTED = tuple(
+    m.name for m in _SERVICE.methods if m.name not in METHODS and not (m.client_streaming or m.server_streaming)
+)
+UNARY_RPCS = METHODS + UNIMPLEMENTED
 
 
 def _metadata(context: Any) -> dict[str, str]:
@@ -160,3 +168,21 @@ def _version(version: str) -> str | None:
         return None
     parse_version(version)
     return version
+
+
+def _unimplemented(name: str, response: type) -> Callable[..., Awaitable[Any]]:
+    async def method(self: InferenceService, request: Any, context: Any = None) -> Any:
+        if context is not None:
+            context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+            context.set_details(f"unimplemented: {name} is not served here; the served RPCs are {', '.join(METHODS)}")
+        return response()
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+# The generated base class's own versions raise NotImplementedError, which Serve logs as a
+# replica failure with a traceback: these answer the status alone.
+for _m in _SERVICE.methods:
+    if _m.name in UNIMPLEMENTED:
+        setattr(InferenceService, _m.name, _unimplemented(_m.name, getattr(pb, _m.output_type.name)))

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.support import in_process_context
 
-from app.api.v2_grpc import METHODS, InferenceService
+from app.api.v2_grpc import METHODS, UNARY_RPCS, UNIMPLEMENTED, InferenceService
 from app.bootstrap import prepare
 from app.settings import load_settings
 
@@ -46,7 +46,7 @@ def served(tmp_path_factory):
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{holder['port']}")
     yield client, {"authorization": f"Bearer {prepared.admin_token}"}
     client.close()
-    asyncio.run_coroutine_threadsafe(holder["server"].stop(None), loop).result(30)
+    asyncio.run_coroutine_threadsafe(holder["server"].stop(0), loop).result(30)
     thread.join(30)
     ctx.store.dispose()
 
@@ -57,11 +57,21 @@ def _fails(call, *args, **kwargs) -> InferenceServerException:
     return err.value
 
 
-def test_the_service_has_every_method_the_gateway_exposes():
+def test_the_gateway_has_a_method_per_unary_rpc():
+    import inspect
+
     from deployments.gateway import Gateway
 
-    for name in METHODS:
-        assert callable(getattr(InferenceService, name)) and callable(getattr(Gateway.func_or_class, name))
+    assert "ModelConfig" in UNIMPLEMENTED and "ModelStreamInfer" not in UNARY_RPCS
+    for name in UNARY_RPCS:
+        method = getattr(Gateway.func_or_class, name)
+        assert method.__name__ == name and "grpc_context" in inspect.signature(method).parameters  # what Serve passes
+
+
+def test_other_rpcs_are_unimplemented(served):
+    client, auth = served
+    err = _fails(client.get_model_config, "iris", headers=auth)
+    assert err.status() == "StatusCode.UNIMPLEMENTED" and "ModelInfer" in err.message()
 
 
 def test_health_needs_no_token_and_metadata_does(served):
