@@ -39,15 +39,12 @@ from app.serving import v2_proto
 log = logging.getLogger(__name__)
 
 # The servicer function Serve's gRPC proxy registers (grpc_options.grpc_servicer_functions).
-SERVICER_FUNCTION = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+SERVICER_FUNCTION = "app.serving.v2_proto.add_servicer_to_server"
 # The RPCs served, each a method of the same name here and on the Gateway.
 METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelMetadata", "ModelReady", "ModelInfer")
-_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # The service's other unary RPCs: methods here and on the Gateway too, answering UNIMPLEMENTED
 # (without one, Serve answers a call to a method the ingress lacks with INTERNAL).
-UNIMPLEMENTED = tuple(
-    m.name for m in _SERVICE.methods if m.name not in METHODS and not (m.client_streaming or m.server_streaming)
-)
+UNIMPLEMENTED = tuple(m for m in v2_proto.UNARY_METHODS if m not in METHODS)
 UNARY_RPCS = METHODS + UNIMPLEMENTED
 
 
@@ -95,10 +92,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         principal.require(role)
 
     # -- the RPCs ------------------------------------------------------------------------------
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any = None) -> pb.ServerLiveResponse:
+    # Each RPC takes its request message or, as Serve hands it on, the message's bytes.
+    async def ServerLive(self, request: Any, context: Any = None) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any = None) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: Any, context: Any = None) -> pb.ServerReadyResponse:
         """``ready: false`` (status OK) while a dependency of serving is down, as Triton answers;
         the reasons are in the Gateway's log and in ``GET /ready``."""
 
@@ -112,52 +110,53 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await self._call(context, pb.ServerReadyResponse, work)
 
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: Any = None
-    ) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: Any, context: Any = None) -> pb.ServerMetadataResponse:
         async def work(metadata: dict[str, str]) -> pb.ServerMetadataResponse:
             await self._authorize(metadata, Role.viewer)
             return v2_proto.server_metadata_response(v2.server_metadata())
 
         return await self._call(context, pb.ServerMetadataResponse, work)
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any = None) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: Any, context: Any = None) -> pb.ModelMetadataResponse:
         async def work(metadata: dict[str, str]) -> pb.ModelMetadataResponse:
             await self._authorize(metadata, Role.viewer)
-            meta = await v2.model_metadata(self.ctx, request.name, _version(request.version))
+            msg = v2_proto.parse(request, pb.ModelMetadataRequest)
+            meta = await v2.model_metadata(self.ctx, msg.name, _version(msg.version))
             return v2_proto.model_metadata_response(meta)
 
         return await self._call(context, pb.ModelMetadataResponse, work)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any = None) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: Any, context: Any = None) -> pb.ModelReadyResponse:
         """``ready: false`` for a name that resolves to no servable version (REST answers 404,
         which tritonclient.http reads as not ready); other errors are statuses."""
 
         async def work(metadata: dict[str, str]) -> pb.ModelReadyResponse:
             await self._authorize(metadata, Role.viewer)
+            msg = v2_proto.parse(request, pb.ModelReadyRequest)
             try:
-                await v2.model_ready(self.ctx, request.name, _version(request.version))
+                await v2.model_ready(self.ctx, msg.name, _version(msg.version))
             except NotFound:
                 return pb.ModelReadyResponse(ready=False)
             return pb.ModelReadyResponse(ready=True)
 
         return await self._call(context, pb.ModelReadyResponse, work)
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any = None) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: Any, context: Any = None) -> pb.ModelInferResponse:
         async def work(metadata: dict[str, str]) -> pb.ModelInferResponse:
             await self._authorize(metadata, Role.predictor)
             limit = self.ctx.settings.http.max_body_bytes  # Serve's gRPC proxy takes messages up to 2 GiB
-            size = request.ByteSize()
+            size = len(request) if isinstance(request, (bytes, bytearray)) else request.ByteSize()
             if size > limit:
                 raise PayloadTooLarge(
                     f"the request message has {size} bytes; at most {limit} (the setting http.max_body_bytes)",
                     details={"limit": limit},
                 )
-            version = _version(request.model_version)
-            req = v2_proto.decode_infer_request(request)
-            done = await v2.infer(self.ctx, request.model_name, version, req)
+            msg = v2_proto.parse(request, pb.ModelInferRequest)
+            version = _version(msg.model_version)
+            req = v2_proto.decode_infer_request(msg)
+            done = await v2.infer(self.ctx, msg.model_name, version, req)
             request_id = req.id if req.id is not None else metadata.get("x-request-id") or uuid.uuid4().hex
-            return v2_proto.encode_infer_response(request.model_name, done.model_version, request_id, done.outputs)
+            return v2_proto.encode_infer_response(msg.model_name, done.model_version, request_id, done.outputs)
 
         return await self._call(context, pb.ModelInferResponse, work)
 
@@ -183,6 +182,6 @@ def _unimplemented(name: str, response: type) -> Callable[..., Awaitable[Any]]:
 
 # The generated base class's own versions raise NotImplementedError, which Serve logs as a
 # replica failure with a traceback: these answer the status alone.
-for _m in _SERVICE.methods:
+for _m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
     if _m.name in UNIMPLEMENTED:
         setattr(InferenceService, _m.name, _unimplemented(_m.name, getattr(pb, _m.output_type.name)))

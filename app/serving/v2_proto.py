@@ -5,6 +5,14 @@ requests go through one decoder and one inference path (``app/api/v2.py``).
 The message classes are tritonclient's generated ``tritonclient.grpc.service_pb2``: the proto
 is KServe's, and tritonclient ships it compiled. Plain Python, unit-testable without a server.
 
+:func:`add_servicer_to_server` is the servicer function Serve's gRPC proxy registers
+(``grpc_options.grpc_servicer_functions``) in place of tritonclient's generated
+``add_GRPCInferenceServiceServicer_to_server``: it registers the same service and methods, but
+hands each request on as the bytes that came over the wire. Serve pickles the request from
+its proxy to the ingress replica, and tritonclient's message classes cannot be pickled (they
+are built under the module name ``grpc_service_pb2``, which does not exist); bytes can, and
+the replica parses each request once (:func:`parse`).
+
 An input's values come either as ``raw_input_contents`` (one little-endian byte string per
 input, in input order, what tritonclient sends) or in the typed ``contents`` fields; both
 become the V2 dict form and go through :func:`v2_codec.decode_document`. Outputs always go
@@ -13,13 +21,50 @@ back as ``raw_output_contents``, as Triton answers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from app.errors import BadRequest
 from app.serving import v2_codec
+
+SERVICE = "inference.GRPCInferenceService"
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# Only the unary RPCs are registered: gRPC itself answers the streaming ModelStreamInfer UNIMPLEMENTED.
+UNARY_METHODS: tuple[str, ...] = tuple(
+    m.name for m in _SERVICE.methods if not (m.client_streaming or m.server_streaming)
+)
+
+M = TypeVar("M")
+
+
+def add_servicer_to_server(servicer: Any, server: grpc.Server) -> None:
+    """Register ``servicer``'s unary GRPCInferenceService methods on ``server``; each receives
+    the request as bytes (see the module docstring) and returns the response message."""
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=None,  # the bytes as they came
+            response_serializer=getattr(pb, _SERVICE.methods_by_name[name].output_type.name).SerializeToString,
+        )
+        for name in UNARY_METHODS
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.62
+        server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def parse(request: bytes | M, message: type[M]) -> M:
+    """The request message of ``message``'s type, from its bytes (or as it is, already parsed)."""
+    if isinstance(request, (bytes, bytearray, memoryview)):
+        try:
+            return message.FromString(bytes(request))  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError, whichever implementation raises it
+            raise BadRequest(f"the request is not a valid {message.__name__} message", details={"field": "body"}) from None
+    return request
+
 
 # The typed field of InferTensorContents that holds each datatype (KServe's predict_v2.proto).
 _CONTENTS_FIELD = {

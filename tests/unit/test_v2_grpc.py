@@ -5,19 +5,21 @@ metadata, errors as status codes. Inference on a served model: tests/integration
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.support import in_process_context
 
 from app.api.v2_grpc import METHODS, UNARY_RPCS, UNIMPLEMENTED, InferenceService
 from app.bootstrap import prepare
+from app.serving.v2_proto import add_servicer_to_server
 from app.settings import load_settings
 
 
@@ -33,7 +35,7 @@ def served(tmp_path_factory):
 
     async def serve() -> None:
         server = grpc.aio.server()
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(ctx), server)
+        add_servicer_to_server(InferenceService(ctx), server)  # as Serve's proxy registers it: requests as bytes
         holder["port"] = server.add_insecure_port("127.0.0.1:0")
         holder["server"] = server
         await server.start()
@@ -46,8 +48,10 @@ def served(tmp_path_factory):
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{holder['port']}")
     yield client, {"authorization": f"Bearer {prepared.admin_token}"}
     client.close()
-    asyncio.run_coroutine_threadsafe(holder["server"].stop(0), loop).result(30)
-    thread.join(30)
+    stopping = asyncio.run_coroutine_threadsafe(holder["server"].stop(0), loop)
+    with contextlib.suppress(concurrent.futures.TimeoutError):  # on a loaded machine; the thread is a daemon
+        stopping.result(30)
+        thread.join(30)
     ctx.store.dispose()
 
 
@@ -72,6 +76,25 @@ def test_other_rpcs_are_unimplemented(served):
     client, auth = served
     err = _fails(client.get_model_config, "iris", headers=auth)
     assert err.status() == "StatusCode.UNIMPLEMENTED" and "ModelInfer" in err.message()
+
+
+def test_requests_that_are_not_messages_are_invalid(served):
+    import grpc as grpc_lib
+
+    client, auth = served
+    channel = grpc_lib.insecure_channel(client._channel._channel.target().decode())
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    with pytest.raises(grpc_lib.RpcError) as err:
+        call(b"\xff\xff\xff", metadata=(("authorization", "Bearer x"),))
+    assert err.value.code() == grpc_lib.StatusCode.UNAUTHENTICATED  # the token is checked first
+    with pytest.raises(grpc_lib.RpcError) as err:
+        call(b"\xff\xff\xff", metadata=tuple(auth.items()))
+    assert err.value.code() == grpc_lib.StatusCode.INVALID_ARGUMENT and "not a valid ModelInferRequest" in err.value.details()
+    stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")  # not registered
+    with pytest.raises(grpc_lib.RpcError) as err:
+        list(stream(iter([b""]), metadata=tuple(auth.items()), timeout=10))
+    assert err.value.code() == grpc_lib.StatusCode.UNIMPLEMENTED
+    channel.close()
 
 
 def test_health_needs_no_token_and_metadata_does(served):
