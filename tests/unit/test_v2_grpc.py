@@ -46,6 +46,7 @@ def served(tmp_path_factory):
     thread.start()
     assert started.wait(30)
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{holder['port']}")
+    client.port = holder["port"]
     yield client, {"authorization": f"Bearer {prepared.admin_token}"}
     client.close()
     stopping = asyncio.run_coroutine_threadsafe(holder["server"].stop(0), loop)
@@ -130,3 +131,22 @@ def test_bad_and_oversized_requests(served):
     big.set_data_from_numpy(np.ones((300, 4), np.float32))  # 4800 bytes > http.max_body_bytes 4096
     err = _fails(client.infer, "iris", [big], headers=auth)
     assert err.status() == "StatusCode.RESOURCE_EXHAUSTED" and "http.max_body_bytes" in err.message()
+
+
+def test_the_triton_runtime_over_grpc_maps_remote_failures(served, tmp_path):
+    """The triton runtime with protocol grpc against this real gRPC server (no model is
+    registered here: serving one is tests/integration/test_grpc.py)."""
+    from app.errors import DependencyUnavailable, NotFound
+    from app.runtimes.triton import TritonModelRuntime
+
+    client, auth = served
+    settings = load_settings("local", matih_home=str(tmp_path), runtimes={"triton": {"allowed_hosts": ["127.0.0.1"]}})
+    config = {"url": f"127.0.0.1:{client.port}", "protocol": "grpc", "model_name": "no-such-model",
+              "headers": {"Authorization": auth["authorization"]}, "timeout_s": 10}
+    with pytest.raises(NotFound) as err:
+        TritonModelRuntime(config, settings).load(None, {})
+    assert "NOT_FOUND" in err.value.message and "config.model_name" in err.value.message
+    with pytest.raises(DependencyUnavailable, match="refused the credentials"):
+        TritonModelRuntime({**config, "headers": {"authorization": "Bearer wrong"}}, settings).load(None, {})
+    with pytest.raises(DependencyUnavailable, match="could not be reached"):
+        TritonModelRuntime({**config, "url": "127.0.0.1:9", "timeout_s": 2}, settings).load(None, {})
