@@ -87,14 +87,22 @@ def cmd_init(args) -> int:
 
 def serve_config_for(settings, config_path: str) -> dict[str, Any]:
     """``config_path`` (serve_config.yaml) with the HTTP host, port and request timeout of the
-    profile (Serve's ``request_timeout_s`` is the one the Gateway answers 504 just before)."""
+    profile (Serve's ``request_timeout_s`` is the one the Gateway answers 504 just before), and
+    the gRPC port and servicer of the Open Inference Protocol over gRPC."""
     import yaml
+
+    from app.api.v2_grpc import SERVICER_FUNCTION
 
     with open(config_path) as fh:
         config = yaml.safe_load(fh) or {}
     config.setdefault("http_options", {}).update(
         host=settings.http.host, port=settings.http_port, request_timeout_s=settings.http.request_timeout_s
     )
+    grpc_options = config.setdefault("grpc_options", {})
+    grpc_options.update(port=settings.grpc_port, request_timeout_s=settings.http.request_timeout_s)
+    servicers = grpc_options.setdefault("grpc_servicer_functions", [])
+    if SERVICER_FUNCTION not in servicers:
+        servicers.append(SERVICER_FUNCTION)
     return config
 
 
@@ -117,6 +125,7 @@ def cmd_up(args) -> int:
     env = apply_cluster_env(settings)  # Serve's ingress mode: read by every process of the cluster serve run starts
     print(f"ingress: {mode_in_effect()} (http.ingress.mode {settings.http.ingress.mode!r}; "
           f"{', '.join(f'{k}={v}' for k, v in env.items())})")
+    print(f"Open Inference Protocol over gRPC on port {settings.grpc_port} (grpc_port)")
     serve = shutil.which("serve") or os.path.join(os.path.dirname(sys.executable), "serve")
     argv = [serve, "run", str(path)]
     print("starting:", " ".join(argv), flush=True)

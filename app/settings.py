@@ -517,6 +517,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MATIH_HTTP_PORT", "http_port"),
         description="Port of the Serve HTTP proxy.",
     )
+    grpc_port: int = Field(
+        9000,
+        ge=1,
+        le=65535,
+        validation_alias=AliasChoices("MATIH_GRPC_PORT", "grpc_port"),
+        description="Port of Serve's gRPC proxy, which serves the Open Inference Protocol over gRPC "
+        "(inference.GRPCInferenceService); `matih-ml up` writes it into grpc_options.port of the serve config.",
+    )
 
     # Sections are set in the profile YAML (or as JSON in MATIH_<SECTION>, e.g. MATIH_JOBS).
     auth: AuthSettings = Field(default_factory=AuthSettings, validation_alias=AliasChoices("MATIH_AUTH", "auth"))

@@ -1,5 +1,7 @@
 """Gateway: the FastAPI ingress. It builds an ApiContext whose services are Ray-backed
-(the ModelServer handle, the JobScheduler actor) and serves ``app.api.app.create_app``."""
+(the ModelServer handle, the JobScheduler actor) and serves ``app.api.app.create_app`` over
+HTTP, and the Open Inference Protocol's gRPC service (``app.api.v2_grpc``) over Serve's gRPC
+ingress: Serve calls the Gateway method named like the RPC."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from app.api.v2_grpc import UNARY_RPCS
 from app.errors import DependencyUnavailable, MatihError, ModelError, Overloaded, RequestTimeout
 from app.registry.targets import model_name_of
 from app.serving.loader import model_id_for
@@ -272,9 +275,27 @@ def _pinger(actor, timeout_s: float):
     return ping
 
 
+class _GrpcMethods:
+    """inference.GRPCInferenceService on the ingress (grpc_options in serve_config.yaml):
+    Serve's gRPC proxy calls the ingress method named like the RPC, with its
+    RayServegRPCContext as ``grpc_context``; each hands the call to ``self._grpc``."""
+
+
+def _forward(name: str):
+    async def method(self, request, grpc_context=None):
+        return await getattr(self._grpc, name)(request, grpc_context)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+for _name in UNARY_RPCS:
+    setattr(_GrpcMethods, _name, _forward(_name))
+
+
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress()
-class Gateway:
+class Gateway(_GrpcMethods):
     def __init__(
         self,
         settings_kwargs: dict[str, Any],
@@ -331,6 +352,10 @@ class Gateway:
                 settings_kwargs, settings.registry.convert_num_cpus, settings.registry.convert_timeout_s
             ),
         )
+
+        from app.api.v2_grpc import InferenceService
+
+        self._grpc = InferenceService(self.ctx)
 
     def __serve_build_asgi_app__(self):
         from app.api.app import create_app

@@ -1,4 +1,4 @@
-"""The one table that maps the error hierarchy to HTTP, and the handlers that use it.
+"""The tables that map the error hierarchy to HTTP and to gRPC, and the handlers that use them.
 
 Every error body is ``{"error": "<message>", "code": "<machine code>"}`` (plus ``details``
 where there is more to say), for our own errors, FastAPI's validation errors, unknown routes
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -40,6 +41,28 @@ STATUS_BY_ERROR: list[tuple[type[E.MatihError], int]] = [
 ]
 
 
+# The same classes as gRPC status codes (the Open Inference Protocol over gRPC), by the
+# mapping of google.rpc.Code to HTTP; timeouts are DEADLINE_EXCEEDED on both sides of it.
+GRPC_STATUS_BY_ERROR: list[tuple[type[E.MatihError], grpc.StatusCode]] = [
+    (E.BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (E.RegistryRejected, grpc.StatusCode.INVALID_ARGUMENT),
+    (E.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (E.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (E.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (E.RegistryForbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (E.NotFound, grpc.StatusCode.NOT_FOUND),
+    (E.Conflict, grpc.StatusCode.ABORTED),
+    (E.PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (E.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (E.DependencyTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (E.DependencyUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (E.RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (E.ModelError, grpc.StatusCode.INTERNAL),
+    (E.ConfigError, grpc.StatusCode.INTERNAL),
+    (E.MatihError, grpc.StatusCode.INTERNAL),
+]
+
+
 def status_for(exc: E.MatihError) -> int:
     for cls, status in STATUS_BY_ERROR:
         if isinstance(exc, cls):
@@ -47,12 +70,23 @@ def status_for(exc: E.MatihError) -> int:
     return 500
 
 
-def error_response(exc: E.MatihError) -> JSONResponse:
+def _original(exc: E.MatihError) -> E.MatihError:
     # Ray's RayTaskError+cause dual class answers class attributes (``code``) from the class,
     # not from the raised instance; the instance Ray wraps is in ``cause``.
     cause = getattr(exc, "cause", None)
-    if isinstance(cause, E.MatihError):
-        exc = cause
+    return cause if isinstance(cause, E.MatihError) else exc
+
+
+def grpc_status(exc: E.MatihError) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and details of an error: the details are the message of the HTTP
+    body (redacted) with its machine code in front, e.g. ``not_found: model 'x' is ...``."""
+    exc = _original(exc)
+    code = next((c for cls, c in GRPC_STATUS_BY_ERROR if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
+    return code, f"{exc.code}: {redact(exc.message)}"
+
+
+def error_response(exc: E.MatihError) -> JSONResponse:
+    exc = _original(exc)
     status = status_for(exc)
     headers = {}
     if status in (429, 503):

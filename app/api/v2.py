@@ -6,6 +6,8 @@ name wins (its target, runtime and config serve the request); otherwise the regi
 ``{model}@champion`` serves. With ``/versions/{v}``, ``{model}`` is always a registered model
 and ``{model}/{v}`` serves in the default runtime. Bodies and the binary tensor extension are
 handled by :mod:`app.serving.v2_codec`; every malformed request is a 400 ``{"error": ...}``.
+The protocol functions (:func:`infer`, :func:`model_metadata`, ...) serve the gRPC form of the
+protocol as well (``app/api/v2_grpc.py``): one code path, two transports.
 """
 
 from __future__ import annotations
@@ -114,17 +116,47 @@ def _model_metadata(name: str, served: _Served) -> dict[str, Any]:
     return body
 
 
-async def _infer(ctx: ApiContext, name: str, version: str | None, request: Request) -> Response:
-    if version is not None:
-        parse_version(version)  # the path before the body: a bad URL needs no body read
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding != "identity":
-        raise BadRequest(
-            f"Content-Encoding {encoding!r} is not supported; send the request uncompressed",
-            details={"field": "Content-Encoding"},
-        )
-    body = await request.body()
-    req = v2_codec.decode_request(body, request.headers.get(v2_codec.HEADER_LENGTH))
+# -- the protocol, for both transports: the REST routes below and gRPC (app/api/v2_grpc.py) ----
+async def server_ready(ctx: ApiContext) -> None:
+    """Returns when the metadata store and the serving path answer; raises
+    DependencyUnavailable naming each one that does not."""
+    checks = {"metadata_store": lambda: asyncio.to_thread(ctx.store.ping)}
+    checks.update({n: ctx.readiness[n] for n in _SERVING_DEPENDENCIES if n in ctx.readiness})
+    results = await asyncio.gather(*(asyncio.wait_for(c(), 5) for c in checks.values()), return_exceptions=True)
+    down = [
+        f"{n}: {r.message if isinstance(r, MatihError) else (str(r) or type(r).__name__)}"
+        for n, r in zip(checks, results)
+        if isinstance(r, BaseException)
+    ]
+    if down:
+        raise DependencyUnavailable("not ready: " + "; ".join(down))
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": "matih-ml", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+async def model_metadata(ctx: ApiContext, name: str, version: str | None = None) -> dict[str, Any]:
+    """The V2 model metadata of ``name`` (an endpoint, else a registered model; see the module docstring)."""
+    return _model_metadata(name, await _served(ctx, name, version))
+
+
+async def model_ready(ctx: ApiContext, name: str, version: str | None = None) -> None:
+    """Returns when ``name`` resolves to a servable version; raises NotFound otherwise."""
+    await _served(ctx, name, version)
+
+
+@dataclass
+class Inference:
+    """What an infer request produced: the version that served it and ``(name, array, binary)``
+    per output asked for, ready for :func:`v2_codec.encode_response` or its gRPC twin."""
+
+    model_version: str
+    outputs: list[tuple[str, Any, bool]]
+
+
+async def infer(ctx: ApiContext, name: str, version: str | None, req: v2_codec.InferRequest) -> Inference:
+    """Run a decoded infer request through the endpoint (or registered model) ``name``."""
     payload = v2_codec.model_payload(req)
     served = await _served(ctx, name, version)
     task = version_metadata(served.model).get("task")
@@ -147,8 +179,23 @@ async def _infer(ctx: ApiContext, name: str, version: str | None, request: Reque
         original = cause if isinstance(cause, InvalidInput) else exc
         raise BadRequest(original.message, details=original.details) from None
     outputs = v2_codec.select_outputs(v2_codec.prediction_tensors(result, label), req)
+    return Inference(served.model.version, outputs)
+
+
+async def _infer(ctx: ApiContext, name: str, version: str | None, request: Request) -> Response:
+    if version is not None:
+        parse_version(version)  # the path before the body: a bad URL needs no body read
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise BadRequest(
+            f"Content-Encoding {encoding!r} is not supported; send the request uncompressed",
+            details={"field": "Content-Encoding"},
+        )
+    body = await request.body()
+    req = v2_codec.decode_request(body, request.headers.get(v2_codec.HEADER_LENGTH))
+    done = await infer(ctx, name, version, req)
     request_id = req.id if req.id is not None else request.headers.get("x-request-id") or uuid.uuid4().hex
-    content, header_length = v2_codec.encode_response(name, served.model.version, request_id, outputs)
+    content, header_length = v2_codec.encode_response(name, done.model_version, request_id, done.outputs)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(
@@ -168,38 +215,31 @@ def router(ctx: ApiContext) -> APIRouter:
 
     @api.get("/health/ready", summary="Server readiness (V2): metadata store and serving path; no auth")
     async def ready() -> dict[str, bool]:
-        checks = {"metadata_store": lambda: asyncio.to_thread(ctx.store.ping)}
-        checks.update({n: ctx.readiness[n] for n in _SERVING_DEPENDENCIES if n in ctx.readiness})
-        results = await asyncio.gather(*(asyncio.wait_for(c(), 5) for c in checks.values()), return_exceptions=True)
-        down = [
-            f"{n}: {r.message if isinstance(r, MatihError) else (str(r) or type(r).__name__)}"
-            for n, r in zip(checks, results)
-            if isinstance(r, BaseException)
-        ]
-        if down:
-            raise DependencyUnavailable("not ready: " + "; ".join(down))
+        await server_ready(ctx)
         return {"ready": True}
 
-    @api.get("", summary="Server metadata (V2)")
-    async def server_metadata(_: Principal = viewer) -> dict[str, Any]:
-        return {"name": "matih-ml", "version": __version__, "extensions": ["binary_tensor_data"]}
+    @api.get("", summary="Server metadata (V2)", name="server_metadata")
+    async def server_metadata_route(_: Principal = viewer) -> dict[str, Any]:
+        return server_metadata()
 
-    @api.get("/models/{model}", summary="Model metadata (V2): an endpoint, else the registered model's champion")
-    async def model_metadata(model: str, _: Principal = viewer) -> dict[str, Any]:
-        return _model_metadata(model, await _served(ctx, model, None))
+    @api.get("/models/{model}", summary="Model metadata (V2): an endpoint, else the registered model's champion",
+             name="model_metadata")
+    async def model_metadata_route(model: str, _: Principal = viewer) -> dict[str, Any]:
+        return await model_metadata(ctx, model)
 
     @api.get("/models/{model}/versions/{version}", summary="Metadata of a registered model version (V2)")
     async def version_metadata_route(model: str, version: str, _: Principal = viewer) -> dict[str, Any]:
-        return _model_metadata(model, await _served(ctx, model, version))
+        return await model_metadata(ctx, model, version)
 
-    @api.get("/models/{model}/ready", summary="Model readiness (V2): the name resolves to a servable version")
-    async def model_ready(model: str, _: Principal = viewer) -> dict[str, Any]:
-        await _served(ctx, model, None)
+    @api.get("/models/{model}/ready", summary="Model readiness (V2): the name resolves to a servable version",
+             name="model_ready")
+    async def model_ready_route(model: str, _: Principal = viewer) -> dict[str, Any]:
+        await model_ready(ctx, model)
         return {"name": model, "ready": True}
 
     @api.get("/models/{model}/versions/{version}/ready", summary="Readiness of a registered model version (V2)")
     async def version_ready(model: str, version: str, _: Principal = viewer) -> dict[str, Any]:
-        await _served(ctx, model, version)
+        await model_ready(ctx, model, version)
         return {"name": model, "ready": True}
 
     infer_doc = {

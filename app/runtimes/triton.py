@@ -1,10 +1,11 @@
 """The ``triton`` runtime: serves a model that lives on a remote Triton Inference Server (or
-any server speaking the Open Inference Protocol over HTTP), through ``tritonclient.http``.
+any server speaking the Open Inference Protocol), over HTTP through ``tritonclient.http`` or
+over gRPC through ``tritonclient.grpc`` (``config.protocol``).
 
 Nothing is loaded locally (``needs_artifact = False``): ``load`` asks the remote server for
 the model's readiness and metadata and takes the signature from there; ``predict`` sends the
-float32 matrix as binary tensor data. The endpoint's runtime config (:class:`TritonConfig`)
-says where.
+float32 matrix as binary tensor data (raw contents over gRPC). The endpoint's runtime config
+(:class:`TritonConfig`) says where and how.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -44,8 +45,13 @@ class TritonConfig(RuntimeConfig):
         ...,
         min_length=1,
         max_length=2048,
-        description="host:port[/base-path] of the Triton (or any V2 HTTP) server, e.g. triton:8000; "
-        "http:// is accepted and https:// turns on TLS.",
+        description="host:port[/base-path] of the Triton (or any V2) server, e.g. triton:8000 (HTTP) or "
+        "triton:8001 (gRPC, no base path); http:// is accepted and https:// turns on TLS.",
+    )
+    protocol: Literal["http", "grpc"] = Field(
+        "http",
+        description="How to call the server: 'http' (the V2 REST protocol, tritonclient.http) or 'grpc' "
+        "(inference.GRPCInferenceService, tritonclient.grpc). Without a port in url, gRPC connects to 443.",
     )
     model_name: str | None = Field(None, min_length=1, description="The model on the server. Default: the registered model's name.")
     model_version: str | None = Field(None, description="The version on the server. Default: the server's own choice.")
@@ -60,7 +66,8 @@ class TritonConfig(RuntimeConfig):
     headers: dict[str, str] = Field(
         default_factory=dict,
         repr=False,  # credentials: never in a log line
-        description='Extra HTTP headers on every call, e.g. {"Authorization": "Bearer ..."}.'
+        description='Extra HTTP headers (gRPC metadata, keys lower-cased) on every call, e.g. '
+        '{"Authorization": "Bearer ..."}.'
     )
 
     @field_validator("url")
@@ -86,9 +93,9 @@ def _allowed(entry: str) -> tuple[str, int | None]:
     return (parts.hostname or "").rstrip("."), parts.port
 
 
-def _host_port(url: str) -> tuple[str, int]:
+def _host_port(url: str, protocol: str = "http") -> tuple[str, int]:
     """(lower-case host, port) of config.url, ``[scheme://][user@]host[:port][/path]``; without
-    a port, the scheme's (443 for https, else 80), as tritonclient connects."""
+    a port, the one tritonclient connects to: 443 for https and for gRPC (gRPC's default), else 80."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "http", url
@@ -106,8 +113,17 @@ def _host_port(url: str) -> tuple[str, int]:
     except ValueError:
         raise InvalidInput("config.url has a port outside 1-65535", details={"field": "config.url"}) from None
     if port is None:
-        port = 443 if scheme.lower() == "https" else 80
+        port = 443 if scheme.lower() == "https" or protocol == "grpc" else 80
     return (parts.hostname or "").rstrip("."), port
+
+
+# A gRPC status as the HTTP status its failure means here (google.rpc.Code's HTTP mapping), so
+# that both protocols' failures become the same platform errors.
+_HTTP_OF_GRPC = {
+    "NOT_FOUND": "404", "INVALID_ARGUMENT": "400", "OUT_OF_RANGE": "400", "FAILED_PRECONDITION": "400",
+    "UNAUTHENTICATED": "401", "PERMISSION_DENIED": "403", "RESOURCE_EXHAUSTED": "429",
+    "UNIMPLEMENTED": "501", "INTERNAL": "500", "UNKNOWN": "500", "DATA_LOSS": "500",
+}
 
 
 class TritonModelRuntime(ModelRuntime):
@@ -124,12 +140,16 @@ class TritonModelRuntime(ModelRuntime):
         self.url = url.split("://", 1)[1] if "://" in url else url
         # The URL as messages show it: user info (credentials) in it is masked.
         self._shown_url = re.sub(r"^[^/?#]*@", "***@", self.url)
-        self._headers = dict(self.config.headers) or None
+        self._grpc = self.config.protocol == "grpc"
+        # gRPC metadata keys must be lower case; HTTP header names are case-insensitive anyway.
+        headers = {k.lower(): v for k, v in self.config.headers.items()} if self._grpc else dict(self.config.headers)
+        self._headers = headers or None
         self._timeout = self.config.timeout_s
         self.model_version = self.config.model_version or ""
         self.model_name: str | None = self.config.model_name
         # A tritonclient.http client works only in the thread that made it (gevent), and the
-        # ModelServer calls load and predict from different worker threads: one client each.
+        # ModelServer calls load and predict from different worker threads: one client each
+        # (a gRPC channel could be shared; one per thread keeps the two protocols alike).
         self._local = threading.local()
 
     @classmethod
@@ -137,7 +157,12 @@ class TritonModelRuntime(ModelRuntime):
         """config.url must name a host on ``runtimes.triton.allowed_hosts`` (empty: none is), and
         config.timeout_s stay within ``runtimes.triton.max_timeout_s``."""
         limits = settings.runtimes.triton if settings is not None else TritonRuntimeSettings()
-        host, port = _host_port(config.url)
+        host, port = _host_port(config.url, config.protocol)
+        if config.protocol == "grpc" and re.search(r"[/?#]", config.url.split("://", 1)[-1]):
+            raise InvalidInput(
+                "config.url: a gRPC server is host:port, without a path (services are not mounted under one)",
+                details={"field": "config.url"},
+            )
         allowed = [_allowed(entry) for entry in limits.allowed_hosts]
         if not any(h == host and p in (None, port) for h, p in allowed):
             where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
@@ -159,19 +184,46 @@ class TritonModelRuntime(ModelRuntime):
             )
 
     # -- remote calls ----------------------------------------------------------------------
+    def _module(self):
+        """tritonclient.grpc or tritonclient.http: the same client API, InferInput and
+        InferRequestedOutput in both."""
+        if self._grpc:
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        return module
+
     def _client(self):
         client = getattr(self._local, "client", None)
         if client is None:
-            import tritonclient.http as httpclient
-
-            client = httpclient.InferenceServerClient(
-                self.url,
-                connection_timeout=self._timeout,
-                network_timeout=self._timeout,
-                ssl=self._ssl,
-            )
+            module = self._module()
+            if self._grpc:
+                client = module.InferenceServerClient(self.url, ssl=self._ssl)
+            else:
+                client = module.InferenceServerClient(
+                    self.url,
+                    connection_timeout=self._timeout,
+                    network_timeout=self._timeout,
+                    ssl=self._ssl,
+                )
             self._local.client = client
         return client
+
+    def _drop_client(self) -> None:
+        client, self._local.client = getattr(self._local, "client", None), None
+        if client is not None and self._grpc:  # a gRPC channel holds a thread and sockets until closed
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing a broken channel may fail; it is dropped either way
+                pass
+
+    def _kw(self, **kwargs: Any) -> dict[str, Any]:
+        """Keyword arguments of every call: the headers, and over gRPC the call's deadline
+        (tritonclient.http takes its timeouts when the client is made)."""
+        kwargs["headers"] = self._headers
+        if self._grpc:
+            kwargs["client_timeout"] = self._timeout
+        return kwargs
 
     def _where(self) -> str:
         version = f" version {self.model_version}" if self.model_version else ""
@@ -187,28 +239,38 @@ class TritonModelRuntime(ModelRuntime):
             return fn(*args, **kwargs)
         except InferenceServerException as exc:
             status = str(exc.status() or "")
+            if status.startswith("StatusCode."):  # tritonclient.grpc: the gRPC status code's name
+                status = status.removeprefix("StatusCode.")
+                if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):  # not reached, or no answer in time
+                    self._drop_client()
+                    log.warning("%s of %s failed: %s %.300r", what, self._where(), status, exc.message())
+                    raise DependencyUnavailable(
+                        f"{what} of {self._where()} failed: the server could not be reached or did not answer in "
+                        f"{self._timeout:g} s ({status})"
+                    ) from None
+                status = _HTTP_OF_GRPC.get(status, "500") + f" ({status})"
             log.warning("%s of %s failed (%s); the server said: %.300r", what, self._where(), status, exc.message())
             failed = f"{what} of {self._where()} failed: the server answered {status or 'with no status'}"
-            if status == "404":
+            if status.startswith("404"):
                 raise NotFound(
                     f"{failed} (no such model or version); check the endpoint's config.model_name and "
                     "config.model_version",
                     details={"remote_status": 404},
                 ) from None
-            if status in ("400", "422"):
-                raise InvalidInput(f"{failed} (it refused the request)", details={"remote_status": int(status)}) from None
-            if status in ("401", "403"):
+            if status[:3] in ("400", "422"):
+                raise InvalidInput(f"{failed} (it refused the request)", details={"remote_status": int(status[:3])}) from None
+            if status[:3] in ("401", "403"):
                 raise DependencyUnavailable(
                     f"{failed} (it refused the credentials); set config.headers to credentials the server accepts"
                 ) from None
-            if status.startswith("5") and status not in ("502", "503", "504"):
+            if status.startswith("5") and status[:3] not in ("502", "503", "504"):
                 raise ModelError(f"{failed} (a server error)") from None
-            self._local.client = None  # the connection may be broken: make a fresh client next time
+            self._drop_client()  # the connection may be broken: make a fresh client next time
             raise DependencyUnavailable(failed) from None
         except MatihError:
             raise
         except Exception as exc:  # noqa: BLE001 - refused connections, DNS, timeouts (socket, gevent)
-            self._local.client = None
+            self._drop_client()
             log.warning("%s of %s failed: %.300r", what, self._where(), exc)
             raise DependencyUnavailable(
                 f"{what} of {self._where()} failed: the server could not be reached or did not answer in "
@@ -223,8 +285,9 @@ class TritonModelRuntime(ModelRuntime):
         if not self.model_name:
             raise InvalidInput("the triton runtime needs config.model_name", details={"field": "config.model_name"})
         client = self._client()
-        kw = {"model_version": self.model_version, "headers": self._headers}
-        meta = self._call("reading the metadata", client.get_model_metadata, self.model_name, **kw)
+        kw = self._kw(model_version=self.model_version)
+        meta_kw = {**kw, "as_json": True} if self._grpc else kw  # the dict form, as tritonclient.http answers
+        meta = self._call("reading the metadata", client.get_model_metadata, self.model_name, **meta_kw)
         if not self._call("the readiness check", client.is_model_ready, self.model_name, **kw):
             raise DependencyUnavailable(f"{self._where()} is not ready; load it on the server first")
 
@@ -252,7 +315,7 @@ class TritonModelRuntime(ModelRuntime):
         if self._input_datatype in ("BYTES", "BOOL", "BF16") or triton_to_np_dtype(self._input_datatype) is None:
             raise ModelError(f"input {self._input_name!r} of {self._where()} is {self._input_datatype}, not numeric")
         self._input_dtype = np.dtype(triton_to_np_dtype(self._input_datatype))
-        shape = inp.get("shape") or []
+        shape = inp.get("shape") or []  # over gRPC the dict form has int64s as strings: int() takes both
         n_features = int(shape[-1]) if len(shape) == 2 and int(shape[-1]) > 0 else None
 
         outputs = [o["name"] for o in meta.get("outputs") or []]
@@ -275,24 +338,22 @@ class TritonModelRuntime(ModelRuntime):
         self.ready = True
 
     def predict(self, features: np.ndarray, *, probabilities: bool = False) -> dict[str, Any]:
-        import tritonclient.http as httpclient
-
+        module = self._module()
+        binary = {} if self._grpc else {"binary_data": True}  # gRPC tensors are always raw bytes
         data = np.ascontiguousarray(features, dtype=self._input_dtype)
-        inp = httpclient.InferInput(self._input_name, list(data.shape), self._input_datatype)
-        inp.set_data_from_numpy(data, binary_data=True)
+        inp = module.InferInput(self._input_name, list(data.shape), self._input_datatype)
+        inp.set_data_from_numpy(data, **binary)
         wanted = [self._label_out]
         if probabilities and self._proba_out:
             wanted.append(self._proba_out)
-        outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in wanted]
+        outputs = [module.InferRequestedOutput(name, **binary) for name in wanted]
         client = self._client()
         result = self._call(
             "inference",
             client.infer,
             self.model_name,
             [inp],
-            model_version=self.model_version,
-            outputs=outputs,
-            headers=self._headers,
+            **self._kw(model_version=self.model_version, outputs=outputs),
         )
         preds = result.as_numpy(self._label_out)
         if preds is None:

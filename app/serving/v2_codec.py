@@ -84,8 +84,17 @@ def decode_request(body: bytes, header_length: str | int | None = None) -> Infer
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         where = f"the first {len(head)} bytes (Inference-Header-Content-Length)" if rest is not None else "the body"
         raise BadRequest(f"the inference request is not valid JSON: {where}: {exc}", details={"field": "body"}) from None
+    return decode_document(doc, rest)
+
+
+def decode_document(doc: Any, rest: bytes | memoryview | None = None) -> InferRequest:
+    """An infer request in its dict form (the parsed JSON) with ``rest``, the binary tensor
+    data that follows the JSON header (None: no binary data). The gRPC form
+    (``app/serving/v2_proto.py``) comes here too, so both protocols check inputs alike."""
     if not isinstance(doc, dict):
         raise BadRequest("the inference request must be a JSON object with 'inputs'", details={"field": "body"})
+    if rest is not None and not isinstance(rest, memoryview):
+        rest = memoryview(rest)
 
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -407,7 +416,7 @@ def encode_response(
         datatype = datatype_of(arr)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
-            blob = _to_binary(arr, datatype)
+            blob = to_binary(arr, datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -420,7 +429,9 @@ def encode_response(
     return head + b"".join(blobs), len(head)
 
 
-def _to_binary(arr: np.ndarray, datatype: str) -> bytes:
+def to_binary(arr: np.ndarray, datatype: str) -> bytes:
+    """The raw little-endian bytes of a tensor as the binary extension (and gRPC's raw contents)
+    carry it; BYTES as a 4-byte length then the bytes, per element."""
     if datatype == "BYTES":
         return serialize_byte_tensor(np.asarray(arr, dtype=object)).item() if arr.size else b""
     return np.ascontiguousarray(arr, dtype=_dtype(datatype)).tobytes()

@@ -1,4 +1,5 @@
-"""One Ray cluster and one Serve application for the whole integration session, over HTTP."""
+"""One Ray cluster and one Serve application for the whole integration session, over HTTP
+(and the Open Inference Protocol over gRPC, on a port of its own)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class Platform:
     mlflow: MlflowServer
     s3: object = None  # tests.s3server.S3Server: the S3-compatible server the platform's S3 settings name
     dashboard: str = ""  # the Ray dashboard (job submission API)
+    grpc: str = ""  # host:port of Serve's gRPC proxy (inference.GRPCInferenceService)
 
     def client(self, token: str | None = "admin") -> httpx.Client:
         token = self.admin_token if token == "admin" else token
@@ -125,12 +127,19 @@ def platform(tmp_path_factory) -> Platform:
     overrides["serving"] = {**base.serving.model_dump(mode="json"), "model_server_max_queued_requests": 48}
     # Serve's end-to-end request limit, as serve_config.yaml sets it (the Gateway answers 504 just before)
     timeout_s = base.http.request_timeout_s
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s})
+    from app.api.v2_grpc import SERVICER_FUNCTION
+
+    grpc_port = free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s},
+        grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION],
+                      "request_timeout_s": timeout_s},
+    )
     serve.run(build({"settings": overrides}), name="matih", route_prefix="/")
     _wait_ready(f"http://127.0.0.1:{port}")
     token = (home / "admin_token").read_text().strip()
     p = Platform(f"http://127.0.0.1:{port}", home, token, load_settings("local", **overrides), mlflow_server, s3,
-                 dashboard=f"http://127.0.0.1:{dashboard_port}")
+                 dashboard=f"http://127.0.0.1:{dashboard_port}", grpc=f"127.0.0.1:{grpc_port}")
     yield p
     serve.shutdown()
     ray.shutdown()

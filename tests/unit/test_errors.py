@@ -1,10 +1,18 @@
 import pickle
 
+import grpc
 import pytest
 from fastapi.exceptions import RequestValidationError
 
 from app import errors as E
-from app.api.errors import STATUS_BY_ERROR, error_response, status_for, validation_error
+from app.api.errors import (
+    GRPC_STATUS_BY_ERROR,
+    STATUS_BY_ERROR,
+    error_response,
+    grpc_status,
+    status_for,
+    validation_error,
+)
 
 
 def test_errors_survive_pickling_with_code_and_details():
@@ -31,6 +39,33 @@ def test_one_table_maps_every_error(exc, status):
 def test_every_error_class_is_in_the_table():
     classes = {c for c in vars(E).values() if isinstance(c, type) and issubclass(c, E.MatihError)}
     assert classes <= {c for c, _ in STATUS_BY_ERROR}
+
+
+S = grpc.StatusCode
+
+
+@pytest.mark.parametrize(
+    "exc,code",
+    [
+        (E.BadRequest("x"), S.INVALID_ARGUMENT), (E.InvalidInput("x"), S.INVALID_ARGUMENT),
+        (E.RegistryRejected("x"), S.INVALID_ARGUMENT), (E.Unauthenticated("x"), S.UNAUTHENTICATED),
+        (E.PermissionDenied("x"), S.PERMISSION_DENIED), (E.NotFound("x"), S.NOT_FOUND), (E.Conflict("x"), S.ABORTED),
+        (E.PayloadTooLarge("x"), S.RESOURCE_EXHAUSTED), (E.Overloaded("x"), S.RESOURCE_EXHAUSTED),
+        (E.DependencyUnavailable("x"), S.UNAVAILABLE), (E.DependencyTimeout("x"), S.DEADLINE_EXCEEDED),
+        (E.RequestTimeout("x"), S.DEADLINE_EXCEEDED), (E.ModelError("x"), S.INTERNAL), (E.MatihError("x"), S.INTERNAL),
+    ],
+)
+def test_the_grpc_table_maps_every_error(exc, code):
+    assert grpc_status(exc)[0] == code
+
+
+def test_both_tables_list_the_same_classes_in_the_same_order():
+    assert [c for c, _ in GRPC_STATUS_BY_ERROR] == [c for c, _ in STATUS_BY_ERROR]
+
+
+def test_grpc_details_are_the_code_and_the_redacted_message():
+    code, details = grpc_status(E.DependencyUnavailable("MLflow at http://u:pw@mlflow:5000 is down"))
+    assert code == S.UNAVAILABLE and details.startswith("dependency_unavailable: MLflow at ") and "pw" not in details
 
 
 def test_error_body_and_retry_after():

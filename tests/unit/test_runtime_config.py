@@ -165,6 +165,23 @@ def test_triton_reaches_only_allowed_hosts(tmp_path, url, allowed):
     assert "runtimes.triton.allowed_hosts" in err.value.message
 
 
+def test_triton_over_grpc_follows_the_same_host_rules(tmp_path):
+    from app.runtimes.triton import TritonModelRuntime
+
+    settings = _triton_settings(tmp_path, allowed_hosts=["triton.ml:8001", "tls.ml:443"])
+    rt = TritonModelRuntime({"url": "triton.ml:8001", "protocol": "grpc", "headers": {"Authorization": "x"}}, settings)
+    assert rt._headers == {"authorization": "x"}  # gRPC metadata keys are lower case
+    assert TritonModelRuntime({"url": "tls.ml", "protocol": "grpc"}, settings)  # gRPC's default port: 443
+    with pytest.raises(InvalidInput) as err:
+        TritonModelRuntime({"url": "tls.ml", "protocol": "http"}, settings)  # port 80
+    assert err.value.code == "host_not_allowed"
+    with pytest.raises(InvalidInput, match="without a path"):
+        TritonModelRuntime({"url": "triton.ml:8001/v2", "protocol": "grpc"}, settings)
+    with pytest.raises(InvalidInput) as err:
+        parse_endpoint_config("triton", {"url": "t:8001", "protocol": "websocket"})
+    assert err.value.details["field"] == "config.protocol"
+
+
 @pytest.mark.parametrize("url", ["localhost\\@evil", "a b:80", "host:99999", "x" * 2000 + "!", "[zz::1]:80"])
 def test_triton_urls_that_are_not_plain_hosts_are_refused(tmp_path, url):
     from app.runtimes.triton import TritonModelRuntime
@@ -204,6 +221,14 @@ def test_allowed_hosts_entries_are_hosts(tmp_path, entry):
         ("InferenceServerException:500", "ModelError", 500),
         ("InferenceServerException:503", "DependencyUnavailable", 503),
         ("OSError", "DependencyUnavailable", 503),
+        # tritonclient.grpc's statuses (config.protocol grpc)
+        ("InferenceServerException:StatusCode.NOT_FOUND", "NotFound", 404),
+        ("InferenceServerException:StatusCode.INVALID_ARGUMENT", "InvalidInput", 422),
+        ("InferenceServerException:StatusCode.UNAUTHENTICATED", "DependencyUnavailable", 503),
+        ("InferenceServerException:StatusCode.INTERNAL", "ModelError", 500),
+        ("InferenceServerException:StatusCode.UNAVAILABLE", "DependencyUnavailable", 503),
+        ("InferenceServerException:StatusCode.DEADLINE_EXCEEDED", "DependencyUnavailable", 503),
+        ("InferenceServerException:StatusCode.RESOURCE_EXHAUSTED", "DependencyUnavailable", 503),
     ],
 )
 def test_a_remote_error_is_summarized_not_reflected(tmp_path, raised, cls, status):
@@ -214,13 +239,16 @@ def test_a_remote_error_is_summarized_not_reflected(tmp_path, raised, cls, statu
     from app.runtimes.triton import TritonModelRuntime
 
     settings = _triton_settings(tmp_path, allowed_hosts=["127.0.0.1"])
-    rt = TritonModelRuntime({"url": "http://user:pa55@127.0.0.1:8000", "model_name": "iris"}, settings)
+    protocol = "grpc" if "StatusCode" in raised else "http"
+    rt = TritonModelRuntime(
+        {"url": "http://user:pa55@127.0.0.1:8000", "model_name": "iris", "protocol": protocol}, settings
+    )
     leak = "SSH-2.0-OpenSSH_9.6 internal-secret"
 
     def remote():
         if raised == "OSError":
             raise OSError(f"bad status line {leak!r}")
-        raise InferenceServerException(msg=leak, status=raised.split(":")[1])
+        raise InferenceServerException(msg=leak, status=raised.split(":", 1)[1])
 
     with pytest.raises(Exception) as err:
         rt._call("inference", remote)

@@ -195,3 +195,25 @@ def test_local_binds_this_machine_and_production_every_interface(tmp_path, monke
     prod = serve_config_for(load_settings("production", matih_home=str(tmp_path), http_port=8080), repo_config)
     assert prod["http_options"] == {"host": "0.0.0.0", "port": 8080, "request_timeout_s": 60}
     assert prod["applications"] == local["applications"]
+
+
+def test_serve_config_serves_the_v2_grpc_service_on_grpc_port(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.config import gRPCOptions
+
+    from app.api.v2_grpc import SERVICER_FUNCTION
+    from app.cli import serve_config_for
+
+    repo_config = str(Path(__file__).resolve().parents[2] / "serve_config.yaml")
+    with open(repo_config) as fh:
+        as_is = yaml.safe_load(fh)["grpc_options"]
+    assert as_is["port"] == 9000 and as_is["grpc_servicer_functions"] == [SERVICER_FUNCTION]
+    monkeypatch.delenv("MATIH_GRPC_PORT", raising=False)
+    assert load_settings("local", matih_home=str(tmp_path)).grpc_port == 9000
+    monkeypatch.setenv("MATIH_GRPC_PORT", "9100")
+    config = serve_config_for(load_settings("local", matih_home=str(tmp_path)), repo_config)
+    options = gRPCOptions(**config["grpc_options"])  # what Serve parses, importing the servicer function
+    assert options.port == 9100 and options.request_timeout_s == 60
+    assert options.grpc_servicer_functions == [SERVICER_FUNCTION] and len(options.grpc_servicer_func_callable) == 1
