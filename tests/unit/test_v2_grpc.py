@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.support import in_process_context
 
-from app.api.v2_grpc import METHODS, UNARY_RPCS, UNIMPLEMENTED, InferenceService
+from app.api.v2_grpc import UNARY_RPCS, UNIMPLEMENTED, InferenceService
 from app.bootstrap import prepare
 from app.serving.v2_proto import add_servicer_to_server
 from app.settings import load_settings
