@@ -143,6 +143,12 @@ class IdleSettings(_Section):
         "(RAY_SERVE_CONTROL_LOOP_INTERVAL_S; Ray's default 0.1): how soon it acts on a dead replica, a "
         "deploy or an autoscaling decision. The controller spent most of the idle CPU at 0.1 s.",
     )
+    serve_metrics_export_interval_ms: int = Field(
+        1000, ge=0, description="How often each Serve replica and handle router hands its cached request "
+        "metrics to Ray's metrics API (RAY_SERVE_METRICS_EXPORT_INTERVAL_MS; Ray's default 100, so every replica, "
+        "the Gateway's router and the proxy woke 10 times a second). Ray exports them every "
+        "metrics_report_interval_ms anyway; 0 records each request at once (no cache).",
+    )
     memory_monitor_refresh_ms: int = Field(
         1000, ge=0, description="How often the raylet reads every worker's memory for its OOM killer "
         "(RAY_memory_monitor_refresh_ms; Ray's default 250; 0 turns the OOM killer off).",
@@ -171,6 +177,7 @@ class IdleSettings(_Section):
         """The variables these settings stand for."""
         return {
             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": f"{self.control_loop_interval_s:g}",
+            "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": str(self.serve_metrics_export_interval_ms),
             "RAY_memory_monitor_refresh_ms": str(self.memory_monitor_refresh_ms),
             "RAY_task_events_report_interval_ms": str(self.task_events_report_interval_ms),
             "RAY_metrics_report_interval_ms": str(self.metrics_report_interval_ms),

@@ -3,7 +3,9 @@ where Serve's logs go (``serving.log_to_terminal``) and the periods of its backg
 (``serving.idle``).
 
 Ray Serve reads these from environment variables once, when each of its processes
-(controller, proxies, replicas) imports ``ray.serve._private.constants``; so the variables must
+(controller, proxies, replicas) imports ``ray.serve._private.constants``, and Ray's own
+processes (GCS, raylet, workers) read their ``RAY_<name>`` system config when they start; so
+the variables must
 be in the environment of the processes that start the cluster: ``matih-ml up`` puts them in its
 own before it runs ``serve run`` (which starts a local cluster), the test session before
 ``ray.init``, and an operator in the environment of ``ray start`` on every node of an existing

@@ -49,6 +49,7 @@ def test_idle_periods_are_cluster_variables_and_extra_env_wins():
     env = cluster_env(load_settings("local"))
     assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
     assert env["RAY_memory_monitor_refresh_ms"] == "1000"
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
     assert env["RAY_task_events_report_interval_ms"] == "5000"
     idle = {"control_loop_interval_s": 0.2, "extra_env": {"RAY_memory_monitor_refresh_ms": "250", "RAY_X": "1"}}
     env = cluster_env(load_settings("local", serving={"idle": idle}))
