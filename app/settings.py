@@ -215,12 +215,11 @@ class ServingSettings(_Section):
         "instead of flushing a file write per request.",
     )
     log_to_terminal: bool = Field(
-        True, description="Serve's logs (an access line per request, and what the Gateway and ModelServer "
+        False, description="Serve's logs (an access line per request, and what the Gateway and ModelServer "
         "replicas log or print) on the terminal of `serve run` / `matih-ml up` as well as in the log files "
         "(RAY_SERVE_LOG_TO_STDERR: in the cluster environment, and in the replicas' own so that a plain "
         "`serve run` obeys it too). Off: only in the files under /tmp/ray/session_latest/logs/serve/; the "
-        "control actors' warnings still reach the terminal. On by default for now: off, Serve's log buffer kept "
-        "request bodies alive (docs/configuration.md).",
+        "control actors' warnings still reach the terminal.",
     )
     idle: IdleSettings = Field(
         default_factory=IdleSettings, description="Periods of the cluster's background loops (the idle cost)."

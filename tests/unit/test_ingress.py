@@ -40,9 +40,9 @@ def test_an_unknown_mode_is_refused():
         load_settings("local", http={"ingress": {"mode": "nginx"}})
 
 
-def test_serve_logs_on_the_terminal_is_a_setting():
-    assert cluster_env(load_settings("local"))["RAY_SERVE_LOG_TO_STDERR"] == "1"  # Ray's default, for now
-    assert cluster_env(load_settings("local", serving={"log_to_terminal": False}))["RAY_SERVE_LOG_TO_STDERR"] == "0"
+def test_serve_logs_stay_off_the_terminal_unless_asked():
+    assert cluster_env(load_settings("local"))["RAY_SERVE_LOG_TO_STDERR"] == "0"
+    assert cluster_env(load_settings("local", serving={"log_to_terminal": True}))["RAY_SERVE_LOG_TO_STDERR"] == "1"
 
 
 def test_idle_periods_are_cluster_variables_and_extra_env_wins():
