@@ -226,6 +226,7 @@ class JobScheduler:
         settings = Settings.from_shared(settings_kwargs)  # credentials from its environment
         self._shared_kwargs = settings.shared_kwargs()
         self._interval = settings.jobs.poll_interval_s
+        self._idle_interval = max(settings.jobs.idle_poll_interval_s, self._interval)
         self._reconcile_s = settings.jobs.reconcile_interval_s
         self._store = MetadataStore.from_settings(settings)
         self._core = SchedulerCore(
@@ -262,7 +263,8 @@ class JobScheduler:
             except Exception:  # the store may be briefly down; the queue is still there next tick
                 log.exception("scheduler tick failed")
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+                interval = self._idle_interval if self._core.idle else self._interval
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()

@@ -131,6 +131,61 @@ class AutoscalingSettings(_Section):
     target_ongoing_requests: float = Field(16, gt=0, description="Requests per replica Serve aims for.")
 
 
+class IdleSettings(_Section):
+    """How often the cluster's own background loops run while no request arrives (issue 11:
+    the idle cost). Ray's defaults suit a busy cluster; these suit a laptop, and each one costs
+    only how soon something is noticed, never a request's latency. They are cluster-wide
+    variables (app/serving/ingress.py puts them in the environment the cluster starts with;
+    ``matih-ml ray-env`` prints them), so they take effect when the cluster starts, not on redeploy."""
+
+    control_loop_interval_s: float = Field(
+        0.5, gt=0, le=10, description="Period of the Serve controller's control loop "
+        "(RAY_SERVE_CONTROL_LOOP_INTERVAL_S; Ray's default 0.1): how soon it acts on a dead replica, a "
+        "deploy or an autoscaling decision. The controller spent most of the idle CPU at 0.1 s.",
+    )
+    serve_metrics_export_interval_ms: int = Field(
+        1000, ge=0, description="How often each Serve replica and handle router hands its cached request "
+        "metrics to Ray's metrics API (RAY_SERVE_METRICS_EXPORT_INTERVAL_MS; Ray's default 100, so every replica, "
+        "the Gateway's router and the proxy woke 10 times a second). Ray exports them every "
+        "metrics_report_interval_ms anyway; 0 records each request at once (no cache).",
+    )
+    memory_monitor_refresh_ms: int = Field(
+        1000, ge=0, description="How often the raylet reads every worker's memory for its OOM killer "
+        "(RAY_memory_monitor_refresh_ms; Ray's default 250; 0 turns the OOM killer off).",
+    )
+    task_events_report_interval_ms: int = Field(
+        5000, ge=100, description="How often each Ray worker sends its task events to the GCS "
+        "(RAY_task_events_report_interval_ms; Ray's default 1000): how stale `ray list tasks` and the "
+        "dashboard's task view may be.",
+    )
+    metrics_report_interval_ms: int = Field(
+        10000, ge=1000, description="How often each Ray process exports its metrics to the node's metrics "
+        "agent (RAY_metrics_report_interval_ms, Ray's default 10000); keep at or under the Prometheus scrape "
+        "interval.",
+    )
+    node_stats_interval_ms: int = Field(
+        15000, ge=1000, description="How often the dashboard agent of each node reads the CPU and memory of the "
+        "node and of every Ray process (REPORTER_UPDATE_INTERVAL_MS; Ray's default 5000): the period of the "
+        "dashboard's node view and of the node metrics.",
+    )
+    extra_env: dict[str, str] = Field(
+        default_factory=dict, description="More cluster-wide variables, e.g. {\"RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S\": "
+        "\"30\"}; they win over the fields above.",
+    )
+
+    def cluster_env(self) -> dict[str, str]:
+        """The variables these settings stand for."""
+        return {
+            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": f"{self.control_loop_interval_s:g}",
+            "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": str(self.serve_metrics_export_interval_ms),
+            "RAY_memory_monitor_refresh_ms": str(self.memory_monitor_refresh_ms),
+            "RAY_task_events_report_interval_ms": str(self.task_events_report_interval_ms),
+            "RAY_metrics_report_interval_ms": str(self.metrics_report_interval_ms),
+            "REPORTER_UPDATE_INTERVAL_MS": str(self.node_stats_interval_ms),
+            **self.extra_env,
+        }
+
+
 class ServingSettings(_Section):
     max_models_per_replica: int = Field(
         8, ge=1, description="Models a ModelServer replica keeps loaded (least recently used go first)."
@@ -164,6 +219,16 @@ class ServingSettings(_Section):
         "handle router on the replica's own event loop, which takes two thread hops off every request "
         "(our request paths never block that loop: blocking work goes to threads), and buffer request logs "
         "instead of flushing a file write per request.",
+    )
+    log_to_terminal: bool = Field(
+        False, description="Serve's logs (an access line per request, and what the Gateway and ModelServer "
+        "replicas log or print) on the terminal of `serve run` / `matih-ml up` as well as in the log files "
+        "(RAY_SERVE_LOG_TO_STDERR: in the cluster environment, and in the replicas' own so that a plain "
+        "`serve run` obeys it too). Off: only in the files under /tmp/ray/session_latest/logs/serve/; the "
+        "control actors' warnings still reach the terminal.",
+    )
+    idle: IdleSettings = Field(
+        default_factory=IdleSettings, description="Periods of the cluster's background loops (the idle cost)."
     )
     gpu_num_gpus: float = Field(
         0.5, gt=0, le=8, description="GPUs per replica of the GPU pool (ModelServerGPU), which is deployed only "
@@ -228,7 +293,14 @@ class JobSettings(_Section):
     num_cpus: float = Field(
         1.0, gt=0, description="CPUs a job asks Ray for when its spec names none (split across its workers)."
     )
-    poll_interval_s: float = Field(0.5, gt=0, description="How often the scheduler looks at its queue.")
+    poll_interval_s: float = Field(
+        0.5, gt=0, description="How often the scheduler looks at its queue and its running jobs while it has any."
+    )
+    idle_poll_interval_s: float = Field(
+        5.0, gt=0, description="How often it looks while no job is running or held back: a submission through "
+        "the API wakes it at once, so this only delays a job queued behind its back (by hand in the store, or "
+        "by another scheduler). Never shorter than poll_interval_s.",
+    )
     max_attempts: int = Field(
         3, ge=1, description="Times a job is started again when its scheduler restarted before its Ray Job "
         "began, before it fails. A Ray Job that dies without recording an end fails its job at once."

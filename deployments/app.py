@@ -31,6 +31,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     from actors.job_scheduler import get_job_scheduler
     from actors.registry_cache import get_registry_cache
     from app.bootstrap import prepare
+    from app.serving.ingress import LOG_TO_STDERR
     from app.settings import load_settings
     from deployments.gateway import Gateway
     from deployments.model_server import ModelServer
@@ -48,8 +49,12 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     get_gpu_manager(settings.actors.num_cpus)
     _announce_ray_auth()
 
-    env = {"env_vars": {**settings.serving.serve_env, **settings.credential_env("model_server")}}
-    gateway_env = {"env_vars": {**settings.serving.serve_env, **settings.credential_env("gateway")}}
+    # The replicas' Serve logs (access lines included) stay in their files unless
+    # serving.log_to_terminal: also under a plain `serve run`, whose cluster did not start with
+    # the cluster environment of app/serving/ingress.py.
+    serve_env = {LOG_TO_STDERR: "1" if settings.serving.log_to_terminal else "0", **settings.serving.serve_env}
+    env = {"env_vars": {**serve_env, **settings.credential_env("model_server")}}
+    gateway_env = {"env_vars": {**serve_env, **settings.credential_env("gateway")}}
     scaling = settings.serving.autoscaling
     replicas = (
         {"autoscaling_config": scaling.model_dump()}

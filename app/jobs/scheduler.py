@@ -106,6 +106,12 @@ class SchedulerCore:
                 pass
         return out
 
+    @property
+    def idle(self) -> bool:
+        """No job running and none seen queued but held back (resources, launcher): the driver
+        may look at the queue less often, since a submission wakes it."""
+        return not self.running and not self._waiting
+
     def tick(self) -> list[str]:
         """Reap finished jobs, then start queued ones while there is room. Returns started ids."""
         for job_id, handle in list(self.running.items()):

@@ -1,7 +1,11 @@
-"""The environment a Ray cluster needs for the platform's ingress mode (``http.ingress``).
+"""The environment a Ray cluster needs for the platform: its ingress mode (``http.ingress``),
+where Serve's logs go (``serving.log_to_terminal``) and the periods of its background loops
+(``serving.idle``).
 
-Ray Serve reads its ingress mode from environment variables once, when each of its processes
-(controller, proxies, replicas) imports ``ray.serve._private.constants``; so the variables must
+Ray Serve reads these from environment variables once, when each of its processes
+(controller, proxies, replicas) imports ``ray.serve._private.constants``, and Ray's own
+processes (GCS, raylet, workers) read their ``RAY_<name>`` system config when they start; so
+the variables must
 be in the environment of the processes that start the cluster: ``matih-ml up`` puts them in its
 own before it runs ``serve run`` (which starts a local cluster), the test session before
 ``ray.init``, and an operator in the environment of ``ray start`` on every node of an existing
@@ -17,11 +21,19 @@ from app.settings import Settings
 
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
 DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+LOG_TO_STDERR = "RAY_SERVE_LOG_TO_STDERR"
 
 
 def cluster_env(settings: Settings) -> dict[str, str]:
-    """The variables of ``settings.http.ingress`` (both modes name every variable they depend
-    on, so a cluster started in one mode is not left half in the other by a stray value)."""
+    """The variables of ``settings.http.ingress``, ``settings.serving.log_to_terminal`` and the
+    background loops' periods (``settings.serving.idle``)."""
+    return {**_ingress_env(settings), LOG_TO_STDERR: "1" if settings.serving.log_to_terminal else "0",
+            **settings.serving.idle.cluster_env()}
+
+
+def _ingress_env(settings: Settings) -> dict[str, str]:
+    # Both modes name every variable they depend on, so a cluster started in one mode is not
+    # left half in the other by a stray value.
     ingress = settings.http.ingress
     if ingress.mode == "proxy":
         return {HA_PROXY: "0", DIRECT_INGRESS: "0"}

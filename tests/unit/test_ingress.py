@@ -1,4 +1,5 @@
-"""The cluster environment of each ingress mode (app/serving/ingress.py)."""
+"""The cluster environment (app/serving/ingress.py): each ingress mode, Serve's log stream, the
+background loops' periods."""
 
 from app.serving.ingress import apply_cluster_env, cluster_env, mode_in_effect
 from app.settings import load_settings
@@ -17,7 +18,8 @@ def test_haproxy_is_the_default_and_names_its_ports():
 
 def test_proxy_mode_switches_both_flags_off():
     env = cluster_env(load_settings("local", http={"ingress": {"mode": "proxy"}}))
-    assert env == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert not any(key.startswith("RAY_SERVE_HAPROXY_") for key in env)
     assert mode_in_effect(env) == "proxy"
     assert mode_in_effect({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) == "direct"
 
@@ -36,3 +38,20 @@ def test_an_unknown_mode_is_refused():
 
     with pytest.raises(ConfigError, match="mode"):
         load_settings("local", http={"ingress": {"mode": "nginx"}})
+
+
+def test_serve_logs_stay_off_the_terminal_unless_asked():
+    assert cluster_env(load_settings("local"))["RAY_SERVE_LOG_TO_STDERR"] == "0"
+    assert cluster_env(load_settings("local", serving={"log_to_terminal": True}))["RAY_SERVE_LOG_TO_STDERR"] == "1"
+
+
+def test_idle_periods_are_cluster_variables_and_extra_env_wins():
+    env = cluster_env(load_settings("local"))
+    assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
+    assert env["RAY_memory_monitor_refresh_ms"] == "1000"
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
+    assert env["RAY_task_events_report_interval_ms"] == "5000"
+    idle = {"control_loop_interval_s": 0.2, "extra_env": {"RAY_memory_monitor_refresh_ms": "250", "RAY_X": "1"}}
+    env = cluster_env(load_settings("local", serving={"idle": idle}))
+    assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.2"
+    assert env["RAY_memory_monitor_refresh_ms"] == "250" and env["RAY_X"] == "1"

@@ -155,10 +155,12 @@ def store(tmp_path):
 def test_admission_waits_with_a_reason_and_lets_smaller_jobs_by(store):
     launcher = _Launcher()
     core = SchedulerCore(store, launcher, max_concurrent=2)
+    assert core.idle  # nothing to watch: the driver may poll slowly
     big = store.create_job("training", "big", {"cpus": 50}, "a", priority=5)
     small = store.create_job("training", "small", {"cpus": 1}, "a")
     assert core.tick() == [small["job_id"]]
     assert store.get_job(big["job_id"])["progress"]["waiting_for"].startswith("50 CPUs")
+    assert not core.idle
     launcher.free = 100
     assert core.tick() == [big["job_id"]]
 
