@@ -378,12 +378,26 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # Starlette tries the routes in order (and so does Serve, to name each request's route):
     # the prediction routes, which take nearly every request, go first. No other route matches
     # their paths, so the order changes nothing else (a stable sort).
-    api.router.routes.sort(key=lambda route: getattr(route, "path", None) not in HOT_ROUTES)
+    api.router.routes.sort(key=_route_rank)
+    for route in api.router.routes:  # and first within an included router (FastAPI keeps them nested)
+        router = getattr(route, "original_router", None)
+        if router is not None:
+            router.routes.sort(key=_route_rank)
     return api
 
 
 # The prediction routes (REST and V2), tried before the others.
 HOT_ROUTES = frozenset({"/v1/endpoints/{name}/predict", "/v2/models/{model}/infer"})
+
+
+def _route_rank(route) -> int:
+    """0: a prediction route; 1: an included router that holds one; 2: any other route."""
+    if getattr(route, "path", None) in HOT_ROUTES:
+        return 0
+    router = getattr(route, "original_router", None)
+    if router is not None and any(getattr(r, "path", None) in HOT_ROUTES for r in router.routes):
+        return 1
+    return 2
 
 
 def role_dependencies(ctx: ApiContext):
