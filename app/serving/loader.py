@@ -70,9 +70,14 @@ class ModelLoader:
         version (``MetadataStore.get_trust``, or the RegistryCache actor's copy of it); without
         it no pickle-based file is ever loaded."""
         self.settings = settings
-        self.registry = registry or ModelRegistry(settings)
-        self._resolve = resolve or (lambda model_id: self.registry.resolve(model_id))
-        self._fetch = fetch or self.registry.download
+        if resolve is None or fetch is None:
+            # Only a loader that goes to MLflow itself opens a client: ModelRegistry sets MLflow's
+            # timeouts and retries for the whole process, and a Gateway serving models in its own
+            # process (through the RegistryCache) keeps its serving client's short ones.
+            registry = registry or ModelRegistry(settings)
+        self.registry = registry
+        self._resolve = resolve or (lambda model_id: registry.resolve(model_id))
+        self._fetch = fetch or registry.download
         self._release = release  # called once the runtime holds the model (temp copies)
         self._trust = trust
 

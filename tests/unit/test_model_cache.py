@@ -52,3 +52,21 @@ def test_a_failed_load_reaches_every_waiter_and_is_not_cached():
 def test_max_models_must_be_positive():
     with pytest.raises(ValueError):
         ModelCache(lambda m: None, 0)
+
+
+def test_a_loader_fed_by_the_registry_cache_leaves_mlflow_client_settings_alone(tmp_path, monkeypatch):
+    """The Gateway's ModelHost loads through the RegistryCache: building its loader must not
+    switch the process's MLflow client to the retrying settings of a plain ModelRegistry."""
+    import os
+
+    from app.registry.mlflow_registry import configure_mlflow_client
+    from app.serving.loader import ModelLoader
+    from app.settings import load_settings
+
+    settings = load_settings("local", matih_home=str(tmp_path))
+    for key in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+    configure_mlflow_client(5, retries=0)  # what the Gateway's serving registry sets
+    loader = ModelLoader(settings, resolve=lambda model_id: None, fetch=lambda model: tmp_path)
+    assert loader.registry is None
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
