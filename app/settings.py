@@ -501,6 +501,84 @@ class StorageSettings(_Section):
     )
 
 
+class PredictionLogSettings(_Section):
+    """The prediction log (``app/predlog``): every prediction through an endpoint, buffered in
+    each Gateway replica, shipped in batches to the PredictionLog actor, written as parquet
+    partitioned by endpoint and hour. Per-endpoint sampling, fields and retention live in the
+    endpoint's spec (``spec.logging``); these are the platform-wide defaults and bounds."""
+
+    enabled: bool = Field(
+        True, description="Log predictions at all (an endpoint's spec.logging.enabled turns its own off)."
+    )
+    root: str = Field(
+        "", description="Where the log's parquet files go (a folder, or s3://bucket/prefix); "
+        "empty = <artifact_root>/prediction-log."
+    )
+    buffer_records: int = Field(
+        50_000, ge=1, description="Records a Gateway replica holds before it drops new ones (counted in "
+        "matih_prediction_log_dropped_total and GET /v1/endpoints/{name}/log/stats)."
+    )
+    flush_interval_s: float = Field(
+        0.5, gt=0, description="How often a replica ships its buffered records to the PredictionLog actor."
+    )
+    flush_max_records: int = Field(
+        5_000, ge=1, description="Most records in one shipment (a full shipment goes at once, not on the timer)."
+    )
+    write_interval_s: float = Field(
+        2.0, gt=0, description="How often the PredictionLog actor writes what it received as parquet files "
+        "(one file per endpoint and hour per write)."
+    )
+    compact_interval_s: float = Field(
+        300.0, gt=0, description="How often small files of an hour partition are merged into one."
+    )
+    compact_min_files: int = Field(
+        8, ge=2, description="An hour partition is compacted once it holds at least this many files."
+    )
+    retention_interval_s: float = Field(
+        3600.0, gt=0, description="How often partitions past their endpoint's retention are deleted."
+    )
+    retention_days: int = Field(
+        30, ge=1, description="Days an endpoint's predictions are kept when its spec.logging sets none."
+    )
+    actor_num_cpus: float = Field(0.05, ge=0, description="CPUs the PredictionLog actor reserves.")
+    feedback_grace_s: float = Field(
+        120.0, ge=0, description="Feedback for a request id this recent is accepted even when the log does not "
+        "hold it yet (its record may still be in a replica's buffer); older unknown ids are reported per row."
+    )
+    feedback_max_rows: int = Field(
+        10_000, ge=1, le=100_000, description="Most rows in one POST /v1/endpoints/{name}/feedback."
+    )
+
+
+class EventSettings(_Section):
+    """Platform events (``app/events``): CloudEvents 1.0 written to the outbox table in the same
+    transaction as the change, then published by the EventRelay actor to the sink."""
+
+    sink: Literal["none", "kafka", "redis"] = Field(
+        "none", description="Where the relay publishes: none (the outbox alone, GET /v1/events), kafka "
+        "(KAFKA_BOOTSTRAP_SERVERS) or redis (Redis Streams on REDIS_URL)."
+    )
+    topic: str = Field("matih.events", min_length=1, description="Kafka topic of every event.")
+    stream: str = Field("matih:events", min_length=1, description="Redis stream key of every event.")
+    stream_maxlen: int = Field(
+        1_000_000, ge=1, description="Redis: approximate most entries the stream keeps (XADD MAXLEN ~)."
+    )
+    source: str = Field("/matih-ml", min_length=1, description="The CloudEvents `source` of every event.")
+    relay_interval_s: float = Field(
+        0.5, gt=0, description="How often the relay looks for unpublished events when nothing woke it."
+    )
+    relay_batch: int = Field(500, ge=1, description="Most events the relay publishes in one round.")
+    retry_max_s: float = Field(
+        30.0, gt=0, description="Longest wait between publish attempts while the sink is down (backoff)."
+    )
+    publish_timeout_s: float = Field(
+        10.0, gt=0, description="How long one publish round may wait for the sink's acknowledgement."
+    )
+    keep_published_days: int = Field(
+        7, ge=1, description="Days published events stay in the outbox (and in GET /v1/events)."
+    )
+
+
 class DatabaseSettings(_Section):
     """Bounds on every metadata-store call, so a stalled database fails a call instead of
     hanging the scheduler or a request (PostgreSQL; SQLite waits on its own busy timeout)."""
@@ -575,7 +653,12 @@ class Settings(BaseSettings):
         SecretStr(""), validation_alias=AliasChoices("S3_SECRET_KEY", "s3_secret_key"), description="S3 secret."
     )
     redis_url: str = Field(
-        "", validation_alias=AliasChoices("REDIS_URL", "redis_url"), description="Redis for online features."
+        "", validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis: online features, and the event stream when events.sink is redis.",
+    )
+    kafka_bootstrap_servers: str = Field(
+        "", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+        description="Kafka brokers (host:port,...) the event relay publishes to when events.sink is kafka.",
     )
     admin_token: SecretStr | None = Field(
         None,
@@ -619,6 +702,12 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(
         default_factory=DatabaseSettings, validation_alias=AliasChoices("MATIH_DATABASE", "database")
     )
+    predlog: PredictionLogSettings = Field(
+        default_factory=PredictionLogSettings, validation_alias=AliasChoices("MATIH_PREDLOG", "predlog")
+    )
+    events: EventSettings = Field(
+        default_factory=EventSettings, validation_alias=AliasChoices("MATIH_EVENTS", "events")
+    )
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> "Settings":
@@ -633,6 +722,12 @@ class Settings(BaseSettings):
             self.storage.data_roots = [str(self.matih_home / "data"), self.artifact_root]
         if not self.storage.allowed_buckets and self.artifact_root.startswith(("s3://", "s3a://")):
             self.storage.allowed_buckets = [self.artifact_root.split("://", 1)[1].split("/", 1)[0]]
+        if not self.predlog.root:
+            self.predlog.root = self.artifact_root.rstrip("/") + "/prediction-log"
+        if self.events.sink == "kafka" and not self.kafka_bootstrap_servers:
+            raise ValueError("events.sink kafka needs KAFKA_BOOTSTRAP_SERVERS (host:port of the brokers)")
+        if self.events.sink == "redis" and not self.redis_url:
+            raise ValueError("events.sink redis needs REDIS_URL (redis://host:port/db)")
         if self.database_url.startswith("postgresql://"):
             self.database_url = "postgresql+psycopg://" + self.database_url[len("postgresql://") :]
         return self
@@ -727,6 +822,8 @@ CREDENTIALS_BY_PROCESS: dict[str, tuple[str, ...]] = {
     "registry_cache": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),  # trust records, outbox
     "job_scheduler": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
     "job": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
+    "event_relay": ("database_url", "redis_url"),  # reads the outbox, publishes to the sink
+    "prediction_log": ("database_url", "s3_access_key", "s3_secret_key"),  # endpoints' retention; the files
 }
 
 

@@ -92,6 +92,12 @@ class ApiContext:
     # (skl2onnx or torch.onnx and the parity check: seconds of CPU, much memory) holds neither
     # the ingress's interpreter lock nor its memory while it serves predictions.
     registry_offload: Callable[..., Awaitable[Any]] | None = None
+    # Where the serving path puts prediction-log records (app.predlog.buffer.PredictionLogBuffer);
+    # None = predictions are not logged in this process.
+    prediction_buffer: Any = None
+    # The prediction log's control side: stats, erasure, flush (the PredictionLog actor in the
+    # Gateway, an in-process one in unit tests; see app/predlog); None = no prediction log.
+    predlog: Any = None
     # Endpoint rows by name, trusted for serving.resolve_ttl_s (only this replica's event loop uses it).
     _endpoints: TTLCache = field(init=False, repr=False)
 

@@ -165,6 +165,8 @@ class MetadataStore:
             "target": row.target,
             "runtime": row.runtime,
             "config": row.config or {},
+            "spec": row.spec or {},
+            "spec_version": row.spec_version or 1,
             "created_by": row.created_by,
             "created_at": _iso(row.created_at),
             "updated_at": _iso(row.updated_at),
@@ -172,15 +174,16 @@ class MetadataStore:
 
     def create_endpoint(
         self, name: str, target: str, runtime: str, config: dict, actor: str, *, model: str | None = None,
-        verify: Callable[[], Any] | None = None,
+        verify: Callable[[], Any] | None = None, spec: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Store an endpoint. With ``model`` (the target's model name) the row is written under
+        """Store an endpoint (``spec``: its :class:`app.serving.routing.EndpointSpec` as a dict). With ``model`` (the target's model name) the row is written under
         that model's guard, as :meth:`begin_model_delete` is: refused while a delete of the model
         is in flight, and ``verify`` (the target resolves in MLflow) runs inside the same
         transaction, so a model deleted meanwhile leaves no endpoint behind."""
         now = _now()
         row = Endpoint(
-            name=name, target=target, runtime=runtime, config=config, created_by=actor, created_at=now, updated_at=now
+            name=name, target=target, runtime=runtime, config=config, spec=spec or {}, spec_version=1,
+            created_by=actor, created_at=now, updated_at=now,
         )
         try:
             with self._tx() as s:
@@ -235,6 +238,9 @@ class MetadataStore:
             for field in ("target", "runtime", "config"):
                 if field in changes and changes[field] is not None:
                     setattr(row, field, changes[field])
+            if changes.get("spec") is not None and changes["spec"] != (row.spec or {}):
+                row.spec = changes["spec"]
+                row.spec_version = (row.spec_version or 1) + 1
             row.updated_at = _now()
             s.flush()
             if model is not None:

@@ -22,6 +22,10 @@ class Endpoint(Base):
     target: Mapped[str] = mapped_column(String(512))
     runtime: Mapped[str] = mapped_column(String(32), default="onnx")
     config: Mapped[dict] = mapped_column(JSON, default=dict)
+    # How the endpoint routes and records traffic (app.serving.routing.EndpointSpec), apart from
+    # ``config`` (the runtime's, part of the multiplexed model id: changing it reloads models).
+    spec: Mapped[dict] = mapped_column(JSON, default=dict)
+    spec_version: Mapped[int] = mapped_column(Integer, default=1)  # +1 on every change of the spec
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -132,3 +136,44 @@ class RegistryOp(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (Index("ix_registry_ops_model", "model", "state"),)
+
+
+class Feedback(Base):
+    """Ground truth, a value or a reward for one logged prediction (``request_id``, ``instance``:
+    the row of the request). Append-only: a later submission for the same prediction is a new
+    row that supersedes the earlier one, so every value given stays on record."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    endpoint: Mapped[str] = mapped_column(String(128))
+    request_id: Mapped[str] = mapped_column(String(64))
+    instance: Mapped[int] = mapped_column(Integer, default=0)
+    label: Mapped[object | None] = mapped_column(JSON, nullable=True)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # when the outcome happened
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+
+    __table_args__ = (Index("ix_feedback_request", "endpoint", "request_id", "instance", "id"),)
+
+
+class Event(Base):
+    """The outbox of platform events (CloudEvents 1.0), written in the transaction of the change
+    they describe and published by the EventRelay; ``id`` is the global order."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)  # the CloudEvents id
+    type: Mapped[str] = mapped_column(String(64), index=True)
+    source: Mapped[str] = mapped_column(String(256))
+    subject: Mapped[str] = mapped_column(String(256))
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (Index("ix_events_unpublished", "published_at", "id"),)
