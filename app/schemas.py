@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.names import NAME_PATTERN, check_name  # noqa: F401  (re-exported)
+from app.serving.endpoint_spec import EndpointSpec
 
 
 class _Strict(BaseModel):
@@ -77,6 +78,11 @@ class EndpointCreate(_Strict):
         description="device and max_rows (every endpoint) and the runtime's typed options (see docs/api.md), "
         "checked now; kept with the endpoint.",
     )
+    spec: EndpointSpec = Field(
+        default_factory=EndpointSpec,
+        description="How the endpoint routes and records traffic (prediction-log sampling, fields, retention); "
+        "versioned apart from `config`: changing it reloads no model.",
+    )
 
     @field_validator("runtime")
     @classmethod
@@ -93,6 +99,9 @@ class EndpointUpdate(_Strict):
     target: str | None = Field(None, description="New target; the next request uses it, nothing redeploys.")
     runtime: str | None = Field(None, description="New runtime (a name in app.runtimes.base.RUNTIMES).")
     config: dict[str, Any] | None = None
+    spec: EndpointSpec | None = Field(
+        None, description="New spec, replacing the whole spec (its spec_version counts up); reloads no model."
+    )
 
     @field_validator("runtime")
     @classmethod
@@ -118,7 +127,9 @@ class PredictResponse(BaseModel):
     model: str
     model_version: str
     endpoint: str
-    request_id: str
+    variant: str | None = Field(None, description="The traffic variant that served the request (None: one leg).")
+    request_id: str = Field(..., description="Issued by the server (also the X-Request-Id header); feedback names it.")
+    client_request_id: str | None = Field(None, description="The client's own X-Request-Id, when it sent one.")
 
 
 _MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600

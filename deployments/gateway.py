@@ -6,7 +6,7 @@ ingress: Serve calls the Gateway method named like the RPC."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from cachetools import LRUCache, TTLCache
@@ -18,6 +18,7 @@ from app.api.v2_grpc import UNARY_RPCS
 from app.errors import DependencyUnavailable, MatihError, ModelError, Overloaded, RequestTimeout
 from app.registry.targets import model_name_of
 from app.serving.loader import model_id_for
+from app.serving.routing import ENDPOINT_KEY_PREFIX, endpoint_key
 from app.waits import bounded
 
 _RESOLVE_CACHE_SIZE = 4096  # alias resolutions a Gateway replica keeps (least recently used go first)
@@ -124,7 +125,9 @@ class _ServePredictor:
 
 class _CachedResolver:
     """Alias resolution through the RegistryCache actor, cached in this replica and dropped
-    the moment the actor announces a change (a long poll runs in the background)."""
+    the moment the actor announces a change (a long poll runs in the background). The same
+    feed carries endpoint changes (``endpoint:<name>``, see app.serving.routing), handed to
+    ``on_endpoint`` (name, or None for "drop every endpoint")."""
 
     def __init__(self, actor, ttl_s: float, timeout_s: float = 30.0):
         self.actor = actor
@@ -132,10 +135,14 @@ class _CachedResolver:
         self._cache: TTLCache = TTLCache(maxsize=_RESOLVE_CACHE_SIZE, ttl=ttl_s)
         self._epoch = 0
         self._watcher: asyncio.Task | None = None
+        self.on_endpoint: Callable[[str | None], None] = lambda name: None
 
-    async def resolve(self, ref, use_cache: bool = True):
+    def _ensure_watching(self) -> None:
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def resolve(self, ref, use_cache: bool = True):
+        self._ensure_watching()
         key = str(ref)
         model = self._cache.get(key) if use_cache else None
         if model is not None:
@@ -160,6 +167,14 @@ class _CachedResolver:
         self.drop(name)
         await bounded(self.actor.invalidate.remote(name), self.timeout_s, "the registry cache")
 
+    async def endpoint_changed(self, name: str) -> None:
+        self._ensure_watching()
+        await bounded(self.actor.invalidate.remote(endpoint_key(name)), self.timeout_s, "the registry cache")
+
+    def _drop_all(self) -> None:
+        self._cache.clear()
+        self.on_endpoint(None)
+
     async def _watch(self) -> None:
         while True:
             try:
@@ -167,15 +182,18 @@ class _CachedResolver:
                     self.actor.changes_since.remote(self._epoch, 30.0), 30.0 + self.timeout_s, "the registry cache"
                 )
             except Exception:  # actor restarting: its epochs start over, so forget everything
-                self._cache.clear()
+                self._drop_all()
                 self._epoch = 0
                 await asyncio.sleep(1.0)
                 continue
             if names is None:
-                self._cache.clear()
+                self._drop_all()
             else:
                 for name in names:
-                    self.drop(name)
+                    if name.startswith(ENDPOINT_KEY_PREFIX):
+                        self.on_endpoint(name[len(ENDPOINT_KEY_PREFIX):])
+                    else:
+                        self.drop(name)
             self._epoch = epoch
 
 
@@ -344,6 +362,7 @@ class Gateway(_GrpcMethods):
             jobs=scheduler,
             resolver=resolver,
             model_changed=resolver.changed,
+            endpoint_changed=resolver.endpoint_changed,
             readiness={"ray": ray_ready, "job_scheduler": scheduler.ping, "registry_cache": _pinger(cache, timeout_s),
                        "gpu_manager": gpus.ping},
             cluster_resources=_cluster_resources(timeout_s),
@@ -353,6 +372,7 @@ class Gateway(_GrpcMethods):
             ),
         )
 
+        resolver.on_endpoint = self.ctx.forget_endpoint
         from app.api.v2_grpc import InferenceService
 
         self._grpc = InferenceService(self.ctx)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import uuid
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -35,6 +35,8 @@ from app.schemas import (
     TokenCreate,
 )
 from app.serving.endpoint_config import check_endpoint_config
+from app.serving.request_ids import ids_of
+from app.serving.routing import EndpointRouter, RequestInfo
 from app.settings import Settings
 from app.store import MetadataStore, redacted_endpoint
 
@@ -98,11 +100,26 @@ class ApiContext:
     # The prediction log's control side: stats, erasure, flush (the PredictionLog actor in the
     # Gateway, an in-process one in unit tests; see app/predlog); None = no prediction log.
     predlog: Any = None
+    # Called after an endpoint changes (created, updated, deleted), so every replica drops its
+    # cached row now: the Gateway pushes ``endpoint:<name>`` through the RegistryCache's change
+    # feed, as alias changes go; None = only this process's cache.
+    endpoint_changed: Callable[[str], Awaitable[None]] | None = None
     # Endpoint rows by name, trusted for serving.resolve_ttl_s (only this replica's event loop uses it).
     _endpoints: TTLCache = field(init=False, repr=False)
+    # The one predict path (app.serving.routing), built from the services above.
+    router: EndpointRouter = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        from app.api.errors import status_for
+
         self._endpoints = TTLCache(maxsize=_ENDPOINT_CACHE_SIZE, ttl=self.settings.serving.resolve_ttl_s)
+        self.router = EndpointRouter(
+            endpoint=self.endpoint,
+            resolve=lambda target, use_cache=True: _resolve(self, target, use_cache),
+            predictor=self.predictor,
+            buffer=self.prediction_buffer if self.settings.predlog.enabled else None,
+            status_for=status_for,
+        )
 
     async def notify_model_changed(self, name: str) -> None:
         self.registry.invalidate(name)
@@ -116,8 +133,18 @@ class ApiContext:
             self._endpoints[name] = row
         return row
 
-    def forget_endpoint(self, name: str) -> None:
-        self._endpoints.pop(name, None)
+    def forget_endpoint(self, name: str | None) -> None:
+        """Drop ``name``'s cached row (None: every row)."""
+        if name is None:
+            self._endpoints.clear()
+        else:
+            self._endpoints.pop(name, None)
+
+    async def notify_endpoint_changed(self, name: str) -> None:
+        """Drop ``name``'s cached row here and, through ``endpoint_changed``, in every replica."""
+        self.forget_endpoint(name)
+        if self.endpoint_changed is not None:
+            await self.endpoint_changed(name)
 
 
 NONCRITICAL_DEPENDENCIES = frozenset({"mlflow"})
@@ -295,7 +322,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
         row = await asyncio.to_thread(
             ctx.store.create_endpoint, body.name, body.target, body.runtime, body.config, who.name,
             model=parse_target(body.target).name, verify=lambda: ctx.registry.resolve(body.target, use_cache=False),
+            spec=body.spec.model_dump(mode="json"),
         )
+        await ctx.notify_endpoint_changed(body.name)  # a replica may hold the 404 of a name now taken
         return {**redacted_endpoint(row), "model_version": resolved.version}
 
     @api.get("/v1/endpoints", response_model=Page, tags=["serving"], summary="List endpoints")
@@ -332,40 +361,51 @@ def create_app(ctx: ApiContext) -> FastAPI:
             target = body.target
             guard = {"model": parse_target(target).name,
                      "verify": lambda: ctx.registry.resolve(target, use_cache=False)}
-        row = await asyncio.to_thread(
-            ctx.store.update_endpoint, name, body.model_dump(exclude_unset=True), who.name, **guard
-        )
-        ctx.forget_endpoint(name)
+        changes = body.model_dump(exclude_unset=True)
+        if body.spec is not None:
+            changes["spec"] = body.spec.model_dump(mode="json")
+        row = await asyncio.to_thread(ctx.store.update_endpoint, name, changes, who.name, **guard)
+        await ctx.notify_endpoint_changed(name)
         return redacted_endpoint(row)
 
     @api.delete("/v1/endpoints/{name}", status_code=204, tags=["serving"], summary="Delete an endpoint")
     async def delete_endpoint(name: str, who: Principal = developer) -> Response:
         await asyncio.to_thread(ctx.store.delete_endpoint, name, who.name)
-        ctx.forget_endpoint(name)
+        await ctx.notify_endpoint_changed(name)
         return Response(status_code=204)
 
     @api.post(
         "/v1/endpoints/{name}/predict", response_model=PredictResponse, tags=["serving"],
         summary="Predict with the endpoint's current model",
+        description="The answer names the model version and variant that served it and the request id the "
+        "server issued (also in the `X-Request-Id` header); a client's own `X-Request-Id` comes back as "
+        "`client_request_id`. Feedback for the prediction (`POST /v1/endpoints/{name}/feedback`) names that "
+        "request id. The prediction log records the request as the endpoint's `spec.logging` says.",
     )
     async def predict(
-        body: PredictRequest, request: Request, name: str = Path(...), _: Principal = predictor
+        body: PredictRequest, request: Request, name: str = Path(...), who: Principal = predictor
     ) -> JSONResponse:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        endpoint = await ctx.endpoint(name)
-        model = await _resolve(ctx, endpoint["target"])
-        payload = body.model_dump(exclude_none=True)
-        out = await ctx.predictor.predict(model, payload, endpoint["runtime"], endpoint["config"] or None)
+        started, arrived = time.perf_counter(), time.time()
+        request_id, client_id, issued_here = ids_of(request.headers)
+        plan = await ctx.router.plan(name)
+        info = RequestInfo(request_id, client_id, who.name, "rest", started, arrived)
+        done = await ctx.router.predict(plan, body.model_dump(exclude_none=True), info)
+        model = done.leg.model
         content = {
-            "predictions": out["predictions"],
+            "predictions": done.output["predictions"],
             "model": model.name,
             "model_version": model.version,
             "endpoint": name,
+            "variant": done.leg.variant or None,
             "request_id": request_id,
         }
-        if "probabilities" in out:
-            content["probabilities"] = out["probabilities"]
-        return JSONResponse(content)  # the Serve proxy echoes the id in the x-request-id header
+        if client_id is not None:
+            content["client_request_id"] = client_id
+        if "probabilities" in done.output:
+            content["probabilities"] = done.output["probabilities"]
+        # Serve's ingress echoes the request's x-request-id, which the request-id middleware set
+        # to ours; without the middleware the header is set here.
+        return JSONResponse(content, headers={"X-Request-Id": request_id} if issued_here else None)
 
     # -- audit -----------------------------------------------------------------------------
     @api.get("/v1/audit", response_model=Page, tags=["governance"], summary="The audit log (admin)")

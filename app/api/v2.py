@@ -13,7 +13,7 @@ protocol as well (``app/api/v2_grpc.py``): one code path, two transports.
 from __future__ import annotations
 
 import asyncio
-import uuid
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +28,13 @@ from app.errors import (
     DependencyUnavailable,
     InvalidInput,
     MatihError,
-    NotFound,
 )
 from app.names import parse_version
-from app.registry.mlflow_registry import ResolvedModel
 from app.registry.mlflow_registry import model_metadata as version_metadata
-from app.registry.targets import parse_target
 from app.serving import v2_codec
+from app.serving.request_ids import ids_of
+from app.serving.routing import Plan, RequestInfo
 
-DEFAULT_ALIAS = "champion"
 # The input name skl2onnx gives every model the platform trains; requests may use any name.
 INPUT_NAME = "X"
 PLATFORMS = {"onnx": "onnxruntime_onnx", "triton": "triton", "native": "matih_native"}
@@ -44,49 +42,13 @@ PLATFORMS = {"onnx": "onnxruntime_onnx", "triton": "triton", "native": "matih_na
 _SERVING_DEPENDENCIES = ("ray", "registry_cache")
 
 
-@dataclass
-class _Served:
-    model: ResolvedModel
-    runtime: str
-    config: dict[str, Any] | None
-    endpoint: str | None
-
-
-async def _served(ctx: ApiContext, name: str, version: str | None) -> _Served:
-    """What ``/v2/models/{name}[/versions/{version}]`` serves: see the module docstring."""
-    if version is None:
-        try:
-            row = await ctx.endpoint(name)
-        except NotFound:
-            row = None
-        if row is not None:
-            model = await _resolve(ctx, row["target"])
-            return _Served(model, row["runtime"], row["config"] or None, name)
-        target = f"{name}@{DEFAULT_ALIAS}"
-        missing = (
-            f"model {name!r} is neither an endpoint nor a registered model with a {DEFAULT_ALIAS!r} alias; "
-            "GET /v1/endpoints and /v1/models list them"
-        )
-    else:
-        target = f"{name}/{parse_version(version)}"
-        missing = f"model {name!r} has no version {version!r} in the registry"
-    try:
-        parse_target(target)
-    except InvalidInput:
-        raise NotFound(missing, details={"model": name, "version": version}) from None
-    try:
-        model = await _resolve(ctx, target)
-    except NotFound:
-        raise NotFound(missing, details={"model": name, "version": version}) from None
-    return _Served(model, "onnx", None, None)
-
-
 def _label_output(task: str | None) -> str:
     """skl2onnx's name for the prediction output: ``variable`` for regressors, else ``label``."""
     return "variable" if task == "regression" else "label"
 
 
-def _model_metadata(name: str, served: _Served) -> dict[str, Any]:
+def _model_metadata(name: str, plan: Plan) -> dict[str, Any]:
+    served = plan.primary
     meta = version_metadata(served.model)
     features = meta.get("feature_names")
     n = len(features) if features else -1
@@ -108,8 +70,8 @@ def _model_metadata(name: str, served: _Served) -> dict[str, Any]:
         "outputs": outputs,
     }
     extra = {"model": served.model.name, "model_version": served.model.version}
-    if served.endpoint:
-        extra["endpoint"] = served.endpoint
+    if plan.endpoint:
+        extra["endpoint"] = plan.name
     if features:
         extra["feature_names"] = features
     body["parameters"] = extra
@@ -138,12 +100,12 @@ def server_metadata() -> dict[str, Any]:
 
 async def model_metadata(ctx: ApiContext, name: str, version: str | None = None) -> dict[str, Any]:
     """The V2 model metadata of ``name`` (an endpoint, else a registered model; see the module docstring)."""
-    return _model_metadata(name, await _served(ctx, name, version))
+    return _model_metadata(name, await ctx.router.v2_plan(name, version))
 
 
 async def model_ready(ctx: ApiContext, name: str, version: str | None = None) -> None:
     """Returns when ``name`` resolves to a servable version; raises NotFound otherwise."""
-    await _served(ctx, name, version)
+    await ctx.router.v2_plan(name, version)
 
 
 @dataclass
@@ -155,11 +117,15 @@ class Inference:
     outputs: list[tuple[str, Any, bool]]
 
 
-async def infer(ctx: ApiContext, name: str, version: str | None, req: v2_codec.InferRequest) -> Inference:
-    """Run a decoded infer request through the endpoint (or registered model) ``name``."""
+async def infer(
+    ctx: ApiContext, name: str, version: str | None, req: v2_codec.InferRequest, info: RequestInfo
+) -> Inference:
+    """Run a decoded infer request through the endpoint (or registered model) ``name``
+    (the one predict path: :class:`app.serving.routing.EndpointRouter`)."""
     payload = v2_codec.model_payload(req)
-    served = await _served(ctx, name, version)
-    task = version_metadata(served.model).get("task")
+    plan = await ctx.router.v2_plan(name, version)
+    served = plan.primary
+    task = ctx.router.task_and_features(served.model)[0]
     label = _label_output(task)
     known = [label] if task == "regression" else [label, "probabilities"]
     if req.outputs is not None:
@@ -173,7 +139,7 @@ async def infer(ctx: ApiContext, name: str, version: str | None, req: v2_codec.I
         task != "regression" if req.outputs is None else any(o.name == "probabilities" for o in req.outputs)
     )
     try:
-        result = await ctx.predictor.predict(served.model, payload, served.runtime, served.config)
+        result = (await ctx.router.predict(plan, payload, info)).output
     except InvalidInput as exc:  # the protocol answers every bad request with 400
         cause = getattr(exc, "cause", None)  # raised in a replica: Ray's wrapper holds the original
         original = cause if isinstance(cause, InvalidInput) else exc
@@ -182,7 +148,8 @@ async def infer(ctx: ApiContext, name: str, version: str | None, req: v2_codec.I
     return Inference(served.model.version, outputs)
 
 
-async def _infer(ctx: ApiContext, name: str, version: str | None, request: Request) -> Response:
+async def _infer(ctx: ApiContext, name: str, version: str | None, request: Request, who: Principal) -> Response:
+    started, arrived = time.perf_counter(), time.time()
     if version is not None:
         parse_version(version)  # the path before the body: a bad URL needs no body read
     encoding = request.headers.get("content-encoding", "identity").lower()
@@ -193,16 +160,21 @@ async def _infer(ctx: ApiContext, name: str, version: str | None, request: Reque
         )
     body = await request.body()
     req = v2_codec.decode_request(body, request.headers.get(v2_codec.HEADER_LENGTH))
-    done = await infer(ctx, name, version, req)
-    request_id = req.id if req.id is not None else request.headers.get("x-request-id") or uuid.uuid4().hex
-    content, header_length = v2_codec.encode_response(name, done.model_version, request_id, done.outputs)
-    if header_length is None:
-        return Response(content, media_type="application/json")
-    return Response(
-        content,
-        media_type="application/octet-stream",
-        headers={v2_codec.HEADER_LENGTH: str(header_length)},
+    request_id, client_id, issued_here = ids_of(request.headers)
+    if req.id is not None:  # the protocol's own request id is the client's
+        client_id = req.id
+    done = await infer(ctx, name, version, req, RequestInfo(request_id, client_id, who.name, "v2", started, arrived))
+    # The protocol echoes a request's "id"; the server's id is in the X-Request-Id header and in
+    # the response's parameters.request_id.
+    content, header_length = v2_codec.encode_response(
+        name, done.model_version, client_id if req.id is not None else request_id, done.outputs,
+        parameters={"request_id": request_id},
     )
+    headers = {"X-Request-Id": request_id} if issued_here else {}
+    if header_length is None:
+        return Response(content, media_type="application/json", headers=headers)
+    headers[v2_codec.HEADER_LENGTH] = str(header_length)
+    return Response(content, media_type="application/octet-stream", headers=headers)
 
 
 def router(ctx: ApiContext) -> APIRouter:
@@ -254,15 +226,15 @@ def router(ctx: ApiContext) -> APIRouter:
     }
 
     @api.post("/models/{model}/infer", summary="Inference (V2), JSON or binary tensors", openapi_extra=infer_doc)
-    async def infer(model: str, request: Request, _: Principal = predictor) -> Response:
-        return await _infer(ctx, model, None, request)
+    async def infer(model: str, request: Request, who: Principal = predictor) -> Response:
+        return await _infer(ctx, model, None, request, who)
 
     @api.post(
         "/models/{model}/versions/{version}/infer", summary="Inference with a registered model version (V2)",
         openapi_extra=infer_doc,
     )
-    async def infer_version(model: str, version: str, request: Request, _: Principal = predictor) -> Response:
-        return await _infer(ctx, model, version, request)
+    async def infer_version(model: str, version: str, request: Request, who: Principal = predictor) -> Response:
+        return await _infer(ctx, model, version, request, who)
 
     return api
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import time
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -31,10 +31,12 @@ from app.api import v2
 from app.api.app import ApiContext
 from app.api.deadline import deadline_s
 from app.api.errors import grpc_status
-from app.auth import Role
+from app.auth import Principal, Role
 from app.errors import MatihError, NotFound, PayloadTooLarge, RequestTimeout
 from app.names import parse_version
+from app.predlog.ids import new_request_id
 from app.serving import v2_proto
+from app.serving.routing import RequestInfo
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +89,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             context.set_details(details)
         return empty()
 
-    async def _authorize(self, metadata: dict[str, str], role: Role) -> None:
+    async def _authorize(self, metadata: dict[str, str], role: Role) -> Principal:
         principal = await self.ctx.authenticator.authenticate(metadata.get("authorization"))
         principal.require(role)
+        return principal
 
     # -- the RPCs ------------------------------------------------------------------------------
     # Each RPC takes its request message or, as Serve hands it on, the message's bytes.
@@ -142,8 +145,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._call(context, pb.ModelReadyResponse, work)
 
     async def ModelInfer(self, request: Any, context: Any = None) -> pb.ModelInferResponse:
+        started, arrived = time.perf_counter(), time.time()
+
         async def work(metadata: dict[str, str]) -> pb.ModelInferResponse:
-            await self._authorize(metadata, Role.predictor)
+            who = await self._authorize(metadata, Role.predictor)
             limit = self.ctx.settings.http.max_body_bytes  # Serve's gRPC proxy takes messages up to 2 GiB
             size = len(request) if isinstance(request, (bytes, bytearray)) else request.ByteSize()
             if size > limit:
@@ -154,9 +159,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             msg = v2_proto.parse(request, pb.ModelInferRequest)
             version = _version(msg.model_version)
             req = v2_proto.decode_infer_request(msg)
-            done = await v2.infer(self.ctx, msg.model_name, version, req)
-            request_id = req.id if req.id is not None else metadata.get("x-request-id") or uuid.uuid4().hex
-            return v2_proto.encode_infer_response(msg.model_name, done.model_version, request_id, done.outputs)
+            request_id = new_request_id()
+            client_id = req.id if req.id is not None else metadata.get("x-request-id")
+            info = RequestInfo(request_id, client_id, who.name, "grpc", started, arrived)
+            done = await v2.infer(self.ctx, msg.model_name, version, req, info)
+            # The protocol echoes the request's id; the server's is the parameter request_id.
+            return v2_proto.encode_infer_response(
+                msg.model_name, done.model_version, req.id if req.id is not None else request_id, done.outputs,
+                parameters={"request_id": request_id},
+            )
 
         return await self._call(context, pb.ModelInferResponse, work)
 

@@ -22,13 +22,17 @@ from app.settings import Settings
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
 DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 LOG_TO_STDERR = "RAY_SERVE_LOG_TO_STDERR"
+# Serve's HTTP ingress (proxy or direct) wraps its app in the middlewares this names: the
+# platform's server-issued request ids (app.serving.request_ids).
+PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+REQUEST_ID_MIDDLEWARES = "app.serving.request_ids.serve_middlewares"
 
 
 def cluster_env(settings: Settings) -> dict[str, str]:
-    """The variables of ``settings.http.ingress``, ``settings.serving.log_to_terminal`` and the
-    background loops' periods (``settings.serving.idle``)."""
+    """The variables of ``settings.http.ingress``, ``settings.serving.log_to_terminal``, the
+    background loops' periods (``settings.serving.idle``) and the request-id middleware."""
     return {**_ingress_env(settings), LOG_TO_STDERR: "1" if settings.serving.log_to_terminal else "0",
-            **settings.serving.idle.cluster_env()}
+            PROXY_CALLBACK: REQUEST_ID_MIDDLEWARES, **settings.serving.idle.cluster_env()}
 
 
 def _ingress_env(settings: Settings) -> dict[str, str]:

@@ -403,6 +403,7 @@ def encode_response(
     model_version: str | None,
     request_id: str | None,
     outputs: list[tuple[str, np.ndarray, bool]],
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """The response body and, when some outputs are binary, the JSON header's length (send it
     as ``Inference-Header-Content-Length`` with content type application/octet-stream)."""
@@ -411,6 +412,8 @@ def encode_response(
         doc["model_version"] = str(model_version)
     if request_id is not None:
         doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = parameters
     entries, blobs = [], []
     for name, arr, binary in outputs:
         datatype = datatype_of(arr)

@@ -155,10 +155,14 @@ def encode_infer_response(
     model_version: str | None,
     request_id: str | None,
     outputs: list[tuple[str, np.ndarray, bool]],
+    parameters: dict[str, str] | None = None,
 ) -> pb.ModelInferResponse:
     """The ModelInferResponse of ``(name, array, _)`` outputs (``v2_codec.select_outputs``),
-    every output as raw bytes (the binary flag is the HTTP extension's and does not apply)."""
+    every output as raw bytes (the binary flag is the HTTP extension's and does not apply);
+    ``parameters``: string parameters of the response (the server's request id)."""
     response = pb.ModelInferResponse(model_name=model_name, model_version=str(model_version or ""), id=request_id or "")
+    for key, value in (parameters or {}).items():
+        response.parameters[key].string_param = value
     for name, arr, _ in outputs:
         datatype = v2_codec.datatype_of(arr)
         response.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
