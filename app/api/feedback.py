@@ -76,9 +76,14 @@ def router(ctx: ApiContext) -> APIRouter:
     )
     async def submit_feedback(
         name: str = Path(..., description="The endpoint that served the predictions."),
-        rows: list[Any] = Body(..., description="The feedback rows."),
+        rows: Any = Body(..., description="The feedback rows: a JSON list."),
         who: Principal = predictor,
     ) -> dict[str, Any]:
+        if not isinstance(rows, list):
+            raise InvalidInput(
+                'the body must be a JSON list of feedback rows: [{"request_id": ..., "label": ...}, ...]',
+                details={"field": "body"},
+            )
         if not rows:
             raise InvalidInput("the body is an empty list; send 1 or more feedback rows", details={"field": "body"})
         if len(rows) > limit:

@@ -206,7 +206,7 @@ class FeedbackStore:
         earlier value. The stored rows and ONE audit record (``feedback.record``, with the
         counts and ``received_at``, which marks the batch's rows) go in one transaction."""
         results: list[dict[str, Any]] = []
-        parsed: list[tuple[int, FeedbackRow]] = []
+        parsed: list[tuple[int, FeedbackRow, datetime]] = []
         for index, raw in enumerate(rows):
             result: dict[str, Any] = {"index": index, "request_id": _echo_id(raw)}
             results.append(result)
@@ -218,24 +218,25 @@ class FeedbackStore:
             except ValidationError as exc:
                 result.update(status="rejected", error=_row_error(exc))
                 continue
-            if not is_request_id(row.request_id) or request_id_time(row.request_id) is None:
+            issued = request_id_time(row.request_id) if is_request_id(row.request_id) else None
+            if issued is None:
                 result.update(
                     status="rejected", error="request_id: not an id this server issues (32 hex digits, lower case)"
                 )
             elif row.label is None and row.value is None and row.reward is None:
                 result.update(status="rejected", error="give at least one of label, value and reward")
             else:
-                parsed.append((index, row))
+                parsed.append((index, row, issued))
 
-        ids = sorted({row.request_id for _, row in parsed})
+        ids = sorted({row.request_id for _, row, _ in parsed})
         in_log = set(known(ids)) if ids else set()
         now_s = time.time()
         candidates: list[tuple[int, FeedbackRow, bool]] = []
-        for index, row in parsed:
+        for index, row, issued in parsed:
             if row.request_id in in_log:
                 candidates.append((index, row, False))
                 continue
-            age_s = now_s - request_id_time(row.request_id).timestamp()
+            age_s = now_s - issued.timestamp()
             if age_s > grace_s:
                 results[index].update(status="rejected", error="unknown request id: the prediction log does not hold it")
             elif age_s < -grace_s:
@@ -279,7 +280,7 @@ class FeedbackStore:
             counts["rejected"] = len(results) - len(candidates)
             counts["stored"] = len(inserts)
             if inserts:
-                s.execute(insert(Feedback.__table__), inserts)
+                s.execute(insert(Feedback.__table__), inserts)  # type: ignore[arg-type]  # Core: no ORM bookkeeping
                 s.add(
                     AuditRecord(
                         at=received_at, actor=actor, action="feedback.record", resource_type="endpoint",

@@ -135,7 +135,7 @@ def labeled(
     return join_feedback(predictions, feedback, how=how)
 
 
-def _join_batch(batch: pa.Table, feedback: pa.Table, how: str) -> pa.Table:
+def _join_batch(batch: pa.Table, feedback: pa.Table, how: Literal["left", "inner"]) -> pa.Table:
     return join_feedback(batch, feedback, how=how)
 
 
