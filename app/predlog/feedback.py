@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
-from sqlalchemy import func, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -371,6 +371,32 @@ class FeedbackStore:
             for r in rows
         ]
 
+
+    # -- erasure ------------------------------------------------------------------------------
+    def erase(self, endpoint: str, request_ids: Sequence[str], actor: str) -> int:
+        """Delete every feedback row of these requests of ``endpoint``: the feedback side of an
+        erasure request (the log's files are rewritten by the prediction log's own erasure). The
+        one exception to append-only; one audit record (``feedback.erase``) with the count, not
+        the ids. Returns the number of rows deleted."""
+        ids = sorted({rid for rid in request_ids if isinstance(rid, str)})
+        if not ids:
+            return 0
+        deleted = 0
+        with self._tx() as s:
+            for chunk in _chunks(ids):
+                result = s.connection().execute(
+                    delete(Feedback).where(Feedback.endpoint == endpoint, Feedback.request_id.in_(chunk))
+                )
+                deleted += result.rowcount
+            if deleted:
+                s.add(
+                    AuditRecord(
+                        at=datetime.now(timezone.utc), actor=actor[:_ACTOR_CHARS], action="feedback.erase",
+                        resource_type="endpoint", resource_id=endpoint, before=None,
+                        after={"requests": len(ids), "rows_deleted": deleted},
+                    )
+                )
+        return deleted
 
 def _same_outcome(before: tuple, row: FeedbackRow) -> bool:
     """Whether ``row`` repeats the stored outcome ``before`` (label compared with its JSON type:

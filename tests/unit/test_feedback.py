@@ -328,3 +328,17 @@ def test_labeled_reads_the_window_dedups_and_joins_the_current_feedback(settings
     assert labeled(settings, store, EP, now + timedelta(days=1), now + timedelta(days=2)).num_rows == 0
     with pytest.raises(InvalidInput, match="must be after"):
         read_window(settings, EP, until, since)
+
+
+def test_erase_deletes_the_requests_feedback_with_one_audit_record(store, feedback):
+    gone, kept = new_request_id(), new_request_id()
+    feedback.record(EP, [{"request_id": gone, "label": 1}, {"request_id": gone, "instance": 1, "label": 2},
+                         {"request_id": kept, "label": 3}], "a", known=everything)
+    feedback.record(EP, [{"request_id": gone, "label": 4}], "a", known=everything)
+    feedback.record("other", [{"request_id": gone, "label": 5}], "a", known=everything)
+    assert feedback.erase(EP, [gone, "not-an-id"], "dpo") == 3
+    assert feedback.history(EP, gone) == [] and len(feedback.history("other", gone)) == 1
+    assert feedback.latest(EP).column("request_id").to_pylist() == [kept]
+    audit = [a for a in store.list_audit()[0] if a["action"] == "feedback.erase"]
+    assert len(audit) == 1 and audit[0]["after"] == {"requests": 2, "rows_deleted": 3} and audit[0]["actor"] == "dpo"
+    assert feedback.erase(EP, [gone], "dpo") == 0
