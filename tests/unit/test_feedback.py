@@ -29,10 +29,6 @@ def everything(ids):
     return set(ids)
 
 
-def nothing(ids):
-    return set()
-
-
 def log_rows(request_id: str, n: int = 1, *, endpoint: str = EP, at: datetime | None = None, prediction=0):
     """The records of one request of ``n`` rows, as the log stores them."""
     at = at or request_id_time(request_id)
