@@ -480,6 +480,7 @@ ROUTERS: list[str] = [
     "app.api.gpus:router",
     "app.api.batch:router",
     "app.api.v2:router",
+    "app.api.feedback:router",
 ]
 
 
