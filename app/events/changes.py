@@ -5,7 +5,13 @@ writes the result to the outbox. ``data`` holds only what a viewer already reads
 API (a job's error, an endpoint as ``GET /v1/endpoints/{name}`` shows it, with its credentials
 masked); never the acting principal, which stays in the admin-only audit log.
 
-Each function returns ``(type, subject, data)``, or None when the change raises no event.
+Each function returns ``(type, subject, data)``, a list of them, or None when the change
+raises no event.
+
+Versions a training job registers are registered by the job itself, straight in MLflow
+(``app.training.pipeline.register_version``, repeatable after a crash), not through the
+registry service; their ``model.version.registered`` and ``model.version.alias_changed``
+events are written with the job's ``succeeded`` transition, whose result names them.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ _ENDPOINT_FIELDS = ("name", "target", "runtime", "config", "spec", "spec_version
 _OP_CREATE, _OP_STAGE = "model_version.create", "model_version.stage"  # app.registry.outbox's op names
 
 
-def job_changed(job: dict[str, Any], previous_status: str | None) -> EventSpec:
-    """A job (``MetadataStore._job_dict``, errors already redacted) created or moved to a new status."""
+def job_changed(job: dict[str, Any], previous_status: str | None) -> EventSpec | list[EventSpec]:
+    """A job (``MetadataStore._job_dict``, errors already redacted) created or moved to a new
+    status; a training job that succeeded and registered a version also raises that version's
+    events (after the job's own)."""
     data: dict[str, Any] = {
         "job_id": job["job_id"], "kind": job["kind"], "name": job["name"], "status": job["status"],
         "previous_status": previous_status, "attempts": job["attempts"], "priority": job["priority"],
@@ -32,7 +40,20 @@ def job_changed(job: dict[str, Any], previous_status: str | None) -> EventSpec:
         data["result"] = job["result"]
     if job["status"] in ("succeeded", "failed", "cancelled"):
         data["started_at"], data["finished_at"] = job["started_at"], job["finished_at"]
-    return m.job_event_type(job["kind"], job["status"]), m.job_subject(job["job_id"]), data
+    own = (m.job_event_type(job["kind"], job["status"]), m.job_subject(job["job_id"]), data)
+    result = job.get("result") or {}
+    if job["status"] != "succeeded" or job["kind"] != "training" or not result.get("model_name") \
+            or not result.get("model_version"):
+        return own
+    name, version = str(result["model_name"]), str(result["model_version"])
+    subject = m.model_version_subject(name, version)
+    out = [own, (m.MODEL_VERSION_REGISTERED, subject,
+                 {"model": name, "version": version, "source_kind": "training_job", "job_id": job["job_id"],
+                  "run_id": result.get("run_id"), "stage": "none", "aliases": list(result.get("aliases") or [])})]
+    for alias in result.get("aliases") or []:
+        out.append((m.MODEL_VERSION_ALIAS_CHANGED, subject,
+                    {"model": name, "alias": alias, "version": version, "job_id": job["job_id"]}))
+    return out
 
 
 def endpoint_changed(

@@ -162,14 +162,14 @@ class MetadataStore:
             )
         )
 
-    def _event(self, session: Session, spec: tuple[str, str, dict[str, Any]] | None) -> None:
-        """Write the event ``spec`` = (type, subject, data) of :mod:`app.events.changes` to the
-        outbox in the change's own transaction: the change and its event commit or roll back
-        together, and the EventRelay publishes it afterwards."""
-        if spec is not None:
-            type_, subject, data = spec
+    def _event(self, session: Session, spec: tuple[str, str, dict[str, Any]] | list | None) -> None:
+        """Write the events ``spec`` = (type, subject, data), or a list of them, of
+        :mod:`app.events.changes` to the outbox in the change's own transaction: the change and
+        its events commit or roll back together, and the EventRelay publishes them afterwards."""
+        for type_, subject, data in ([] if spec is None else spec if isinstance(spec, list) else [spec]):
             session.add(Event(event_id=uuid.uuid4().hex, type=type_, source=self.event_source, subject=subject,
                               time=_now(), data=data, attempts=0))
+            session.flush()  # numbered in the order written
 
     # -- endpoints -------------------------------------------------------------------------
     @staticmethod

@@ -88,6 +88,20 @@ def test_job_lifecycle_writes_its_events_in_order(store):
     assert len({e["id"] for e in items}) == len(items)
 
 
+def test_a_training_job_that_registers_a_version_raises_its_registry_events(store):
+    jid = store.create_job("training", "iris", {}, "alice")["job_id"]
+    store.transition_job(jid, "running")
+    store.transition_job(jid, "succeeded", result={"run_id": "r9", "model_name": "iris", "model_version": "2",
+                                                   "aliases": ["challenger"]})
+    items, _ = Outbox(store).read()
+    assert [(e["type"], e["subject"]) for e in items[2:]] == [
+        ("training.job.succeeded", f"jobs/{jid}"), ("model.version.registered", "models/iris/versions/2"),
+        ("model.version.alias_changed", "models/iris/versions/2"),
+    ]
+    assert items[3]["data"]["job_id"] == jid and items[3]["data"]["run_id"] == "r9"
+    assert items[4]["data"] == {"model": "iris", "alias": "challenger", "version": "2", "job_id": jid}
+
+
 def test_a_job_started_by_hand_is_queued_and_started_at_once(store):
     job = store.create_job("training", "manual", {}, "alice", running_as="raysubmit_1")
     assert _types(store) == [("training.job.queued", f"jobs/{job['job_id']}"),
