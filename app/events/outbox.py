@@ -82,11 +82,12 @@ class Outbox:
 
     @staticmethod
     def _sequence_of(s: Session, since: str) -> int:
-        row_id = s.scalars(select(Event.id).where(Event.event_id == since[:64])).first()
-        if row_id is not None:
-            return row_id
-        if since.isascii() and since.isdigit() and len(since) <= 18:
-            return int(since)
+        if since.isascii() and since.isalnum() and len(since) <= 64:  # event ids are hex; never a NUL to PostgreSQL
+            row_id = s.scalars(select(Event.id).where(Event.event_id == since)).first()
+            if row_id is not None:
+                return row_id
+            if since.isdigit() and len(since) <= 18:
+                return int(since)
         shown = since if len(since) <= 64 else since[:61] + "..."
         raise InvalidInput(
             f"since {shown!r} is not an RFC 3339 time, an event's sequence, or the id of an event in the outbox "

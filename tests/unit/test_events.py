@@ -197,7 +197,7 @@ def test_reading_filters_pages_and_continues_after_an_event(store):
     assert [e["type"] for e in outbox.read(type_="training")[0]] == ["training.job.queued"]
     assert outbox.read(type_="training.jo")[0] == []  # whole dotted words only
     assert len(outbox.read(type_="endpoint.created")[0]) == 5
-    for bad in ({"since": "no-such-event"}, {"type_": "Training Job"}, {"type_": "a..b"}, {"page_token": "x"},
+    for bad in ({"since": "no-such-event"}, {"since": "a\x00b"}, {"since": "é"}, {"type_": "Training Job"}, {"type_": "a..b"}, {"page_token": "x"},
                 {"type_": "%"}):
         with pytest.raises(InvalidInput):
             outbox.read(**bad)
