@@ -1,5 +1,6 @@
 """The metadata store: endpoints, jobs, the audit log, API tokens, the trust and approvals of
-model versions, and the outbox of registry mutations.
+model versions, the outbox of registry mutations, and the outbox of platform events (each
+change's CloudEvents, written in its transaction; see ``app/events``).
 
 SQLite in the local profile, PostgreSQL in production; the same code and the same Alembic
 migrations for both. Every mutation writes its audit record in the same transaction, so a
