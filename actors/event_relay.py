@@ -16,6 +16,7 @@ from actors import NAMESPACE, get_or_create_actor
 
 log = logging.getLogger(__name__)
 ACTOR_NAME = "event_relay"
+_IDLE_INTERVAL_S = 30.0
 
 
 @ray.remote
@@ -41,7 +42,9 @@ class EventRelay:
                 log.exception("event relay round failed")
             if published >= self._core.settings.events.relay_batch:
                 continue  # more are waiting: no pause between full batches
-            wait = max(self._interval, self._core.seconds_until_due())
+            # With the none sink a round only reports the depth and purges: no need to poll often.
+            interval = self._interval if self._core.publishing else max(self._interval, _IDLE_INTERVAL_S)
+            wait = max(interval, self._core.seconds_until_due())
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
             except asyncio.TimeoutError:
