@@ -481,6 +481,7 @@ ROUTERS: list[str] = [
     "app.api.batch:router",
     "app.api.v2:router",
     "app.api.feedback:router",
+    "app.api.events:router",
 ]
 
 
