@@ -442,6 +442,14 @@ class MetadataStore:
         with self._tx() as s:
             return [self._job_dict(r) for r in s.scalars(select(Job).where(Job.status == status))]
 
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        """Jobs per (kind, status), for the job scheduler's ``matih_jobs`` gauge."""
+        from sqlalchemy import func
+
+        with self._tx() as s:
+            rows = s.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))
+            return {(kind, status): int(n) for kind, status, n in rows}
+
     # -- audit -----------------------------------------------------------------------------
     def record_audit(
         self, actor: str, action: str, resource_type: str, resource_id: str, before: Any, after: Any

@@ -29,6 +29,7 @@ class Platform:
     dashboard: str = ""  # the Ray dashboard (job submission API)
     grpc: str = ""  # host:port of Serve's gRPC proxy (inference.GRPCInferenceService)
     kafka: object = None  # tests.kafka.TansuBroker: the Kafka-protocol broker the event relay publishes to
+    metrics: str = ""  # host:port of Ray's Prometheus endpoint on this node (matih_* and ray_serve_*)
 
     def client(self, token: str | None = "admin") -> httpx.Client:
         token = self.admin_token if token == "admin" else token
@@ -125,7 +126,9 @@ def platform(tmp_path_factory) -> Platform:
                "metrics_port": free_port(), "fallback_http_port": free_port(), "fallback_grpc_port": free_port()}
     overrides["http"] = {**load_settings("local", **overrides).http.model_dump(mode="json"), "ingress": ingress}
     apply_cluster_env(load_settings("local", **overrides))
-    ray.init(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=2, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=2, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     base = load_settings("local", **overrides)
     # A short queue in front of the ModelServer (more than the 32 clients of the replica-kill test
     # wait in it while no replica is up), so that test_serving_chaos can overload it with
@@ -146,7 +149,8 @@ def platform(tmp_path_factory) -> Platform:
     _wait_ready(f"http://127.0.0.1:{port}")
     token = (home / "admin_token").read_text().strip()
     p = Platform(f"http://127.0.0.1:{port}", home, token, load_settings("local", **overrides), mlflow_server, s3,
-                 dashboard=f"http://127.0.0.1:{dashboard_port}", grpc=f"127.0.0.1:{grpc_port}", kafka=kafka)
+                 dashboard=f"http://127.0.0.1:{dashboard_port}", grpc=f"127.0.0.1:{grpc_port}", kafka=kafka,
+                 metrics=f"127.0.0.1:{metrics_port}")
     yield p
     serve.shutdown()
     ray.shutdown()
