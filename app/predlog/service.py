@@ -75,7 +75,7 @@ def dedupe_sorted(table: pa.Table) -> pa.Table:
     indexed = table.append_column("__row", pa.array(range(table.num_rows), type=pa.int64()))
     first = indexed.group_by(["request_id", "instance"], use_threads=False).aggregate([("__row", "min")])
     if first.num_rows != table.num_rows:
-        table = table.take(pc.sort_indices(first["__row_min"]))
+        table = table.take(first["__row_min"])
     return table.sort_by(SORT_KEYS)
 
 
