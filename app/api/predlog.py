@@ -97,12 +97,14 @@ def parse_time(value: str, field: str) -> datetime:
         text = text[: text.rindex(" ")] + "+" + text[text.rindex(" ") + 1:]
     try:
         parsed = datetime.fromisoformat(text)
-    except ValueError:
+        parsed = parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+        parsed + timedelta(hours=1)  # noqa: B018 -- hour partitions are counted up to until; not past year 9999
+    except (ValueError, OverflowError):
         shown = repr(value) if len(value) <= 48 else repr(value[:45]) + "..."
         raise InvalidInput(
             f"{field} {shown} is not an ISO 8601 time; use e.g. 2026-12-03T07:00:00Z", details={"field": field}
         ) from None
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+    return parsed
 
 
 def time_range(since: str | None, until: str | None, *, now: datetime | None = None) -> tuple[datetime, datetime]:

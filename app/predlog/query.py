@@ -99,7 +99,10 @@ def query(
     key = decode_page_token(page_token, time_field, str_field, int_field)
     start = since
     if key is not None:
-        start = _utc(key[0])
+        try:
+            start = _utc(key[0])
+        except OverflowError:
+            raise invalid_page_token(page_token, "its time is out of range") from None
         if not since <= start < until:
             raise invalid_page_token(page_token, "it is not a page of this time range")
     root, fs = _filesystem(settings)

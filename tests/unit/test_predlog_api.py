@@ -163,3 +163,13 @@ def test_erase_by_ids_and_by_caller_is_admin_only_and_audited(api):
     assert [i["caller"] for i in left] == ["dave"]
     audit, _ = store.list_audit(resource_type="endpoint")
     assert [a["action"] for a in audit].count("predictions.erase") == 2
+
+
+@pytest.mark.parametrize("since,until", [
+    ("9999-12-31T23:30:00", "9999-12-31T23:59:00"),
+    ("0001-01-01T00:00:00+14:00", None),
+    ("2026-12-03T07:00:00+25:00", None),
+])
+def test_times_at_the_edges_are_422_not_500(api, since, until):
+    params = {"since": since, **({"until": until} if until else {})}
+    assert api[0].get("/v1/endpoints/iris/predictions", params=params).status_code == 422
