@@ -15,22 +15,10 @@ from typing import Any
 import ray
 
 from actors import get_or_create_actor
+from app.errors import MatihError
 
 log = logging.getLogger(__name__)
 ACTOR_NAME = "prediction_log"
-
-
-def retention_days(store, default_days: int) -> dict[str, int]:
-    """{endpoint: days} from each endpoint's ``spec.logging.retention_days`` (else ``default_days``)."""
-    out: dict[str, int] = {}
-    token = None
-    while True:
-        rows, token = store.list_endpoints(limit=500, page_token=token)
-        for row in rows:
-            days = ((row.get("spec") or {}).get("logging") or {}).get("retention_days")
-            out[row["name"]] = int(days) if isinstance(days, int) and days > 0 else default_days
-        if not token:
-            return out
 
 
 @ray.remote
@@ -58,10 +46,14 @@ class PredictionLog:
             await asyncio.sleep(interval_s)
             try:
                 await asyncio.to_thread(fn)
-            except Exception:  # storage or store briefly down: the next round tries again
+            except MatihError as exc:  # storage or store briefly down: the next round tries again
+                log.warning("prediction log %s failed: %s", what, exc.message)
+            except Exception:
                 log.exception("prediction log %s failed", what)
 
     def _retention(self) -> dict[str, int]:
+        from app.predlog.service import retention_days
+
         default = self._settings.predlog.retention_days
         return self._service.enforce_retention(retention_days(self._store, default), default)
 

@@ -394,3 +394,18 @@ class PredictionLogService:
             "newest_hour": hours[-1] if hours else None,
             "last_write": datetime.fromtimestamp(last, tz=timezone.utc).isoformat() if last else None,
         }
+
+
+def retention_days(store, default_days: int) -> dict[str, int]:
+    """{endpoint: days} from each endpoint's ``spec.logging.retention_days`` in the metadata
+    store, ``default_days`` where it sets none."""
+    out: dict[str, int] = {}
+    token = None
+    while True:
+        rows, token = store.list_endpoints(limit=500, page_token=token)
+        for row in rows:
+            days = ((row.get("spec") or {}).get("logging") or {}).get("retention_days")
+            ok = isinstance(days, int) and not isinstance(days, bool) and days > 0
+            out[row["name"]] = days if ok else default_days
+        if not token:
+            return out

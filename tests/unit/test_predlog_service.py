@@ -5,7 +5,7 @@ erasure never lose or duplicate a record a reader sees."""
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +15,7 @@ from app.predlog.ids import new_request_id
 from app.predlog.layout import partition_dir
 from app.predlog.query import log_exists, query
 from app.predlog.records import PredictionRecord
-from app.predlog.service import PredictionLogService
+from app.predlog.service import PredictionLogService, retention_days
 from app.settings import load_settings
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc).timestamp()  # an hour boundary
@@ -134,6 +134,16 @@ def test_retention_deletes_whole_hours_past_each_endpoints_days(settings, servic
     deleted = service.enforce_retention({"wine": 1}, default_days=5, now=now)
     assert deleted == {"iris": 1, "wine": 2}
     assert len(service.hours("iris")) == 2 and len(service.hours("wine")) == 1
+
+
+def test_retention_days_come_from_each_endpoints_spec(settings):
+    from app.store import MetadataStore
+
+    store = MetadataStore(settings.database_url)
+    store.migrate()
+    store.create_endpoint("short", "iris@champion", "onnx", {}, "test", spec={"logging": {"retention_days": 2}})
+    store.create_endpoint("plain", "iris@champion", "onnx", {}, "test")
+    assert retention_days(store, 30) == {"plain": 30, "short": 2}
 
 
 def test_erase_by_request_id_rewrites_files_and_drops_late_arrivals(settings, service):
