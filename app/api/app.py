@@ -482,6 +482,7 @@ ROUTERS: list[str] = [
     "app.api.v2:router",
     "app.api.feedback:router",
     "app.api.events:router",
+    "app.api.predlog:router",
 ]
 
 

@@ -88,6 +88,8 @@ class EraseResult(BaseModel):
     records_removed: int = Field(..., description="Records (rows) removed from the log's files.")
     files_rewritten: int = Field(..., description="Files rewritten without them (or deleted when emptied).")
     pending_removed: int = Field(0, description="Records received but not yet written that were dropped.")
+    feedback_removed: int = Field(0, description="Feedback rows of the erased requests deleted (erasure by request "
+                                  "ids; erasure by caller leaves feedback, which names no caller).")
 
 
 def parse_time(value: str, field: str) -> datetime:
@@ -200,7 +202,7 @@ def router(ctx: ApiContext) -> APIRouter:
         summary="Erase the endpoint's records of some requests or of a caller (admin)",
         description='Body {"request_ids": [...]} (at most 10,000) or {"caller": "..."}: every file holding such '
         "records is rewritten without them; records still on their way (in a replica's buffer) are dropped when "
-        "they arrive, for predlog.erase_remember_s. Audited.",
+        "they arrive, for predlog.erase_remember_s; feedback rows of the erased request ids are deleted too. Audited.",
     )
     async def erase(name: str, body: EraseRequest, who: Principal = admin) -> dict[str, Any]:
         if (body.request_ids is None) == (body.caller is None):
@@ -212,6 +214,11 @@ def router(ctx: ApiContext) -> APIRouter:
                                    details={"field": "request_ids"})
         await known(name)
         result = await control().erase(name, body.request_ids, body.caller)
+        if body.request_ids:
+            from app.predlog.feedback import FeedbackStore
+
+            result = {**result, "feedback_removed": await asyncio.to_thread(
+                FeedbackStore(ctx.store).erase, name, body.request_ids, who.name)}
         what = {"request_ids": body.request_ids} if body.request_ids is not None else {"caller": body.caller}
         await asyncio.to_thread(ctx.store.record_audit, who.name, "predictions.erase", "endpoint", name, what, result)
         return result
