@@ -69,6 +69,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -372,6 +373,23 @@ def markdown_table(costs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_children(pids: list[int]) -> None:
+    """Terminate those of ``pids`` that are still children of this process (a wrk run cut short)."""
+    import psutil
+
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.ppid() == os.getpid():
+                proc.terminate()
+        except psutil.Error:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
@@ -431,8 +449,12 @@ def main(argv: list[str] | None = None) -> int:
 
     trees = Trees()
     doc: dict[str, Any] = {}
+    wrk_pids: list[int] = []
     try:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        # Ray's core worker aborts the driver on SIGTERM (no finally, temporary folders left, a
+        # wrk run going on); as SystemExit the cleanup below runs, as it does on Ctrl-C.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         base, token = start_platform(home, overrides, est)
         target = create_endpoints(base, token, rows, expected)
 
@@ -467,10 +489,10 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for c in LEVELS:
                 for key in round_order(rnd, protocols):
-                    wrk_pid: list[int] = []
+                    wrk_pids.clear()
                     snap = trees.snapshot()
-                    res, text = run_wrk(urls[key], scripts[key], c, args.duration, on_start=wrk_pid.append)
-                    used = cpu_delta(snap, trees.snapshot(exclude=tuple(wrk_pid))).get("platform", 0.0)
+                    res, text = run_wrk(urls[key], scripts[key], c, args.duration, on_start=wrk_pids.append)
+                    used = cpu_delta(snap, trees.snapshot(exclude=tuple(wrk_pids))).get("platform", 0.0)
                     if res.errors:
                         raise RuntimeError(f"{label(key)} at c={c}, round {rnd + 1}: {res.non_2xx} non-2xx "
                                            f"responses, socket errors {res.socket_errors}\n{text}")
@@ -570,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
             print(f"results written to {args.json}")
     finally:
+        _stop_children(wrk_pids)
         try:
             if ray.is_initialized():
                 try:
