@@ -257,6 +257,7 @@ class JobScheduler:
                 await asyncio.to_thread(self._core.tick)
                 if time.monotonic() - last_sweep >= self._reconcile_s:
                     last_sweep = time.monotonic()
+                    await asyncio.to_thread(self._core.report_counts)  # the matih_jobs gauge
                     swept = await asyncio.to_thread(self._core.sweep)
                     if any(swept.values()):
                         log.warning("running jobs without a handle: %s", swept)

@@ -541,6 +541,15 @@ class PredictionLogSettings(_Section):
         30, ge=1, description="Days an endpoint's predictions are kept when its spec.logging sets none."
     )
     actor_num_cpus: float = Field(0.05, ge=0, description="CPUs the PredictionLog actor reserves.")
+    actor_max_pending_records: int = Field(
+        1_000_000, ge=1, description="Records the PredictionLog actor holds while its storage is unreachable; "
+        "past that the oldest are dropped (counted in the endpoint's log stats)."
+    )
+    erase_remember_s: float = Field(
+        86_400.0, ge=0, description="How long an erasure (by request ids or caller) keeps dropping matching "
+        "records that arrive after it ran (records still in a replica's buffer then). Held by the actor: a "
+        "restart forgets it."
+    )
     feedback_grace_s: float = Field(
         120.0, ge=0, description="Feedback for a request id this recent is accepted even when the log does not "
         "hold it yet (its record may still be in a replica's buffer); older unknown ids are reported per row."

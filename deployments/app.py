@@ -27,8 +27,10 @@ class Args(BaseModel):
 
 
 def build(args: dict[str, Any] | Args | None = None) -> Application:
+    from actors.event_relay import get_event_relay
     from actors.gpu_manager import get_gpu_manager
     from actors.job_scheduler import get_job_scheduler
+    from actors.prediction_log import get_prediction_log
     from actors.registry_cache import get_registry_cache
     from app.bootstrap import prepare
     from app.serving.ingress import LOG_TO_STDERR
@@ -47,6 +49,8 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     get_job_scheduler(kwargs, settings.actors.num_cpus, settings.credential_env("job_scheduler"))
     get_registry_cache(kwargs, settings.actors.num_cpus, settings.credential_env("registry_cache"))
     get_gpu_manager(settings.actors.num_cpus)
+    get_event_relay(kwargs, settings.actors.num_cpus, settings.credential_env("event_relay"))
+    get_prediction_log(kwargs, settings)
     _announce_ray_auth()
 
     # The replicas' Serve logs (access lines included) stay in their files unless

@@ -329,7 +329,10 @@ class Gateway(_GrpcMethods):
         from app.settings import Settings
         from app.store import MetadataStore
 
+        from actors.prediction_log import get_prediction_log
         from actors.registry_cache import get_registry_cache
+        from app.predlog.buffer import PredictionLogBuffer
+        from app.predlog.control import ActorPredictionLog
         from deployments.model_host import ModelHost
         from deployments.model_server import registry_cache_loader
 
@@ -347,6 +350,10 @@ class Gateway(_GrpcMethods):
             await asyncio.to_thread(ray.cluster_resources)
 
         gpus = _GpuControl(settings.actors.num_cpus, timeout_s)
+        # The prediction log: records go into this replica's buffer on the request path and are
+        # shipped in batches to the PredictionLog actor, which writes the parquet files.
+        predlog = ActorPredictionLog(get_prediction_log(settings_kwargs, settings), timeout_s)
+        self._buffer = PredictionLogBuffer.from_settings(settings, predlog.write)
         self.ctx = ApiContext(
             settings=settings,
             store=store,
@@ -370,12 +377,22 @@ class Gateway(_GrpcMethods):
             registry_offload=_registry_offload(
                 settings_kwargs, settings.registry.convert_num_cpus, settings.registry.convert_timeout_s
             ),
+            prediction_buffer=self._buffer,
+            predlog=predlog,
         )
 
         resolver.on_endpoint = self.ctx.forget_endpoint
         from app.api.v2_grpc import InferenceService
 
         self._grpc = InferenceService(self.ctx)
+
+    async def __del__(self):
+        """Serve calls this when the replica shuts down: the buffered prediction-log records are
+        shipped before it goes (a replica that dies without it loses at most its buffer)."""
+        try:
+            await self._buffer.close()
+        except Exception:  # noqa: BLE001 - the actor may be gone too; the loss is the buffer's, counted
+            pass
 
     def __serve_build_asgi_app__(self):
         from app.api.app import create_app

@@ -22,11 +22,14 @@ _SLOW_CALL_S = 0.002  # models whose calls take longer (moving average) go throu
 
 
 class ModelHost:
-    def __init__(self, settings, loader, get_model: Callable[[str], Awaitable[Any]] | None = None):
+    def __init__(
+        self, settings, loader, get_model: Callable[[str], Awaitable[Any]] | None = None, where: str = "gateway"
+    ):
         """``loader``: an :class:`app.serving.loader.ModelLoader`; ``get_model(model_id)`` returns
         the loaded runtime from an LRU that calls :meth:`load` on a miss (the ModelServer passes
         Serve's multiplexing LRU); by default an LRU of this host's own
-        (:class:`app.serving.model_cache.ModelCache`, serving.max_models_per_replica)."""
+        (:class:`app.serving.model_cache.ModelCache`, serving.max_models_per_replica).
+        ``where`` names the replica kind in the models-loaded metric."""
         from app.serving.batching import CallQueue
         from app.serving.model_cache import ModelCache
 
@@ -39,6 +42,11 @@ class ModelHost:
         self._call_pool = ThreadPoolExecutor(s.model_call_threads, thread_name_prefix="matih-model-call")
         self._configs: dict[str, Any] = {}  # model id -> the endpoint runtime config it was asked with
         self.get_model = get_model or ModelCache(self.load, s.max_models_per_replica)
+        self._where = where
+        # Models in the LRU, for the models-loaded metric. Serve's multiplexing LRU drops its
+        # least recently used model before it loads one when full; ModelCache after the load.
+        self._resident = 0
+        self._evicts_first = get_model is not None
         self._in_flight = 0  # predict calls in this replica now (all on its one event loop)
         # Since start: predict requests, runtime calls made for them, and requests that went
         # through @serve.batch; requests / model_calls is how well batching stacks (see stats()).
@@ -71,9 +79,18 @@ class ModelHost:
 
     async def load(self, model_id: str):
         """Open ``model_id`` in the I/O pool (the LRU's loader)."""
-        return await asyncio.get_running_loop().run_in_executor(
+        from app import metrics
+
+        most = self.settings.serving.max_models_per_replica
+        if self._evicts_first and self._resident >= most:
+            self._resident = most - 1
+            metrics.models_resident(self._where, self._resident)
+        runtime = await asyncio.get_running_loop().run_in_executor(
             self._io_pool, self.loader.load, model_id, self._configs.get(model_id)
         )
+        self._resident = min(self._resident + 1, most)
+        metrics.models_resident(self._where, self._resident)
+        return runtime
 
     async def predict_model(
         self, model_id: str, payload: dict[str, Any], config: dict[str, Any] | None = None
@@ -125,7 +142,7 @@ class ModelHost:
         from app.serving.batching import groups_of, run_grouped
 
         self._counts["batched_requests"] += len(items)
-        self._counts["model_calls"] += len(groups_of(items))
+        self._counts["model_calls"] += _batch_metrics(items, groups_of(items))
         # On the event loop, on purpose: @serve.batch gathers the next batch while this one runs
         # only if the loop is free, so a model call here holding the loop is what lets requests
         # pile up into the next batch instead of into many one-request batches queued behind it.
@@ -175,7 +192,7 @@ class ModelHost:
     def _slow_call_done(self, items: list, seconds: float) -> None:
         from app.serving.batching import groups_of
 
-        self._counts["model_calls"] += len(groups_of(items))
+        self._counts["model_calls"] += _batch_metrics(items, groups_of(items))
         self._record([item.runtime for item in items], seconds)
 
     async def stats(self) -> dict[str, int]:
@@ -186,3 +203,12 @@ class ModelHost:
         ``requests`` is how many predict calls a request found in the replica on arrival,
         itself included, on average, and ``max_in_flight`` the most."""
         return dict(self._counts)
+
+
+def _batch_metrics(items: list, groups: dict) -> int:
+    """Record each model call of a batch (one per group) in the batch metrics; the number of calls."""
+    from app import metrics
+
+    for idxs in groups.values():
+        metrics.batch(items[idxs[0]].runtime.model_name, sum(len(items[i].matrix) for i in idxs), len(idxs))
+    return len(groups)

@@ -59,7 +59,9 @@ class ModelServer(ModelHost):
         async def load(model_id: str):  # a function: Serve marks it, which a bound method refuses
             return await self.load(model_id)
 
-        super().__init__(settings, registry_cache_loader(settings, cache), get_model=lru(load))
+        gpu = serve.get_replica_context().deployment == "ModelServerGPU"
+        super().__init__(settings, registry_cache_loader(settings, cache), get_model=lru(load),
+                         where="model_server_gpu" if gpu else "model_server")
 
     async def predict(self, payload: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
         """The prediction for ``payload`` with the request's multiplexed model; or, when the

@@ -93,15 +93,20 @@ class MlflowServer:
 
 def in_process_context(settings, admin_token: str | None, jobs):
     """The platform's API context with in-process services (no Ray): the real metadata store,
-    MLflow registry and ONNX Runtime; ``jobs`` is the test's JobControl."""
+    MLflow registry and ONNX Runtime, and the prediction log in this process (its buffer ships
+    to a PredictionLogService); ``jobs`` is the test's JobControl."""
     from app.api.app import ApiContext
     from app.auth import Authenticator
+    from app.predlog.buffer import PredictionLogBuffer
+    from app.predlog.control import LocalPredictionLog
+    from app.predlog.service import PredictionLogService
     from app.registry.mlflow_registry import ModelRegistry
     from app.serving.loader import LocalPredictor, ModelLoader
     from app.store import MetadataStore
 
     store = MetadataStore(settings.database_url)
     registry = ModelRegistry(settings)
+    predlog = LocalPredictionLog(PredictionLogService(settings))
     return ApiContext(
         settings=settings,
         store=store,
@@ -109,4 +114,6 @@ def in_process_context(settings, admin_token: str | None, jobs):
         authenticator=Authenticator(settings, store, admin_token),
         predictor=LocalPredictor(ModelLoader(settings, registry, trust=store.get_trust)),
         jobs=jobs,
+        prediction_buffer=PredictionLogBuffer.from_settings(settings, predlog.write),
+        predlog=predlog,
     )

@@ -481,6 +481,8 @@ ROUTERS: list[str] = [
     "app.api.batch:router",
     "app.api.v2:router",
     "app.api.feedback:router",
+    "app.api.events:router",
+    "app.api.predlog:router",
 ]
 
 

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app import __version__
-from app.api.app import ApiContext, _resolve, role_dependencies
+from app.api.app import ApiContext, role_dependencies
 from app.auth import Principal
 from app.errors import (
     BadRequest,

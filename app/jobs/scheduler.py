@@ -15,8 +15,10 @@ every ``jobs.reconcile_interval_s`` (``sweep``), any job recorded running withou
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any, Protocol
 
+from app import metrics
 from app.errors import Conflict, NotFound
 from app.store import TERMINAL_STATUSES, MetadataStore
 
@@ -79,6 +81,7 @@ class SchedulerCore:
         for job_id in ended:  # recorded its end (or was cancelled) without its handle seeing it end:
             if self.running.pop(job_id, None) is not None:  # e.g. a process on another host
                 self._release(job_id)
+                self._ended(job_id)
         for job in running:
             job_id = job["job_id"]
             if job_id in self.running:
@@ -95,10 +98,10 @@ class SchedulerCore:
             try:
                 self._release(job_id)
                 if job["attempts"] >= self.max_attempts:
-                    self.store.transition_job(
+                    _record_end(self.store.transition_job(
                         job_id, "failed", expect="running",
                         error=f"lost {job['attempts']} times with its scheduler; not retried again",
-                    )
+                    ))
                 else:
                     self.store.transition_job(job_id, "queued", expect="running")
                     out["requeued"].append(job_id)
@@ -119,6 +122,7 @@ class SchedulerCore:
                 del self.running[job_id]
                 self._release(job_id)
                 self._fail_if_still_running(job_id, handle)
+                self._ended(job_id)
         started: list[str] = []
         room = self.max_concurrent - len(self.running)
         if room <= 0:
@@ -151,9 +155,9 @@ class SchedulerCore:
                     continue
                 if handle is None:  # could not even start: record it, keep the loop alive
                     self._release(job["job_id"])
-                    self.store.transition_job(
+                    _record_end(self.store.transition_job(
                         job["job_id"], "failed", expect="running", error=f"could not start: {exc}"
-                    )
+                    ))
                     continue
                 self.running[job["job_id"]] = handle
             started.append(job["job_id"])
@@ -188,7 +192,22 @@ class SchedulerCore:
             handle.cancel()
         self._release(job_id)
         self._waiting.pop(job_id, None)
+        _record_end(out)
         return out
+
+    def report_counts(self) -> dict[tuple[str, str], int]:
+        """Set the jobs-per-(kind, state) gauge from the store (the driver calls it periodically);
+        returns the counts."""
+        counts = self.store.job_counts()
+        metrics.jobs_in_state(counts)
+        return counts
+
+    def _ended(self, job_id: str) -> None:
+        """A job this scheduler ran has ended: its duration into the job metrics."""
+        try:
+            _record_end(self.store.get_job(job_id))
+        except NotFound:
+            pass
 
     def _note_waiting(self, job_id: str, reason: str) -> None:
         if self._waiting.get(job_id) == reason:
@@ -216,3 +235,15 @@ class SchedulerCore:
             )
         except (Conflict, NotFound):
             pass
+
+
+def job_seconds(job: dict[str, Any]) -> float:
+    """Seconds from a job's start to its end; 0 for a job that never started (cancelled queued)."""
+    if not job.get("started_at") or not job.get("finished_at"):
+        return 0.0
+    return (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])).total_seconds()
+
+
+def _record_end(job: dict[str, Any]) -> None:
+    if job["status"] in TERMINAL_STATUSES:
+        metrics.job_finished(job["kind"], job["status"], job_seconds(job))

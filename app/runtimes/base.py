@@ -61,6 +61,7 @@ class ModelRuntime(ABC):
         self.signature: ModelSignature | None = None
         self.ready = False
         self.warm_call_s: float | None = None  # one 1-row call, timed by warm_up()
+        self.model_name = ""  # the registered model it serves, set by the loader (metrics labels)
 
     @classmethod
     def check_config(cls, config: RuntimeConfig, settings: Settings | None) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from app import metrics
 from app.errors import InvalidInput
 from app.names import parse_version
 from app.registry.formats import PICKLE_FORMATS
@@ -88,6 +89,7 @@ class ModelLoader:
 
     def load(self, model_id: str, config: dict[str, Any] | None = None) -> ModelRuntime:
         """Open ``[runtime:]name/version``; ``config`` is the endpoint's config."""
+        began = time.perf_counter()
         runtime, name, version = parse_model_id(model_id)
         runtime_config = parse_endpoint_config(runtime, config).runtime
         resolved = self._with_trust(self._resolve(f"{name}/{version}"))
@@ -106,6 +108,8 @@ class ModelLoader:
         rt.signature.extra.update(
             {"fetch_seconds": fetched - started, "load_seconds": time.perf_counter() - fetched}
         )
+        rt.model_name = name  # the ``model`` label of the batch metrics
+        metrics.model_loaded(name, version, runtime, time.perf_counter() - began)
         return rt
 
 

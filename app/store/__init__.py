@@ -1,5 +1,6 @@
 """The metadata store: endpoints, jobs, the audit log, API tokens, the trust and approvals of
-model versions, and the outbox of registry mutations.
+model versions, the outbox of registry mutations, and the outbox of platform events (each
+change's CloudEvents, written in its transaction; see ``app/events``).
 
 SQLite in the local profile, PostgreSQL in production; the same code and the same Alembic
 migrations for both. Every mutation writes its audit record in the same transaction, so a
@@ -27,7 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound
 from app.redaction import MASK, keep_redacted, redact, redact_value
 from app.pagination import decode_page_token, encode_page_token, int_field, str_field, time_field
-from app.store.models import ApiToken, AuditRecord, Endpoint, Job, ModelApproval, ModelTrust, RegistryOp
+from app.events import changes as _events
+from app.store.models import ApiToken, AuditRecord, Endpoint, Event, Job, ModelApproval, ModelTrust, RegistryOp
 
 __all__ = ["MetadataStore", "JOB_STATUSES", "TERMINAL_STATUSES"]
 
@@ -83,6 +85,8 @@ def redacted_endpoint(endpoint: dict[str, Any]) -> dict[str, Any]:
 class MetadataStore:
     """Facade over the metadata database. Thread-safe; one per process is enough."""
 
+    event_source = "/matih-ml"  # the CloudEvents source of the events it writes (settings.events.source)
+
     def __init__(
         self, url: str, *, echo: bool = False, connect_timeout_s: int = 10, statement_timeout_s: float = 30.0
     ):
@@ -108,10 +112,12 @@ class MetadataStore:
     @classmethod
     def from_settings(cls, settings) -> MetadataStore:
         """The store of ``settings.database_url`` with ``settings.database``'s timeouts."""
-        return cls(
+        store = cls(
             settings.database_url, connect_timeout_s=settings.database.connect_timeout_s,
             statement_timeout_s=settings.database.statement_timeout_s,
         )
+        store.event_source = settings.events.source
+        return store
 
     # -- lifecycle -------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -157,6 +163,15 @@ class MetadataStore:
             )
         )
 
+    def _event(self, session: Session, spec: tuple[str, str, dict[str, Any]] | list | None) -> None:
+        """Write the events ``spec`` = (type, subject, data), or a list of them, of
+        :mod:`app.events.changes` to the outbox in the change's own transaction: the change and
+        its events commit or roll back together, and the EventRelay publishes them afterwards."""
+        for type_, subject, data in ([] if spec is None else spec if isinstance(spec, list) else [spec]):
+            session.add(Event(event_id=uuid.uuid4().hex, type=type_, source=self.event_source, subject=subject,
+                              time=_now(), data=data, attempts=0))
+            session.flush()  # numbered in the order written
+
     # -- endpoints -------------------------------------------------------------------------
     @staticmethod
     def _endpoint_dict(row: Endpoint) -> dict[str, Any]:
@@ -199,6 +214,7 @@ class MetadataStore:
                     verify()
                 after = self._endpoint_dict(row)
                 self._audit(s, actor, "endpoint.create", "endpoint", name, None, redacted_endpoint(after))
+                self._event(s, _events.endpoint_changed("endpoint.created", None, redacted_endpoint(after)))
         except IntegrityError:
             raise Conflict(f"endpoint {name!r} exists already; PUT /v1/endpoints/{name} changes it") from None
         return after
@@ -249,6 +265,7 @@ class MetadataStore:
                 verify()
             after = self._endpoint_dict(row)
             self._audit(s, actor, "endpoint.update", "endpoint", name, redacted_endpoint(before), redacted_endpoint(after))
+            self._event(s, _events.endpoint_changed("endpoint.updated", redacted_endpoint(before), redacted_endpoint(after)))
         return after
 
     def delete_endpoint(self, name: str, actor: str) -> dict[str, Any]:
@@ -259,6 +276,7 @@ class MetadataStore:
             before = self._endpoint_dict(row)
             s.delete(row)
             self._audit(s, actor, "endpoint.delete", "endpoint", name, redacted_endpoint(before), None)
+            self._event(s, _events.endpoint_changed("endpoint.deleted", redacted_endpoint(before), None))
         return before
 
     # -- jobs ------------------------------------------------------------------------------
@@ -314,6 +332,9 @@ class MetadataStore:
             s.flush()
             after = self._job_dict(row)
             self._audit(s, actor, "job.create", "job", job_id, None, {"kind": kind, "name": name, "spec": spec})
+            if running_as:  # started by hand: queued and started at once
+                self._event(s, _events.job_changed({**after, "status": "queued"}, None))
+            self._event(s, _events.job_changed(after, "queued" if running_as else None))
         return after
 
     def get_job(self, job_id: str, *, with_logs: bool = False) -> dict[str, Any]:
@@ -386,6 +407,7 @@ class MetadataStore:
             s.flush()
             out = self._job_dict(row)
             self._audit(s, actor, f"job.{status}", "job", job_id, {"status": before}, {"status": status})
+            self._event(s, _events.job_changed(out, before))
         return out
 
     def update_job_progress(self, job_id: str, progress: dict[str, Any], log: str | None = None) -> None:
@@ -420,6 +442,14 @@ class MetadataStore:
         with self._tx() as s:
             return [self._job_dict(r) for r in s.scalars(select(Job).where(Job.status == status))]
 
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        """Jobs per (kind, status), for the job scheduler's ``matih_jobs`` gauge."""
+        from sqlalchemy import func
+
+        with self._tx() as s:
+            rows = s.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))
+            return {(kind, status): int(n) for kind, status, n in rows}
+
     # -- audit -----------------------------------------------------------------------------
     def record_audit(
         self, actor: str, action: str, resource_type: str, resource_id: str, before: Any, after: Any
@@ -428,6 +458,7 @@ class MetadataStore:
         before and after. Changes to this store's own rows are audited in their transaction."""
         with self._tx() as s:
             self._audit(s, actor, action, resource_type, resource_id, before, after)
+            self._event(s, _events.audited(action, resource_id, before, after))
 
     def list_audit(
         self, *, limit: int = 100, page_token: str | None = None, resource_type: str | None = None
@@ -613,6 +644,7 @@ class MetadataStore:
             if audit is not None and state == "done":
                 action, rtype, rid, before, after = audit
                 self._audit(s, row.actor, action, rtype, rid, before, after)
+                self._event(s, _events.registry_op_done(row.op, row.model, row.version, row.payload or {}, before, after))
             return True
 
     def get_op(self, op_id: int) -> dict[str, Any]:

@@ -28,6 +28,8 @@ class Platform:
     s3: object = None  # tests.s3server.S3Server: the S3-compatible server the platform's S3 settings name
     dashboard: str = ""  # the Ray dashboard (job submission API)
     grpc: str = ""  # host:port of Serve's gRPC proxy (inference.GRPCInferenceService)
+    kafka: object = None  # tests.kafka.TansuBroker: the Kafka-protocol broker the event relay publishes to
+    metrics: str = ""  # host:port of Ray's Prometheus endpoint on this node (matih_* and ray_serve_*)
 
     def client(self, token: str | None = "admin") -> httpx.Client:
         token = self.admin_token if token == "admin" else token
@@ -99,11 +101,17 @@ def platform(tmp_path_factory) -> Platform:
     from tests.s3server import start_s3_server
 
     s3 = start_s3_server()  # real S3 over HTTP (moto server mode) for s3:// batch inputs and outputs
+    from tests.kafka import TansuBroker
+
+    kafka = TansuBroker(home)  # events go to a real Kafka-protocol broker (test_events stops and restarts it)
+    kafka.start()
     overrides = {"matih_home": str(home), "mlflow_tracking_uri": mlflow_server.uri, **s3.settings(),
                  # test_v2_protocol serves a triton endpoint from the platform's own V2 routes
                  "runtimes": {"triton": {"allowed_hosts": ["127.0.0.1"]}},
                  # job specs read and write under MATIH_HOME/data (the default data root) and in this bucket
-                 "storage": {"allowed_buckets": ["matih-batch"]}}
+                 "storage": {"allowed_buckets": ["matih-batch"]},
+                 "kafka_bootstrap_servers": kafka.bootstrap,
+                 "events": {"sink": "kafka", "publish_timeout_s": 3.0, "retry_max_s": 2.0}}
     port = free_port()
     # Jobs run as Ray Jobs, which need the dashboard's job API. The Ray Jobs' entry points run
     # `python` from the cluster's PATH: this environment's interpreter, as on a cluster node
@@ -118,7 +126,9 @@ def platform(tmp_path_factory) -> Platform:
                "metrics_port": free_port(), "fallback_http_port": free_port(), "fallback_grpc_port": free_port()}
     overrides["http"] = {**load_settings("local", **overrides).http.model_dump(mode="json"), "ingress": ingress}
     apply_cluster_env(load_settings("local", **overrides))
-    ray.init(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=2, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=2, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     base = load_settings("local", **overrides)
     # A short queue in front of the ModelServer (more than the 32 clients of the replica-kill test
     # wait in it while no replica is up), so that test_serving_chaos can overload it with
@@ -139,12 +149,20 @@ def platform(tmp_path_factory) -> Platform:
     _wait_ready(f"http://127.0.0.1:{port}")
     token = (home / "admin_token").read_text().strip()
     p = Platform(f"http://127.0.0.1:{port}", home, token, load_settings("local", **overrides), mlflow_server, s3,
-                 dashboard=f"http://127.0.0.1:{dashboard_port}", grpc=f"127.0.0.1:{grpc_port}")
+                 dashboard=f"http://127.0.0.1:{dashboard_port}", grpc=f"127.0.0.1:{grpc_port}", kafka=kafka,
+                 metrics=f"127.0.0.1:{metrics_port}")
     yield p
     serve.shutdown()
     ray.shutdown()
     mlflow_server.stop()
     s3.stop()
+    kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka(platform):
+    """The session's Kafka-protocol broker (tests.kafka.TansuBroker): events.sink is kafka."""
+    return platform.kafka
 
 
 @pytest.fixture(scope="session")

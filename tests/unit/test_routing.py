@@ -172,3 +172,56 @@ def test_the_request_id_middleware_replaces_the_clients_id():
     asyncio.run(mw({"type": "http", "headers": []}, None, None))
     assert "x-matih-client-request-id" not in seen and is_request_id(seen["x-request-id"])
     assert json.dumps(seen)  # plain strings
+
+
+def test_predictions_are_logged_read_back_and_joined_with_feedback(api):
+    """The whole in-process chain: router -> replica buffer -> PredictionLogService -> parquet ->
+    GET /predictions; feedback by the server's request id; the one join."""
+    from app.predlog.feedback import FeedbackStore
+    from app.predlog.join import labeled
+
+    client, sink, ctx = api
+    ctx.router.buffer = ctx.prediction_buffer
+    try:
+        client.post("/v1/endpoints", json={"name": "logged", "target": "flowers@champion"})
+        ids = []
+        for i in range(30):
+            r = client.post("/v1/endpoints/logged/predict", json={"instances": [ROW, [6.7, 3.0, 5.2, 2.3]]},
+                            headers={"X-Request-Id": f"c{i}"})
+            ids.append(r.json()["request_id"])
+        asyncio.run(ctx.prediction_buffer.flush())
+        asyncio.run(ctx.predlog.flush())
+        items, token = [], None
+        while True:
+            page = client.get("/v1/endpoints/logged/predictions", params={"limit": 25, **({"page_token": token} if token else {})})
+            assert page.status_code == 200, page.text
+            items += page.json()["items"]
+            token = page.json()["next_page_token"]
+            if not token:
+                break
+        assert len(items) == 60 and {i["request_id"] for i in items} == set(ids)
+        first = next(i for i in items if i["request_id"] == ids[0] and i["instance"] == 1)
+        assert first["inputs"] and first["client_request_id"] == "c0" and first["caller"] == "admin"
+        assert first["model_version"] == "1" and first["protocol"] == "rest"
+        stats = client.get("/v1/endpoints/logged/log/stats").json()
+        assert stats["written"] >= 30 and stats["rows_written"] >= 60 and stats["dropped"] == 0
+
+        fb = client.post("/v1/endpoints/logged/feedback",
+                         json=[{"request_id": ids[0], "label": 0}, {"request_id": ids[1], "instance": 1, "label": 2},
+                               {"request_id": new_request_id(0.0), "label": 1}])
+        assert fb.status_code == 200, fb.text
+        assert [r["status"] for r in fb.json()["results"]] == ["accepted", "accepted", "rejected"]
+        from datetime import datetime, timedelta, timezone
+
+        now = datetime.now(timezone.utc)
+        joined = labeled(ctx.settings, FeedbackStore(ctx.store), "logged", now - timedelta(hours=1), now + timedelta(minutes=1))
+        rows = {(r["request_id"], r["instance"]): r for r in joined.to_pylist()}
+        assert len(rows) == 2 and json.loads(rows[(ids[1], 1)]["feedback_label"]) == 2
+
+        erased = client.post("/v1/endpoints/logged/predictions/erase", json={"request_ids": [ids[0]]})
+        assert erased.status_code == 200 and erased.json()["records_removed"] == 2
+        assert erased.json()["feedback_removed"] == 1
+        left = client.get("/v1/endpoints/logged/predictions", params={"limit": 1000}).json()["items"]
+        assert len(left) == 58 and ids[0] not in {i["request_id"] for i in left}
+    finally:
+        ctx.router.buffer = sink
