@@ -47,11 +47,11 @@ record), ``--sink-records`` of them (default 100,000):
 Part 3, overload: a PredictionLogBuffer of this process, with the platform's buffer settings
 (buffer_records, flush_interval_s, flush_max_records) and its ship going to the PredictionLog
 actor, is offered ``--overload-factor`` (default 4) times the sustainable rate of (s2) for
-``--overload-seconds`` (default 10), paced in small chunks on the event loop that also runs its
-shipping. Printed: records offered (and the rate achieved, which the generator may fall short
-of), taken into the buffer, dropped because it was full, shipped, and what the actor received,
-wrote and dropped. (The serving path cannot reach such a rate on a small machine: the sink's
-rate is printed beside the platform's own throughput.)
+``--overload-seconds`` (default 10), paced in small chunks (``add`` only: the records are built
+before the window, about 1 KB of memory each) on the event loop that also runs its shipping.
+Printed: records offered (and the rate achieved), taken into the buffer, dropped because it was
+full, shipped, and what the actor received, wrote and dropped. (The serving path cannot reach
+such a rate on a small machine: the sink's rate is printed beside the platform's own throughput.)
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/prediction_log.py [--ingress haproxy|proxy]
         [--duration 20] [--rounds 3] [--protocols rest,v2] [--sink-records 100000]
@@ -77,6 +77,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from app.predlog.ids import new_request_id
+from app.predlog.records import OPTIONAL_FIELDS, PredictionRecord
 from benchmarks import peer_serving as ps
 from benchmarks.peer_serving import (
     BUSY_PCT,
@@ -170,9 +172,6 @@ def make_record(i: int, endpoint: str, now: float, protocol: str = "rest"):
     """A record as the Gateway makes it for one single-row iris request with every field kept:
     fresh input and output dicts (parsed from the request and the model's answer), shared
     feature names (the Gateway caches them per model version)."""
-    from app.predlog.ids import new_request_id
-    from app.predlog.records import PredictionRecord
-
     return PredictionRecord(
         request_id=new_request_id(now), timestamp=now, endpoint=endpoint, variant="", model="iris",
         model_version="1", latency_ms=1.0 + (i % 97) / 100.0,
@@ -190,8 +189,6 @@ def create_endpoints(base: str, token: str, rows: list[list[float]], expected: l
     """log-on and log-off on the model version of endpoint iris (start_platform's); checks the
     stored spec and that both answer scikit-learn's labels on both paths. Returns the target."""
     import httpx
-
-    from app.predlog.records import OPTIONAL_FIELDS
 
     specs = endpoint_specs(OPTIONAL_FIELDS)
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=120) as c:
@@ -305,17 +302,20 @@ async def _overload(settings, rate: float, seconds: float) -> dict[str, Any]:
 
     endpoint = "sink-overload"
     log = await prediction_log(settings)
+    # Built before the window, so that the offering costs what the serving path's add costs.
+    now = time.time()
+    records = [make_record(i, endpoint, now) for i in range(int(rate * seconds) + 1)]
     buffer = PredictionLogBuffer.from_settings(settings, log.write)
     buffer.start()
     cap = max(1, int(rate / 200))  # ~5 ms of records per chunk
     offered = 0
     t0 = time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:
-        now = time.time()
-        for _ in range(due(rate, elapsed, offered, cap)):
-            buffer.add(make_record(offered, endpoint, now))
+        for _ in range(due(rate, elapsed, offered, min(cap, len(records) - offered))):
+            buffer.add(records[offered])
             offered += 1
         await asyncio.sleep(0)
+    del records
     window = time.perf_counter() - t0
     during = buffer.stats()
     t1 = time.perf_counter()
@@ -556,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
 
             rate = args.overload_factor * s["records_per_s"]
             print(f"overload: {args.overload_factor:g}x the sustainable rate (s2) = {rate:,.0f} records/s offered to a "
-                  f"PredictionLogBuffer of this process (ship -> the actor) for {args.overload_seconds:g} s ...",
-                  flush=True)
+                  f"PredictionLogBuffer of this process (ship -> the actor) for {args.overload_seconds:g} s (records "
+                  f"built first: about {rate * args.overload_seconds / 1e6:.1f} GB of memory) ...", flush=True)
             sink["overload"] = asyncio.run(_overload(settings, rate, args.overload_seconds))
             o = sink["overload"]
             short = o["offered_rate"] < 0.95 * rate
