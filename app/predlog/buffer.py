@@ -181,11 +181,16 @@ class PredictionLogBuffer:
         self._closed = True
         task, self._task = self._task, None
         if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+            # Under the lock: a shipment in flight finishes first (cancelling it would put back
+            # records the actor may have taken already, and they would go twice).
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
         return await self.flush()
 
     def stats(self) -> dict[str, Any]:
