@@ -116,7 +116,7 @@ def traffic(platform, iris, iris_ms, champion) -> None:
 def test_ray_metrics_endpoint_serves_matih_and_serve_series_side_by_side(platform, prometheus, traffic):
     # the Gateway loaded the champion in its own process, the ModelServer in a replica
     loads = _eventually(prometheus, 'matih_model_load_seconds_count{model="iris"}')
-    assert {s["metric"]["runtime"] for s in loads} == {"onnx"}
+    assert "onnx" in {s["metric"]["runtime"] for s in loads}  # earlier tests of the session add triton, native
     assert all(s["metric"]["model_version"] for s in loads)
     wait_until(lambda: {s["metric"]["where"] for s in _query(prometheus, "sum by (where) (matih_models_loaded) > 0")}
                >= {"gateway", "model_server"}, timeout=WAIT_S, every=1)
