@@ -91,6 +91,16 @@ class MlflowServer:
 
 
 
+class NoJobs:
+    """A JobControl for API tests that submit no jobs."""
+
+    async def notify(self) -> None:
+        pass
+
+    async def cancel(self, job_id, actor):
+        raise AssertionError("no jobs here")
+
+
 def in_process_context(settings, admin_token: str | None, jobs):
     """The platform's API context with in-process services (no Ray): the real metadata store,
     MLflow registry and ONNX Runtime, and the prediction log in this process (its buffer ships

@@ -17,20 +17,12 @@ from app.predlog.feedback import FeedbackStore
 from app.predlog.ids import new_request_id
 from app.settings import load_settings
 from app.store import MetadataStore
-from tests.support import in_process_context
+from tests.support import NoJobs, in_process_context
 from tests.unit.test_feedback import log_rows, write_log
 
 ROUTER = "app.api.feedback:router"
 EP = "churn"
 URL = f"/v1/endpoints/{EP}/feedback"
-
-
-class _NoJobs:
-    async def notify(self) -> None:
-        pass
-
-    async def cancel(self, job_id, actor):
-        raise AssertionError("no jobs here")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def platform(tmp_path_factory):
     prepared = prepare(settings)
     store = MetadataStore(settings.database_url)
     store.create_endpoint(EP, "churn@champion", "onnx", {}, "admin")
-    ctx = in_process_context(settings, prepared.admin_token, _NoJobs())
+    ctx = in_process_context(settings, prepared.admin_token, NoJobs())
     saved = list(app_module.ROUTERS)
     if ROUTER not in app_module.ROUTERS:  # until the Gateway's list names it
         app_module.ROUTERS.append(ROUTER)

@@ -9,7 +9,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import in_process_context
+from tests.support import NoJobs, in_process_context
 
 from app.errors import InvalidInput
 from app.names import parse_version
@@ -121,14 +121,6 @@ def test_malformed_mlflow_page_tokens_are_invalid_page_token(token):
     assert err.value.code == "invalid_page_token"
 
 
-class _NoJobs:
-    async def notify(self) -> None:
-        pass
-
-    async def cancel(self, job_id, actor):
-        raise AssertionError("no jobs here")
-
-
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     from app.api.app import create_app
@@ -137,7 +129,7 @@ def client(tmp_path_factory):
 
     settings = load_settings("local", matih_home=str(tmp_path_factory.mktemp("home")))
     prepared = prepare(settings)
-    ctx = in_process_context(settings, prepared.admin_token, _NoJobs())
+    ctx = in_process_context(settings, prepared.admin_token, NoJobs())
     c = TestClient(create_app(ctx))
     c.headers["Authorization"] = f"Bearer {prepared.admin_token}"
     assert c.post("/v1/models", json={"name": "m"}).status_code == 201
