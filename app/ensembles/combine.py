@@ -297,7 +297,9 @@ class Meta(Combiner):
         return result
 
 
-COMBINERS: dict[str, Combiner] = {c.kind: c for c in (Vote(), SoftVote(), Mean(), Median(), Samme(), Additive(), Meta())}
+COMBINERS: dict[str, Combiner] = {
+    c.kind: c for c in (Vote(), SoftVote(), Mean(), Median(), Samme(), Additive(), Meta())
+}
 
 
 def combine(defn: EnsembleDefinition, outputs: Sequence[dict | None], meta: MetaRunner | None = None) -> dict:

@@ -72,7 +72,8 @@ class LocalEnsemble:
 
     def __init__(self, defn: EnsembleDefinition, member_models: list[bytes], combiner: bytes | None = None):
         if len(member_models) != len(defn.members):
-            raise ModelError(f"ensemble {defn.name}: {len(member_models)} member models for {len(defn.members)} members")
+            raise ModelError(
+                f"ensemble {defn.name}: {len(member_models)} member models for {len(defn.members)} members")
         if defn.combine.kind == "meta" and combiner is None:
             raise ModelError(f"ensemble {defn.name} combines with a meta-learner: combiner.onnx is needed")
         self.defn = defn
