@@ -116,7 +116,7 @@ class EnsembleDefinition:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True, default=str)
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True, default=_plain)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EnsembleDefinition:
@@ -129,6 +129,14 @@ class EnsembleDefinition:
     @classmethod
     def from_json(cls, text: str) -> EnsembleDefinition:
         return cls.from_dict(json.loads(text))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays (class labels from a fitted estimator) as JSON values of their
+    own type: an int64 class stays a number, so a label read back compares equal."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable in an ensemble definition")
 
 
 def combine_for(spec) -> Combine:
