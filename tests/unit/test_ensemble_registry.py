@@ -105,6 +105,17 @@ def test_mismatched_members_are_a_422_naming_the_member(env):
     err = _refused(env, ["er-lr@champion", "er-named/1"])
     assert err.details["member"] == "er-named/1" and "classes" in err.message
 
+    # no feature names on one member: the widths of the signatures decide
+    narrow = to_onnx(LogisticRegression(max_iter=300).fit(X[:, :3], y), X[:, :3], True)
+    svc.register_upload("er-narrow", "onnx", narrow.SerializeToString(), "t",
+                        hints=F.Hints(task="classification", classes=[0, 1, 2]))
+    err = _refused(env, ["er-lr@champion", "er-narrow/1"])
+    assert err.details["member"] == "er-narrow/1" and "3 inputs" in err.message and "4" in err.message
+    wide = to_onnx(LogisticRegression(max_iter=300).fit(X, y), X, True)
+    svc.register_upload("er-wide", "onnx", wide.SerializeToString(), "t",
+                        hints=F.Hints(task="classification", classes=[0, 1, 2]))
+    assert pin_members(_spec("er-w", ["er-lr@champion", "er-wide/1"]), env.registry, env.settings).n_features == 4
+
     err = _refused(env, ["er-lr@champion", "er-nope@champion"])
     assert err.details == {"field": "members[1].model", "member": "er-nope@champion"}
     err = _refused(env, ["er-lr@champion", "not a ref"])
