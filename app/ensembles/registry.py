@@ -86,12 +86,12 @@ def _member_error(i: int, ref: str, message: str) -> InvalidInput:
 
 
 # -- pinning and checks ---------------------------------------------------------------------------
-def pin_members(spec, registry, settings) -> EnsembleDefinition:
+def pin_definition(registry, settings, spec) -> EnsembleDefinition:
     """The definition of ``spec`` (an :class:`app.ensembles.spec.EnsembleSpec` with members:
-    voting, averaging, stacking, blending) with every member resolved through ``registry`` (a
-    :class:`app.registry.mlflow_registry.ModelRegistry`, uncached) and pinned to its version,
-    after the checks of the module docstring. Stacking and blending get their meta-learner
-    later (the job sets ``has_combiner``)."""
+    voting, averaging, stacking, blending) with every member resolved (uncached) and pinned to
+    its version, after the checks of the module docstring. ``registry``: a
+    :class:`app.registry.mlflow_registry.ModelRegistry` or an MlflowClient. Stacking and
+    blending get their meta-learner later (``publish`` sets ``has_combiner``)."""
     from app.serving.endpoint_config import check_endpoint_config
 
     resolved = []
@@ -106,7 +106,7 @@ def pin_members(spec, registry, settings) -> EnsembleDefinition:
             raise InvalidInput(f"members[{i}] ({m.model}): {exc.message}",
                                details={"field": f"members[{i}].config", "member": m.model}) from None
         try:
-            rm = registry.resolve(ref, use_cache=False)
+            rm = _resolve(registry, ref)
         except NotFound:
             raise _member_error(i, m.model, "no such model version in the registry") from None
         resolved.append(rm)
@@ -121,6 +121,30 @@ def pin_members(spec, registry, settings) -> EnsembleDefinition:
         name=spec.name, task=spec.task, method=spec.method, members=members, combine=combine_for(spec),
         policy=Policy(spec.policy.min_members, spec.policy.member_timeout_s), **facts,
     )
+
+
+def pin_members(registry, settings, spec) -> list[PinnedMember]:
+    """The members of :func:`pin_definition`, pinned and checked (what a stacking or blending
+    job trains its meta-learner over)."""
+    return list(pin_definition(registry, settings, spec).members)
+
+
+def _resolve(registry, ref):
+    """``ref`` through a ModelRegistry (uncached), or straight through an MlflowClient."""
+    if hasattr(registry, "resolve"):
+        return registry.resolve(ref, use_cache=False)
+    from mlflow.exceptions import MlflowException
+
+    from app.registry.mlflow_registry import ResolvedModel, mlflow_error
+
+    try:
+        mv = registry.get_model_version_by_alias(ref.name, ref.alias) if ref.alias else \
+            registry.get_model_version(ref.name, ref.version)
+    except MlflowException as exc:
+        err = mlflow_error(exc, f"model {ref}")
+        raise (NotFound(f"model {ref} is not in the registry") if isinstance(err, NotFound) or
+               "alias" in str(exc).lower() else err) from None
+    return ResolvedModel(mv.name, str(mv.version), dict(mv.tags or {}))
 
 
 def check_members(task: str, members: tuple[PinnedMember, ...] | list[PinnedMember], tags: list[dict[str, str]],
@@ -523,7 +547,8 @@ def publish(
     if versions:
         latest = versions[0]
         lt = dict(latest.tags or {})
-        if lt.get(DEFINITION_TAG) == tag and lt.get(TAG_COMBINER_SHA256, "") == combiner_sha:
+        if lt.get(DEFINITION_TAG) == tag and lt.get(TAG_COMBINER_SHA256, "") == combiner_sha \
+                and lt.get(TAG_STAGE) != "archived":
             return {**version_result(client, name, latest), **(extra_result or {})}
 
     result: dict[str, Any] = {"model_name": name, "metrics": None, "member_metrics": None,
@@ -559,7 +584,11 @@ def publish(
             from app.ensembles.local import LocalEnsemble
 
             local = LocalEnsemble(defn, member_models, combiner)
-        fused_proto, parity, why = _fuse(defn, member_models, combiner, local, data, settings)
+        try:
+            fused_proto, parity, why = _fuse(defn, member_models, combiner, local, data, settings)
+        except Exception as exc:  # the fused graph only saves calls: the fan-out version is still made
+            log.warning("ensemble %s: no fused graph: %s", name, exc, exc_info=True)
+            fused_proto, parity, why = None, None, f"the fused graph could not be built: {type(exc).__name__}: {exc}"
     result["fused"] = fused_proto is not None
     if why and fuse:
         result["fused_note"] = why

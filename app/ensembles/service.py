@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from app.ensembles.definition import DEFINITION_TAG, KIND_TAG
-from app.ensembles.registry import ENSEMBLE_KIND, TAG_REPORT, pin_members, publish
+from app.ensembles.registry import ENSEMBLE_KIND, TAG_REPORT, pin_definition, publish
 from app.ensembles.spec import EnsembleSpec, check_ensemble_spec
 from app.errors import InvalidInput, NotFound
 from app.pagination import mlflow_page_token
@@ -27,7 +27,7 @@ def check_and_pin(spec: EnsembleSpec, settings, registry):
     spec = check_ensemble_spec(spec, settings)
     if spec.dataset is not None:
         _check_builtin(spec.dataset.uri)
-    defn = pin_members(spec, registry, settings) if spec.members else None
+    defn = pin_definition(registry, settings, spec) if spec.members else None
     return spec, defn
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from app.bootstrap import prepare
 from app.ensembles.definition import DEFINITION_TAG, KIND_TAG, EnsembleDefinition, PinnedMember
-from app.ensembles.registry import definition_tag, pin_members, publish, register_members
+from app.ensembles.registry import definition_tag, pin_definition, pin_members, publish, register_members
 from app.ensembles.spec import EnsembleSpec
 from app.errors import Conflict, InvalidInput
 from app.registry.mlflow_registry import ModelRegistry
@@ -63,7 +63,7 @@ def _spec(name: str, members: list, **extra) -> EnsembleSpec:
 
 def test_members_are_pinned_by_alias_version_and_uri(env):
     spec = _spec("er-pin", ["er-lr@champion", {"model": "er-tree/1", "weight": 2}, "models:/er-rf@champion"])
-    defn = pin_members(spec, env.registry, env.settings)
+    defn = pin_definition(env.registry, env.settings, spec)
     assert [(m.name, m.version, m.weight, m.ref) for m in defn.members] == [
         ("er-lr", "1", 1.0, "er-lr@champion"), ("er-tree", "1", 2.0, "er-tree/1"),
         ("er-rf", "1", 1.0, "models:/er-rf@champion")]
@@ -72,14 +72,14 @@ def test_members_are_pinned_by_alias_version_and_uri(env):
     avg = EnsembleSpec.model_validate({"name": "er-avg", "task": "regression", "method": "averaging",
                                        "averaging": "median", "members": [
                                            {"model": "er-diab@champion", "weight": 3}, {"model": "er-diab/1"}]})
-    d2 = pin_members(avg, env.registry, env.settings)
+    d2 = pin_definition(env.registry, env.settings, avg)
     assert d2.weights == [1.0, 1.0] and d2.combine.kind == "median"  # median ignores weights
 
 
 def _refused(env, members, task="classification"):
     spec = _spec("er-bad", members, task=task)
     with pytest.raises(InvalidInput) as exc:
-        pin_members(spec, env.registry, env.settings)
+        pin_definition(env.registry, env.settings, spec)
     return exc.value
 
 
@@ -114,7 +114,7 @@ def test_mismatched_members_are_a_422_naming_the_member(env):
     wide = to_onnx(LogisticRegression(max_iter=300).fit(X, y), X, True)
     svc.register_upload("er-wide", "onnx", wide.SerializeToString(), "t",
                         hints=F.Hints(task="classification", classes=[0, 1, 2]))
-    assert pin_members(_spec("er-w", ["er-lr@champion", "er-wide/1"]), env.registry, env.settings).n_features == 4
+    assert pin_definition(env.registry, env.settings, _spec("er-w", ["er-lr@champion", "er-wide/1"])).n_features == 4
 
     err = _refused(env, ["er-lr@champion", "er-nope@champion"])
     assert err.details == {"field": "members[1].model", "member": "er-nope@champion"}
@@ -130,15 +130,15 @@ def test_an_archived_member_or_an_ensemble_member_is_refused(env):
     err = _refused(env, ["er-lr@champion", "er-old/1"])
     assert err.details["member"] == "er-old/1" and "archived" in err.message
 
-    defn = pin_members(_spec("er-inner", ["er-lr@champion", "er-tree/1"]), env.registry, env.settings)
+    defn = pin_definition(env.registry, env.settings, _spec("er-inner", ["er-lr@champion", "er-tree/1"]))
     publish(env.registry, env.settings, defn, fuse=False, actor="t", store=env.store)
     err = _refused(env, ["er-lr@champion", "er-inner@champion"])
     assert err.details["member"] == "er-inner@champion" and "ensemble" in err.message
 
 
 def test_publish_makes_one_tagged_version_and_reuses_it_for_the_same_pins(env):
-    defn = pin_members(_spec("er-ens", ["er-lr@champion", "er-tree@champion", "er-rf@champion"]),
-                       env.registry, env.settings)
+    defn = pin_definition(env.registry, env.settings,
+                          _spec("er-ens", ["er-lr@champion", "er-tree@champion", "er-rf@champion"]))
     out = publish(env.registry, env.settings, defn, fuse=False, actor="t", store=env.store)
     assert out["model_version"] == "1" and out["aliases"] == ["champion"] and out["created"]
     assert out["fused"] is False and out["metrics"] is None  # no dataset: not scored
@@ -161,27 +161,32 @@ def test_publish_makes_one_tagged_version_and_reuses_it_for_the_same_pins(env):
     # a member's alias moves: a new version, with the alias of a later version
     _train(env.settings, "er-tree", "sklearn.tree.DecisionTreeClassifier", "j-tree2", max_depth=2, random_state=0)
     env.client.set_registered_model_alias("er-tree", "champion", "2")
-    moved = pin_members(_spec("er-ens", ["er-lr@champion", "er-tree@champion", "er-rf@champion"]),
-                        env.registry, env.settings)
+    moved = pin_definition(env.registry, env.settings,
+                           _spec("er-ens", ["er-lr@champion", "er-tree@champion", "er-rf@champion"]))
     out2 = publish(env.registry, env.settings, moved, fuse=False, actor="t", store=env.store)
     assert out2["model_version"] == "2" and out2["aliases"] == ["challenger"]
     assert out2["definition"]["members"][1]["version"] == "2"
 
 
 def test_a_job_publish_is_repeatable_and_a_plain_model_name_is_not_taken(env):
-    defn = pin_members(_spec("er-job", ["er-lr@champion", "er-rf@champion"]), env.registry, env.settings)
+    spec = _spec("er-job", ["er-lr@champion", "er-rf@champion"])
+    defn = pin_definition(env.client, env.settings, spec)  # a job holds an MlflowClient
+    assert pin_members(env.client, env.settings, spec) == list(defn.members)
+    with pytest.raises(InvalidInput) as exc:
+        pin_members(env.client, env.settings, _spec("er-job", ["er-lr@champion", "er-rf@nope"]))
+    assert exc.value.details["member"] == "er-rf@nope"
     first = publish(env.client, env.settings, defn, fuse=False, job_id="job-e1", actor="t")
     retry = publish(env.client, env.settings, defn, fuse=False, job_id="job-e1", actor="t")
     assert first["model_version"] == retry["model_version"] == "1" and retry["aliases"] == ["champion"]
     assert env.client.get_model_version("er-job", "1").tags["matih.job_id"] == "job-e1"
 
-    plain = pin_members(_spec("er-lr", ["er-tree/1", "er-rf@champion"]), env.registry, env.settings)
+    plain = pin_definition(env.registry, env.settings, _spec("er-lr", ["er-tree/1", "er-rf@champion"]))
     with pytest.raises(Conflict):
         publish(env.client, env.settings, plain, fuse=False, actor="t")
 
 
 def test_gates_need_data_and_oversized_definitions_are_refused(env):
-    defn = pin_members(_spec("er-gates", ["er-lr@champion", "er-rf@champion"]), env.registry, env.settings)
+    defn = pin_definition(env.registry, env.settings, _spec("er-gates", ["er-lr@champion", "er-rf@champion"]))
     from app.training.spec import ValidationSpec
 
     gates = ValidationSpec.model_validate({"gates": [{"metric": "accuracy", "min": 0.5}]})
