@@ -210,3 +210,23 @@ def test_a_fused_ensemble_is_also_a_plain_onnx_model_an_endpoint_serves(api):
     pred = api.dev.post("/v1/endpoints/ea-fused-ep/predict", json={"instances": [row], "return_probabilities": True})
     assert pred.status_code == 200, pred.text
     assert pred.json()["predictions"] == [0] and len(pred.json()["probabilities"][0]) == 3
+
+
+@pytest.mark.skipif(not HAS_FUSED, reason="app.ensembles.local and fused have not landed on this branch")
+def test_averaging_regressors_scored_by_rmse_and_fused(api):
+    for name, est in (("ea-lin", "sklearn.linear_model.LinearRegression"), ("ea-ridge", "sklearn.linear_model.Ridge")):
+        spec = {"name": name, "estimator": est, "register_as": name,
+                "dataset": {"uri": "builtin://diabetes", "target": "target"}}
+        train_sklearn(TrainingJobSpec.model_validate(spec), api.settings, f"j-{name}", lambda *a: None)
+    body = {"name": "ea-avg", "task": "regression", "method": "averaging", "averaging": "weighted",
+            "members": [{"model": "ea-lin@champion", "weight": 2}, {"model": "ea-ridge@champion"}],
+            "dataset": {"uri": "builtin://diabetes", "target": "target"}}
+    r = api.dev.post("/v1/ensembles", json=body)
+    assert r.status_code == 201, r.text
+    out = r.json()
+    assert set(out["metrics"]) >= {"rmse", "r2"} and [m["rmse"] > 0 for m in out["member_metrics"]] == [True, True]
+    assert out["beats_best_member"] == (out["metrics"]["rmse"] < min(m["rmse"] for m in out["member_metrics"]))
+    assert out["fused"] is True and out["definition"]["combine"]["kind"] == "mean"
+    assert [m["weight"] for m in out["definition"]["members"]] == [2.0, 1.0]
+    card = api.viewer.get("/v1/models/ea-avg/versions/1/card").json()["ensemble"]
+    assert card["main_metric"] == "rmse" and card["fused"] is True
