@@ -8,10 +8,9 @@ endpoints and rollouts treat it like any model. What makes it an ensemble is in 
 (``ensemble.json``, ``combiner.onnx``, and ``model.onnx`` when a fused graph exists); see
 :mod:`app.ensembles.definition`.
 
-Members are checked here because only the registry knows them: they must share the task, the
-input signature and (classifiers) the class list; a member that is an ensemble, archived, or
-not servable by its runtime is refused. Every refusal is a 422 naming the member
-(``details: {"field": "members[i].model", "member": ref}``).
+Members are pinned and checked in :mod:`app.ensembles.pinning` (re-exported here:
+``pin_definition``, ``pin_members``, ``definition_for``, ``definition_tag``); holdout scoring,
+the champion's score and the fused graph are in :mod:`app.ensembles.scoring`.
 """
 
 from __future__ import annotations
@@ -32,12 +31,29 @@ from app.ensembles.definition import (
     DEFINITION_TAG,
     ENSEMBLE_FORMAT,
     KIND_TAG,
+    Combine,
     EnsembleDefinition,
     PinnedMember,
-    Policy,
-    combine_for,
 )
-from app.errors import Conflict, InvalidInput, MatihError, ModelError, NotFound
+from app.ensembles.pinning import (  # noqa: F401  (re-exported: the ensemble job and the API import them from here)
+    ENSEMBLE_KIND,
+    MAX_TAG_CHARS,
+    check_members,
+    client_of,
+    definition_for,
+    definition_tag,
+    pin_definition,
+    pin_members,
+)
+from app.ensembles.scoring import (
+    MAIN_METRIC,
+    beats_best_member,
+    champion_report,
+    fused_graph,
+    holdout_labels,
+    load_member_models,
+)
+from app.errors import Conflict, InvalidInput, MatihError
 from app.registry.cards import TAG_ENSEMBLE_REPORT as TAG_REPORT
 from app.registry.lineage import code_version
 from app.registry.mlflow_registry import (
@@ -55,248 +71,16 @@ from app.registry.mlflow_registry import (
     TAG_VALIDATION,
     TAG_VALIDATION_REPORT,
     ensure_experiment,
-    model_metadata,
 )
 from app.registry.outbox import OP_CREATE, TAG_OP, new_nonce
-from app.registry.targets import parse_target
 
 log = logging.getLogger(__name__)
 
-ENSEMBLE_KIND = "ensemble"
-#: MLflow's limit on a tag value on some stores; the definition tag must fit it whole.
-MAX_TAG_CHARS = 5000
 TAG_COMBINER_SHA256 = "matih.combiner_sha256"  # of combiner.onnx: a retrained meta-learner is a new version
 TAG_MEMBER_INDEX = "matih.member_index"  # on a "<ensemble>-members" version: which member of its job it is
 TAG_MEMBERS_OF = "matih.members_of"  # on the "<ensemble>-members" registered model
 REPORT_FILE = "ensemble_report.json"
 MEMBERS_SUFFIX = "-members"
-#: The metric that decides whether an ensemble beats its best member (and its direction).
-MAIN_METRIC = {"classification": ("accuracy", True), "regression": ("rmse", False)}
-#: Formats each member runtime can serve (triton serves from its own repository: any).
-_RUNTIME_FORMATS = {"onnx": {"onnx"}, "native": {"skops", "sklearn-pickle", "torchscript"}}
-
-
-def _client_of(client):
-    """An MlflowClient from either one or a :class:`ModelRegistry` (whose client it is)."""
-    return getattr(client, "client", client)
-
-
-def _member_error(i: int, ref: str, message: str) -> InvalidInput:
-    return InvalidInput(f"members[{i}] ({ref}): {message}", details={"field": f"members[{i}].model", "member": ref})
-
-
-# -- pinning and checks ---------------------------------------------------------------------------
-def pin_definition(registry, settings, spec) -> EnsembleDefinition:
-    """The definition of ``spec`` (an :class:`app.ensembles.spec.EnsembleSpec` with members:
-    voting, averaging, stacking, blending) with every member resolved (uncached) and pinned to
-    its version, after the checks of the module docstring. ``registry``: a
-    :class:`app.registry.mlflow_registry.ModelRegistry` or an MlflowClient. Stacking and
-    blending get their meta-learner later (``publish`` sets ``has_combiner``)."""
-    from app.serving.endpoint_config import check_endpoint_config
-
-    resolved = []
-    for i, m in enumerate(spec.members):
-        try:
-            ref = parse_target(m.model)
-        except InvalidInput as exc:
-            raise _member_error(i, m.model, exc.message) from None
-        try:
-            check_endpoint_config(m.runtime, m.config, settings)
-        except InvalidInput as exc:
-            raise InvalidInput(f"members[{i}] ({m.model}): {exc.message}",
-                               details={"field": f"members[{i}].config", "member": m.model}) from None
-        try:
-            rm = _resolve(registry, ref)
-        except NotFound:
-            raise _member_error(i, m.model, "no such model version in the registry") from None
-        resolved.append(rm)
-    weighted = spec.method != "averaging" or spec.task == "classification" or spec.averaging == "weighted"
-    members = tuple(
-        PinnedMember(name=rm.name, version=rm.version, weight=float(m.weight or 1.0) if weighted else 1.0,
-                     runtime=m.runtime, config=m.config, ref=m.model)
-        for m, rm in zip(spec.members, resolved)
-    )
-    facts = check_members(spec.task, members, [rm.tags for rm in resolved], registry)
-    return EnsembleDefinition(
-        name=spec.name, task=spec.task, method=spec.method, members=members, combine=combine_for(spec),
-        policy=Policy(spec.policy.min_members, spec.policy.member_timeout_s), **facts,
-    )
-
-
-def pin_members(registry, settings, spec) -> list[PinnedMember]:
-    """The members of :func:`pin_definition`, pinned and checked (what a stacking or blending
-    job trains its meta-learner over)."""
-    return list(pin_definition(registry, settings, spec).members)
-
-
-def _resolve(registry, ref):
-    """``ref`` through a ModelRegistry (uncached), or straight through an MlflowClient."""
-    if hasattr(registry, "resolve"):
-        return registry.resolve(ref, use_cache=False)
-    from mlflow.exceptions import MlflowException
-
-    from app.registry.mlflow_registry import ResolvedModel, mlflow_error
-
-    try:
-        mv = registry.get_model_version_by_alias(ref.name, ref.alias) if ref.alias else \
-            registry.get_model_version(ref.name, ref.version)
-    except MlflowException as exc:
-        err = mlflow_error(exc, f"model {ref}")
-        raise (NotFound(f"model {ref} is not in the registry") if isinstance(err, NotFound) or
-               "alias" in str(exc).lower() else err) from None
-    return ResolvedModel(mv.name, str(mv.version), dict(mv.tags or {}))
-
-
-def check_members(task: str, members: tuple[PinnedMember, ...] | list[PinnedMember], tags: list[dict[str, str]],
-                  registry=None) -> dict[str, Any]:
-    """Check pinned members (with their versions' tags) against each other and ``task``;
-    returns the shared facts ``{classes, feature_names, n_features}``. Widths come from the
-    versions' signatures, read through ``registry`` only when feature names do not decide."""
-    feature_names = classes = None
-    n_features: int | None = None
-    first_names = first_classes = None
-    for i, (m, t) in enumerate(zip(members, tags)):
-        ref = m.ref or m.target
-        meta = model_metadata_of(m, t)
-        if t.get(KIND_TAG) == ENSEMBLE_KIND:
-            raise _member_error(i, ref, "is itself an ensemble; ensembles of ensembles are not supported, name its "
-                                "members instead")
-        if t.get(TAG_STAGE) == "archived":
-            raise _member_error(i, ref, f"version {m.version} is archived; pin a version that is not")
-        servable = _RUNTIME_FORMATS.get(m.runtime)
-        if servable is not None and not servable & set(meta["formats"]):
-            raise _member_error(i, ref, f"runtime {m.runtime!r} cannot serve it (its artifacts: "
-                                f"{', '.join(meta['formats'])}); choose another runtime or convert it")
-        if meta["task"] is None:
-            raise _member_error(i, ref, "its task is unknown (no matih.task tag); register it with a task")
-        if meta["task"] != task:
-            raise _member_error(i, ref, f"is a {meta['task']} model; this ensemble is {task}")
-        names = meta["feature_names"]
-        if names is not None:
-            if first_names is None:
-                first_names = (i, names)
-            elif names != first_names[1]:
-                raise _member_error(i, ref, f"takes features {names}, members[{first_names[0]}] takes "
-                                    f"{first_names[1]}; members must share the input signature")
-        if task == "classification":
-            cls = meta["classes"]
-            if cls is None:
-                raise _member_error(i, ref, "its class list is unknown (no matih.classes tag); register it with "
-                                    "classes")
-            if first_classes is None:
-                first_classes = (i, cls)
-            elif [str(c) for c in cls] != [str(c) for c in first_classes[1]]:
-                raise _member_error(i, ref, f"predicts classes {cls}, members[{first_classes[0]}] predicts "
-                                    f"{first_classes[1]}; members must share the class list in the same order")
-    if first_names is not None:
-        feature_names = first_names[1]
-        n_features = len(feature_names)
-    if first_classes is not None:
-        classes = first_classes[1]
-    if registry is not None:
-        widths = [_width(registry, m) if (feature_names is None or _names(t) is None) else len(feature_names)
-                  for m, t in zip(members, tags)]
-        known = [(i, w) for i, w in enumerate(widths) if w is not None]
-        for i, w in known[1:]:
-            if w != known[0][1]:
-                ref = members[i].ref or members[i].target
-                raise _member_error(i, ref, f"takes {w} inputs, members[{known[0][0]}] takes {known[0][1]}; members "
-                                    "must share the input signature")
-        if known and n_features is None:
-            n_features = known[0][1]
-    return {"classes": classes, "feature_names": feature_names, "n_features": n_features}
-
-
-def model_metadata_of(member: PinnedMember, tags: dict[str, str]) -> dict[str, Any]:
-    from app.registry.mlflow_registry import ResolvedModel
-
-    return model_metadata(ResolvedModel(member.name, member.version, dict(tags)))
-
-
-def _names(tags: dict[str, str]) -> list[str] | None:
-    return json.loads(tags[TAG_FEATURES]) if TAG_FEATURES in tags else None
-
-
-def _width(registry, m: PinnedMember) -> int | None:
-    """The input width of a member from its MLflow signature (only the MLmodel file is read);
-    None when it has none (a Triton member, an upload without one)."""
-    import mlflow.artifacts
-    from mlflow.models import Model
-
-    client = _client_of(registry)
-    try:
-        uri = client.get_model_version_download_uri(m.name, m.version).rstrip("/") + "/MLmodel"
-        with tempfile.TemporaryDirectory(prefix="matih-mlmodel-") as tmp:
-            sig = Model.load(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)).signature
-    except Exception:
-        return None
-    if sig is None or sig.inputs is None:
-        return None
-    inputs = sig.inputs.inputs
-    if sig.inputs.has_input_names() and not any(getattr(s, "shape", None) for s in inputs):
-        return len(inputs)  # one column per feature
-    shape = getattr(inputs[0], "shape", None) if len(inputs) == 1 else None
-    return int(shape[-1]) if shape and shape[-1] and shape[-1] > 0 else None
-
-
-def definition_for(spec, members: list[PinnedMember], *, classes: list | None, feature_names: list[str] | None,
-                   n_features: int | None = None, combine=None, has_combiner: bool = False) -> EnsembleDefinition:
-    """The definition of a trained ensemble (bagging, boosting: members from
-    :func:`register_members`; stacking, blending: ``dataclasses.replace`` on :func:`pin_members`'
-    works too) with the combine rule the job completed (boosting's bias, stacking's inputs)."""
-    return EnsembleDefinition(
-        name=spec.name, task=spec.task, method=spec.method, members=tuple(members),
-        combine=combine if combine is not None else combine_for(spec),
-        policy=Policy(spec.policy.min_members, spec.policy.member_timeout_s), classes=classes,
-        feature_names=feature_names, n_features=n_features if n_features is not None else (
-            len(feature_names) if feature_names else None),
-        has_combiner=has_combiner,
-    )
-
-
-def definition_tag(defn: EnsembleDefinition) -> str:
-    """The compact JSON serving reads from ``matih.ensemble``; 422 when it would not fit a tag."""
-    text = defn.to_json()
-    if len(text) > MAX_TAG_CHARS:
-        raise InvalidInput(
-            f"the ensemble's definition is {len(text)} characters of JSON, over MLflow's tag limit of "
-            f"{MAX_TAG_CHARS}; use fewer members or shorter member configs",
-            details={"field": "members"},
-        )
-    return text
-
-
-# -- artifacts ------------------------------------------------------------------------------------
-def _download(settings, name: str, version: str, dest: Path) -> Path:
-    import mlflow.artifacts
-
-    from app.errors import DependencyUnavailable
-
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest),
-                                            tracking_uri=settings.mlflow_tracking_uri,
-                                            registry_uri=settings.mlflow_tracking_uri)
-    except Exception as exc:
-        raise DependencyUnavailable(f"could not download {name}/{version} from MLflow: {exc}") from None
-    return dest
-
-
-def load_member_models(client, settings, defn: EnsembleDefinition) -> list[bytes]:
-    """Each member's ONNX graph (what local scoring and fusing need): 422 naming a member that
-    has none."""
-    from app.runtimes.onnx import find_onnx_file
-
-    client = _client_of(client)
-    out = []
-    with tempfile.TemporaryDirectory(prefix="matih-members-") as tmp:
-        for i, m in enumerate(defn.members):
-            tags = dict(client.get_model_version(m.name, m.version).tags or {})
-            if "onnx" not in model_metadata_of(m, tags)["formats"]:
-                raise _member_error(i, m.ref or m.target, "has no ONNX graph, which scoring the ensemble on the "
-                                    "holdout needs; convert it (POST .../convert) or leave dataset out")
-            d = _download(settings, m.name, m.version, Path(tmp) / str(i))
-            out.append(find_onnx_file(d).read_bytes())
-    return out
 
 
 def _signature(defn: EnsembleDefinition):
@@ -329,103 +113,6 @@ def _write_model_dir(dest: Path, defn: EnsembleDefinition, fused, combiner: byte
     if combiner is not None:
         (dest / COMBINER_FILE).write_bytes(combiner)
     (dest / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-
-
-# -- scoring --------------------------------------------------------------------------------------
-def _labels(data, y: np.ndarray) -> np.ndarray:
-    """Original class labels of y (data prepared with encoded labels holds indices)."""
-    y = np.asarray(y)
-    if data.task == "classification" and data.classes and np.issubdtype(y.dtype, np.integer) \
-            and list(data.classes) != list(range(len(data.classes))):
-        return np.asarray(data.classes, dtype=object)[y]
-    return y
-
-
-def beats_best_member(task: str, metrics: dict[str, float] | None, member_metrics: list[dict] | None) -> bool | None:
-    """Whether the ensemble is strictly better than every member on the task's main metric
-    (accuracy, rmse); None when not scored."""
-    metric, higher = MAIN_METRIC[task]
-    if not metrics or not member_metrics or metric not in metrics:
-        return None
-    values = [mm.get(metric) for mm in member_metrics if mm and mm.get(metric) is not None]
-    if not values:
-        return None
-    return metrics[metric] > max(values) if higher else metrics[metric] < min(values)
-
-
-def _champion(client, settings, defn: EnsembleDefinition, alias: str, data, y_true) -> dict[str, Any] | None:
-    """The ``alias`` version of the ensemble's name scored on the same holdout: an ensemble
-    through LocalEnsemble, a plain ONNX model directly; None when there is none. One that
-    cannot be scored comes back without metrics and a note saying why (its gates then fail)."""
-    from mlflow.exceptions import MlflowException
-
-    from app.training.validation import score_onnx
-
-    try:
-        mv = client.get_model_version_by_alias(defn.name, alias)
-    except MlflowException:
-        return None
-    tags = dict(mv.tags or {})
-    out: dict[str, Any] = {"version": str(mv.version), "alias": alias, "metrics": None}
-    features = _names(tags)
-    if features is not None and data.feature_names and features != data.feature_names:
-        out["note"] = f"the {alias} was trained on other features ({features}); not comparable"
-        return out
-    if tags.get(TAG_TASK) and tags[TAG_TASK] != data.task:
-        out["note"] = f"the {alias} is a {tags[TAG_TASK]} model; this ensemble is {data.task}"
-        return out
-    try:
-        with tempfile.TemporaryDirectory(prefix="matih-champion-") as tmp:
-            d = _download(settings, defn.name, str(mv.version), Path(tmp) / "c")
-            if tags.get(KIND_TAG) == ENSEMBLE_KIND:
-                from app.ensembles.local import LocalEnsemble
-
-                cdefn = EnsembleDefinition.from_json(tags[DEFINITION_TAG])
-                comb = (d / COMBINER_FILE).read_bytes() if (d / COMBINER_FILE).exists() else None
-                local = LocalEnsemble(cdefn, load_member_models(client, settings, cdefn), comb)
-                out["metrics"], _ = local.score(data.X_holdout, y_true)
-            elif tags.get(TAG_FORMAT, "onnx") == "onnx":
-                from app.runtimes.onnx import find_onnx_file
-
-                out["metrics"] = score_onnx(find_onnx_file(d).read_bytes(), data.X_holdout, y_true, data.task,
-                                            data.classes)
-            else:
-                out["note"] = f"the {alias} is a {tags.get(TAG_FORMAT)} model; only ONNX versions are scored here"
-    except Exception as exc:  # the champion cannot be scored: the gates that need it fail, saying so
-        out["note"] = f"the {alias} could not be scored: {type(exc).__name__}: {getattr(exc, 'message', exc)}"
-    return out
-
-
-def _parity_rows(defn: EnsembleDefinition, data) -> np.ndarray:
-    if data is not None:
-        return data.X_holdout
-    return np.random.default_rng(0).normal(size=(32, defn.n_features or 1)).astype(np.float32)
-
-
-def _fuse(defn: EnsembleDefinition, member_models: list[bytes], combiner: bytes | None, local, data,
-          settings) -> tuple[Any, float | None, str | None]:
-    """(fused ModelProto or None, max |fused - fan-out|, why not fused)."""
-    import onnx
-
-    from app.ensembles import fused as F
-    from app.training.validation import onnx_outputs
-
-    if not F.fusable(defn):
-        return None, None, "not every member and combiner can be fused into one ONNX graph"
-    proto = F.fuse(defn, [onnx.load_from_string(b) for b in member_models],
-                   onnx.load_from_string(combiner) if combiner is not None else None)
-    X = _parity_rows(defn, data)
-    scale = 1.0
-    if defn.task == "regression":  # relative to the size of the predictions, as training's parity
-        scale = max([1.0] + [float(np.max(np.abs(onnx_outputs(b, X)[0]))) for b in member_models])
-    tolerance = settings.jobs.onnx_parity_tolerance * scale
-    try:
-        diff = float(F.check_parity(proto.SerializeToString(), local, X, tolerance=tolerance))
-    except ModelError as exc:  # the fan-out stays the ensemble; the version is still made
-        return None, None, f"the fused graph was not stored: {exc.message}"
-    if not diff <= tolerance:
-        return None, diff, f"the fused graph differs from the fan-out by {diff:.3g} (> {tolerance:.3g}); not stored"
-    return proto, diff, None
 
 
 # -- publishing -----------------------------------------------------------------------------------
@@ -525,7 +212,7 @@ def publish(
     from app.training.pipeline import ValidationFailed, _existing_version, ensure_alias, register_version
     from app.training.spec import ValidationSpec
 
-    client = _client_of(client)
+    client = client_of(client)
     validation = validation or ValidationSpec()
     if combiner is not None and not defn.has_combiner:
         defn = dataclasses.replace(defn, has_combiner=True)
@@ -565,12 +252,12 @@ def publish(
         from app.ensembles.local import LocalEnsemble
         from app.training.validation import check_gates
 
-        y_true = _labels(data, data.y_holdout)
+        y_true = holdout_labels(data, data.y_holdout)
         local = LocalEnsemble(defn, member_models, combiner)
         metrics, member_metrics = local.score(data.X_holdout, y_true)
         result.update(metrics=metrics, member_metrics=list(member_metrics),
                       beats_best_member=beats_best_member(defn.task, metrics, member_metrics))
-        champion = _champion(client, settings, defn, validation.compare_with, data, y_true)
+        champion = champion_report(client, settings, defn, validation.compare_with, data, y_true)
         report = check_gates(validation, metrics, champion)
         result["validation"] = report.as_dict()
         if not report.passed:
@@ -585,7 +272,7 @@ def publish(
 
             local = LocalEnsemble(defn, member_models, combiner)
         try:
-            fused_proto, parity, why = _fuse(defn, member_models, combiner, local, data, settings)
+            fused_proto, parity, why = fused_graph(defn, member_models, combiner, local, data, settings)
         except Exception as exc:  # the fused graph only saves calls: the fan-out version is still made
             log.warning("ensemble %s: no fused graph: %s", name, exc, exc_info=True)
             fused_proto, parity, why = None, None, f"the fused graph could not be built: {type(exc).__name__}: {exc}"
@@ -742,7 +429,7 @@ def register_members(client, settings, ensemble_name: str, models: list[bytes], 
     import onnx
     from mlflow.exceptions import MlflowException
 
-    client = _client_of(client)
+    client = client_of(client)
     name = members_model_name(ensemble_name)
     try:
         client.create_registered_model(name, tags={TAG_MEMBERS_OF: ensemble_name})
@@ -789,9 +476,7 @@ def register_members(client, settings, ensemble_name: str, models: list[bytes], 
             for i in range(len(models))]
 
 
-def combine_kind(task: str):
-    from app.ensembles.definition import Combine
-
+def combine_kind(task: str) -> Combine:
     return Combine("soft_vote" if task == "classification" else "mean")
 
 
