@@ -248,6 +248,11 @@ def _registry_task(settings_kwargs: dict[str, Any], method: str, args: tuple, kw
         # serving=True: MLflow calls time out as the Gateway's own registry calls do, and are not
         # retried, so a request made while MLflow is down gets its 503 at once
         registry = ModelRegistry(settings, serving=True)
+        if ":" in method:  # "module:function" (ApiContext.registry_offload)
+            import importlib
+
+            module, _, func = method.partition(":")
+            return getattr(importlib.import_module(module), func)(settings, registry, store, *args, **kwargs)
         return getattr(RegistryService(settings, registry, store), method)(*args, **kwargs)
     finally:
         store.engine.dispose()

@@ -89,7 +89,9 @@ class ApiContext:
     # GPU inventory and reservations (the GPUManager actor); None = no GPU manager here.
     gpus: GpuControl | None = None
     # Runs a RegistryService method that reads and converts a model file (registration from an
-    # upload or a source file, POST .../convert): ``await registry_offload(method, *args, **kw)``.
+    # upload or a source file, POST .../convert): ``await registry_offload(method, *args, **kw)``;
+    # a ``"module:function"`` method names a function called as ``function(settings, registry,
+    # store, *args, **kw)`` (an ensemble's creation, which loads its members' ONNX graphs).
     # None = a thread of this process. The Gateway runs them as Ray tasks, so that a conversion
     # (skl2onnx or torch.onnx and the parity check: seconds of CPU, much memory) holds neither
     # the ingress's interpreter lock nor its memory while it serves predictions.
@@ -477,6 +479,7 @@ def check_job_owner(job: dict[str, Any], who: Principal) -> None:
 ROUTERS: list[str] = [
     "app.api.registry:router",
     "app.api.training:router",
+    "app.api.ensembles:router",
     "app.api.gpus:router",
     "app.api.batch:router",
     "app.api.v2:router",

@@ -11,6 +11,42 @@ from app.registry.base import RegistryBase
 from app.registry.checks import check_version
 from app.registry.mlflow_registry import TAG_PARITY, TAG_VALIDATION_REPORT
 
+#: On an ensemble version: JSON of the holdout metrics of the ensemble and of each member, whether
+#: it beats its best member, and whether a fused graph exists (written by app.ensembles.registry).
+TAG_ENSEMBLE_REPORT = "matih.ensemble_report"
+
+
+def ensemble_section(tags: dict[str, str]) -> dict[str, Any] | None:
+    """The card's ``ensemble`` section of an ensemble version (None for other versions): method,
+    combine rule, members with their pins, weights and holdout metrics, the ensemble's metrics,
+    whether it beats its best member (by the task's main metric), and whether it is fused."""
+    from app.ensembles.definition import DEFINITION_TAG, KIND_TAG
+
+    if tags.get(KIND_TAG) != "ensemble" or DEFINITION_TAG not in tags:
+        return None
+    defn = json.loads(tags[DEFINITION_TAG])
+    try:
+        report = json.loads(tags.get(TAG_ENSEMBLE_REPORT) or "{}")
+    except ValueError:
+        report = {}
+    member_metrics = report.get("member_metrics") or []
+    members = [
+        {"ref": m.get("ref") or f"{m['name']}/{m['version']}", "name": m["name"], "version": m["version"],
+         "weight": m["weight"], "runtime": m.get("runtime"),
+         "metrics": member_metrics[i] if i < len(member_metrics) else None}
+        for i, m in enumerate(defn["members"])
+    ]
+    return {
+        "method": defn["method"],
+        "combine": defn["combine"]["kind"],
+        "members": members,
+        "metrics": report.get("metrics"),
+        "main_metric": report.get("main_metric"),
+        "beats_best_member": report.get("beats_best_member"),
+        "fused": bool(report.get("fused")),
+        "policy": defn.get("policy"),
+    }
+
 
 class CardsMixin(RegistryBase):
     """Model cards and comparisons of versions."""
@@ -53,6 +89,7 @@ class CardsMixin(RegistryBase):
             "trusted": v["trusted"],
             "trusted_by": record["trusted_by"] if record else None,
             "trusted_sha256": record["sha256"] if record else None,
+            "ensemble": ensemble_section(tags),
         }
 
     def compare(self, name: str, versions: list[str]) -> dict[str, Any]:
@@ -114,6 +151,15 @@ def card_markdown(card: dict[str, Any]) -> str:
                   f"- compared with: version {champ['version']}" if champ else "- compared with: no champion"]
         lines += [f"- {g['metric']} {g['rule']}: {'passed' if g['passed'] else 'FAILED'} ({g['note']})"
                   for g in report.get("gates") or []]
+    ens = card.get("ensemble")
+    if ens:
+        beats = {True: "yes", False: "no", None: "not scored"}[ens["beats_best_member"]]
+        lines += ["", "## Ensemble", "", f"- method: {ens['method']} (combine: {ens['combine']})",
+                  f"- fused ONNX graph: {'yes' if ens['fused'] else 'no'}",
+                  f"- beats its best member ({ens['main_metric'] or 'main metric'}): {beats}"]
+        for m in ens["members"]:
+            scored = ", ".join(f"{k} {v:.4g}" for k, v in (m["metrics"] or {}).items()) or "not scored"
+            lines.append(f"- member {m['ref']} -> {m['name']}/{m['version']} (weight {m['weight']:g}): {scored}")
     lines += ["", "## Stage and approvals", "", f"- stage: {card['stage']}",
               f"- aliases: {', '.join(card['aliases']) or 'none'}"]
     lines += [f"- approved by {a['by']} at {a['at']}" + (f": {a['comment']}" if a["comment"] else "")

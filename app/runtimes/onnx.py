@@ -62,7 +62,9 @@ def session_options(intra_op_threads: int = 1, inter_op_threads: int = 1):
 
 
 def find_onnx_file(model_dir: Path) -> Path:
-    candidates = sorted(model_dir.rglob("*.onnx"))
+    """The model's ONNX graph: ``model.onnx`` (what ``mlflow.onnx`` writes) before any other
+    ``.onnx`` file, since an ensemble version also holds ``combiner.onnx``."""
+    candidates = sorted(model_dir.rglob("*.onnx"), key=lambda p: (p.name != "model.onnx", len(p.parts), str(p)))
     if not candidates:
         raise ModelError(f"no .onnx file in the model artifacts at {model_dir}")
     return candidates[0]
