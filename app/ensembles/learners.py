@@ -129,9 +129,10 @@ class Replica:
 
 
 def fit_replica(index: int, est, X: np.ndarray, y: np.ndarray, rows: np.ndarray, is_classifier: bool,
-                tolerance: float) -> Replica:
-    """Fit a fresh clone of ``est`` on the bootstrap rows and convert it: the body of one
-    bagging task (a plain function, so the sequential path and the benchmark run the same code)."""
+                tolerance: float, X_check: np.ndarray | None = None) -> Replica:
+    """Fit a fresh clone of ``est`` on the bootstrap rows and convert it, checking parity on
+    ``X_check`` (the holdout; default X): the body of one bagging task (a plain function, so the
+    sequential path and the benchmark run the same code)."""
     from sklearn.base import clone
 
     start = time.time()
@@ -141,7 +142,8 @@ def fit_replica(index: int, est, X: np.ndarray, y: np.ndarray, rows: np.ndarray,
     except ValueError as exc:
         raise InvalidInput(f"bagging member {index}: fit failed: {exc}", details={"field": "base.hyperparameters"}) \
             from None
-    onnx, diff = convert(member, X, X, is_classifier, tolerance, f"bagging member {index}")
+    onnx, diff = convert(member, X, X if X_check is None else X_check, is_classifier, tolerance,
+                         f"bagging member {index}")
     return Replica(index, onnx, diff, start, time.time(), os.getpid(), int(len(np.unique(rows))))
 
 

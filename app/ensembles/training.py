@@ -274,7 +274,7 @@ def train_bagging(spec: EnsembleSpec, settings: Settings, data: PreparedData, *,
         fn = learners.fit_torch_replica
     else:
         est = _base_estimator(spec, settings)
-        args = [(i, est, data.X_train, data.y_train, rows, is_clf, tol) for i, rows in enumerate(samples)]
+        args = [(i, est, data.X_train, data.y_train, rows, is_clf, tol, data.X_holdout) for i, rows in enumerate(samples)]
         fn = learners.fit_replica
     if not parallel:
         return [fn(*a) for a in args]
@@ -285,8 +285,9 @@ def train_bagging(spec: EnsembleSpec, settings: Settings, data: PreparedData, *,
         data_ref = ray.put(data)
         refs = [task.remote(i, m, h, data_ref, rows, s) for i, m, h, _, rows, s in args]
     else:
-        X_ref, y_ref = ray.put(data.X_train), ray.put(data.y_train)  # shipped once, not once per task
-        refs = [task.remote(i, e, X_ref, y_ref, rows, c, t) for i, e, _, _, rows, c, t in args]
+        # the arrays are shipped once, not once per task
+        X_ref, y_ref, hold_ref = ray.put(data.X_train), ray.put(data.y_train), ray.put(data.X_holdout)
+        refs = [task.remote(i, e, X_ref, y_ref, rows, c, t, hold_ref) for i, e, _, _, rows, c, t, _ in args]
     return list(ray.get(refs))
 
 

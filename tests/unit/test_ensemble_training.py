@@ -204,7 +204,7 @@ def test_bagging_trains_members_in_parallel_ray_tasks(settings, ray_local):
     members the sequential path trains from the same seed (bytes of the ONNX models)."""
     spec = _spec(method="bagging", n_estimators=4, resources={"cpus_per_member": 1},
                  base={"estimator": "sklearn.ensemble.RandomForestClassifier",
-                       "hyperparameters": {"n_estimators": 30, "random_state": 0}})
+                       "hyperparameters": {"n_estimators": 31, "random_state": 0}})
     data = prepare(spec, settings)
     replicas = train_bagging(spec, settings, data, parallel=True)
     assert [r.index for r in replicas] == [0, 1, 2, 3]
@@ -280,3 +280,19 @@ def test_stacking_refuses_a_member_no_job_trained(settings):
     with pytest.raises(InvalidInput, match="job-gone is not in the metadata store"):
         refit_estimators(spec, settings, members[1:], [{"matih.job_id": "job-gone"}], store)
 
+
+
+def test_torch_bagging_members_are_onnx_classifiers(settings):
+    """A torch base: each replica trained by the in-process loop of strategy ``single`` on its
+    bootstrap rows and exported to ONNX (label + probabilities); different samples and seeds
+    give different members. Sequential here: parallelism is the sklearn test's subject."""
+    spec = _spec(method="bagging", n_estimators=2, dataset={"uri": "builtin://iris", "target": "target"},
+                 base={"framework": "torch", "model": {"kind": "mlp", "hidden": [16]},
+                       "hyperparameters": {"epochs": 30, "lr": 0.05, "batch_size": 32}})
+    data = prepare(spec, settings)
+    replicas = train_bagging(spec, settings, data, parallel=False)
+    assert len(replicas) == 2 and replicas[0].onnx != replicas[1].onnx
+    for r in replicas:
+        assert r.parity < 1e-4
+        labels, proba = onnx_outputs(r.onnx, data.X_holdout)
+        assert proba.shape == (len(data.X_holdout), 3) and np.mean(labels == data.y_holdout) > 0.8
