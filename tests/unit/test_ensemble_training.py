@@ -5,6 +5,7 @@ a full ``kind: ensemble`` job through the in-process scheduler."""
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import pytest
@@ -263,6 +264,13 @@ def test_stacking_job_through_the_scheduler(tmp_path_factory):
     assert res["model_version"] == "1" and res["aliases"] == ["champion"] and res["method"] == "stacking"
     learners.check_no_leakage(res["folds"], sum(len(f["held_out"]) for f in res["folds"]))
     assert len(res["folds"]) == 5 and res["combiner_onnx_max_abs_diff"] < 1e-4
+
+    blend = spec.model_copy(update={"name": "bc-blend", "method": "blending"})
+    job = store.create_job("ensemble", blend.name, blend.model_dump(mode="json"), "admin")
+    done = wait(client, core, job["job_id"], timeout=300)
+    assert done["status"] == "succeeded", (done.get("error"), done.get("logs"))
+    n_train = sum(len(f["held_out"]) for f in res["folds"])
+    assert done["result"]["blend_rows"] == math.ceil(0.3 * n_train)  # train_test_split rounds the test share up
 
 
 def test_stacking_refuses_a_member_no_job_trained(settings):
