@@ -34,7 +34,7 @@ import numpy as np
 from app.ensembles import learners
 from app.ensembles.definition import Combine, EnsembleDefinition, PinnedMember, Policy, combine_for
 from app.ensembles.spec import EnsembleSpec
-from app.errors import InvalidInput
+from app.errors import InvalidInput, MatihError
 from app.registry.mlflow_registry import TAG_FEATURES, TAG_FORMAT, TAG_JOB
 from app.settings import Settings
 from app.training.data import PreparedData, prepare_data
@@ -288,7 +288,12 @@ def train_bagging(spec: EnsembleSpec, settings: Settings, data: PreparedData, *,
         # the arrays are shipped once, not once per task
         X_ref, y_ref, hold_ref = ray.put(data.X_train), ray.put(data.y_train), ray.put(data.X_holdout)
         refs = [task.remote(i, e, X_ref, y_ref, rows, c, t, hold_ref) for i, e, _, _, rows, c, t, _ in args]
-    return list(ray.get(refs))
+    try:
+        return list(ray.get(refs))
+    except ray.exceptions.RayTaskError as exc:  # a 422 or a parity failure inside a task: the job fails with it
+        if isinstance(getattr(exc, "cause", None), MatihError):
+            raise exc.cause from None
+        raise
 
 
 def _bagging(spec: EnsembleSpec, settings: Settings, client, data: PreparedData, report: Reporter, job_id: str):

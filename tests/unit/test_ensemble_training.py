@@ -290,6 +290,27 @@ def test_stacking_refuses_a_member_no_job_trained(settings):
 
 
 
+def test_bagging_task_errors_come_back_as_matih_errors(settings, ray_local):
+    spec = _spec(method="bagging", n_estimators=2,
+                 base={"estimator": "sklearn.tree.DecisionTreeClassifier", "hyperparameters": {"max_depth": -3}})
+    data = prepare(spec, settings)
+    with pytest.raises(InvalidInput, match="bagging member"):
+        train_bagging(spec, settings, data, parallel=True)
+
+
+def test_what_an_ensemble_job_reserves(settings):
+    from app.jobs.resources import job_needs
+
+    bagging = _spec(method="bagging", n_estimators=8, resources={"cpus_per_member": 0.5},
+                    base={"estimator": "sklearn.tree.DecisionTreeClassifier"}).model_dump(mode="json")
+    wide = settings.model_copy(update={"jobs": settings.jobs.model_copy(update={"num_cpus": 16.0})})
+    assert job_needs("ensemble", bagging, wide).as_dict() == {"CPU": 4.0, "GPU": 0.0}  # all 8 tasks at once
+    assert job_needs("ensemble", bagging, settings).cpus == settings.jobs.num_cpus  # capped; more run as CPUs free
+    stacking = _spec(method="stacking", members=[{"model": "a/1"}, {"model": "b/1"}]).model_dump(mode="json")
+    needs = job_needs("ensemble", stacking, settings)
+    assert needs.driver_cpus == needs.cpus == settings.jobs.num_cpus  # refits run in the driver
+
+
 def test_torch_bagging_members_are_onnx_classifiers(settings):
     """A torch base: each replica trained by the in-process loop of strategy ``single`` on its
     bootstrap rows and exported to ONNX (label + probabilities); different samples and seeds
