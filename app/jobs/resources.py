@@ -40,6 +40,15 @@ def job_needs(kind: str, spec: dict[str, Any], settings: Settings) -> JobNeeds:
         driver = b.resources.num_cpus or settings.batch.driver_num_cpus
         workers = (b.num_cpus_per_worker or settings.batch.worker_num_cpus) * 1  # one predictor is enough to start
         return JobNeeds(driver, driver + workers, b.num_gpus_per_worker + (b.resources.num_gpus or 0))
+    if kind == "ensemble":
+        from app.ensembles.spec import EnsembleSpec
+
+        e = EnsembleSpec.model_validate(spec)
+        if e.method == "bagging":  # members are Ray tasks that reserve their own CPUs; the driver waits.
+            # Admitted when the tasks fit up to jobs.num_cpus (at least one task); more run as CPUs free up.
+            per = e.resources.cpus_per_member
+            return JobNeeds(0.0, max(per, min(e.n_estimators * per, settings.jobs.num_cpus)), 0.0)
+        # stacking refits, blending and boosting fit, in the driver process
     return JobNeeds(settings.jobs.num_cpus, settings.jobs.num_cpus, 0.0)
 
 

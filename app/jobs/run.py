@@ -4,6 +4,7 @@ The JobScheduler starts each job as a Ray Job running ``python -m app.jobs.run -
 The same code runs a spec by hand on any Ray cluster::
 
     ray job submit --working-dir . -- python -m app.jobs.run --spec spec.yaml
+    ray job submit --working-dir . -- python -m app.jobs.run --spec ens.yaml --kind ensemble
 
 With ``--spec`` the job is recorded in the metadata store as running (so the platform's API
 shows it and no scheduler starts it again) and then runs exactly as a scheduled one. Settings
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("app.jobs.run")
-KINDS = ("training", "batch_prediction")
+KINDS = ("training", "batch_prediction", "ensemble")
 
 
 def _submission_id() -> str | None:
@@ -81,6 +82,8 @@ def _load_spec(path: str, kind: str) -> dict[str, Any]:
         raise SystemExit(f"{path}: a job spec is a mapping, not {type(data).__name__}")
     if kind == "training":
         from app.training.spec import TrainingJobSpec as Model
+    elif kind == "ensemble":
+        from app.ensembles.spec import EnsembleSpec as Model
     else:
         from app.batch.spec import BatchJobSpec as Model
     try:

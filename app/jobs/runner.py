@@ -30,6 +30,12 @@ def execute(kind: str, spec: dict[str, Any], settings: Settings, job_id: str, re
 
         batch = check_spec_paths(BatchJobSpec.model_validate(spec), settings)
         return run_batch_prediction(batch, settings, job_id, report)
+    if kind == "ensemble":
+        from app.ensembles.spec import EnsembleSpec, check_ensemble_spec
+        from app.ensembles.training import run_ensemble_job
+
+        ensemble = check_ensemble_spec(EnsembleSpec.model_validate(spec), settings)
+        return run_ensemble_job(ensemble, settings, job_id, report)
     raise MatihError(f"no runner for job kind {kind!r}", code="unknown_job_kind")
 
 
