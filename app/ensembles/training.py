@@ -122,18 +122,27 @@ def _check_features(spec: EnsembleSpec, index: int, member: PinnedMember, tags: 
                            f"{data.feature_names}", details={"field": f"members[{index}].model"})
 
 
-def member_outputs(models: list[bytes], X: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Each ONNX member's (labels or predictions, probabilities or None) on X."""
+def _answer(pred: np.ndarray, proba: np.ndarray | None) -> dict[str, Any]:
+    """A member's outputs in the shape serving's runtimes answer (what ``combine`` reads)."""
+    out: dict[str, Any] = {"predictions": np.asarray(pred).reshape(-1)}
+    if proba is not None:
+        out["probabilities"] = np.asarray(proba)
+    return out
+
+
+def member_outputs(models: list[bytes], X: np.ndarray) -> list[dict[str, Any]]:
+    """Each ONNX member's answer on X: {"predictions", "probabilities"?}."""
     from app.training.validation import onnx_outputs
 
-    return [onnx_outputs(m, X) for m in models]
+    return [_answer(*onnx_outputs(m, X)) for m in models]
 
 
-def _native_outputs(est, X: np.ndarray, is_classifier: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """A refit clone's outputs in the form ONNX members give them (labels, probabilities)."""
+def _native_outputs(est, X: np.ndarray, is_classifier: bool) -> dict[str, Any]:
+    """A refit clone's answer in the shape ONNX members give theirs."""
     if is_classifier:
-        return np.asarray(est.predict(X)), (np.asarray(est.predict_proba(X)) if hasattr(est, "predict_proba") else None)
-    return np.asarray(est.predict(X), dtype=np.float32).reshape(-1), None
+        proba = np.asarray(est.predict_proba(X)) if hasattr(est, "predict_proba") else None
+        return _answer(np.asarray(est.predict(X)), proba)
+    return _answer(np.asarray(est.predict(X), dtype=np.float32), None)
 
 
 def refit_estimators(spec: EnsembleSpec, settings: Settings, members: list[PinnedMember],

@@ -97,8 +97,7 @@ def test_stacking_beats_its_best_member_on_breast_cancer(settings):
     pinned = [PinnedMember(n, "1") for n in ("stump", "tree2", "knn5")]
     defn = definition(spec, data, pinned, combine_for(spec), has_combiner=True)
 
-    def layout(defn, outputs):  # P(class 1) of each member; the job uses combine.meta_features (same information)
-        return np.hstack([proba[:, 1:] for _, proba in outputs])
+    from app.ensembles.combine import meta_features as layout
 
     fit_predict = stacking_fit_predict(spec, defn, _stack_members(), data.X_train, data.y_train, layout)
     oof, records = learners.out_of_fold(fit_predict, data.X_train, data.y_train, spec.combiner.folds, spec.seed)
@@ -107,7 +106,8 @@ def test_stacking_beats_its_best_member_on_breast_cancer(settings):
     assert diff < 1e-4
 
     fitted = [clone(m).fit(data.X_train, data.y_train) for m in _stack_members()]  # what serving's members are
-    served = layout(defn, [(m.predict(data.X_holdout), m.predict_proba(data.X_holdout)) for m in fitted])
+    served = layout(defn, [{"predictions": m.predict(data.X_holdout), "probabilities": m.predict_proba(data.X_holdout)}
+                           for m in fitted])
     labels, proba = onnx_outputs(combiner, served)
     y = data.y_holdout
     members_auc = [roc_auc_score(y, m.predict_proba(data.X_holdout)[:, 1]) for m in fitted]
