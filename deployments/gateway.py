@@ -392,7 +392,9 @@ class Gateway(_GrpcMethods):
                 inline=ModelHost(settings, registry_cache_loader(settings, cache)) if settings.serving.inline_onnx
                 else None,
                 ensemble=ensemble,
-                fetch=lambda model: _fetch_from_object_store(cache, model.model_id, settings.serving.model_fetch_timeout_s),
+                fetch=lambda model: _fetch_from_object_store(
+                    cache, model.model_id, settings.serving.model_fetch_timeout_s
+                ),
             ),
             gpu_pool=gpu_pool is not None,
             jobs=scheduler,

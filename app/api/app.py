@@ -359,10 +359,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
             runtime = body.runtime if body.runtime is not None else current["runtime"]
             config = body.config if body.config is not None else current["config"]
             check_endpoint_config(runtime, config, ctx.settings)
-        if body.target is not None or body.config is not None:  # the target against the config as they will be
+        if body.target is not None or (body.config or {}).get("ensemble"):  # target and config as they will be
             if (body.target is None or body.config is None) and not current:
                 current = await asyncio.to_thread(ctx.store.get_endpoint, name)
-            resolved = await _resolve(ctx, body.target if body.target is not None else current["target"], use_cache=False)
+            to_check = body.target if body.target is not None else current["target"]
+            resolved = await _resolve(ctx, to_check, use_cache=False)
             check_ensemble_target(resolved, body.config if body.config is not None else current["config"])
         if body.target is not None:
             target = body.target

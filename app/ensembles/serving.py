@@ -142,6 +142,12 @@ def predictor_caller(predictor: Any) -> MemberCall:
     return call
 
 
+def member_label(member: PinnedMember) -> str:
+    """How answers name a member: ``name/version``, with ``runtime:`` before it when not ONNX
+    (as multiplexed model ids do), so two runtimes of one version stay apart."""
+    return member.target if member.runtime == "onnx" else f"{member.runtime}:{member.target}"
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, MatihError):
         return exc.message
@@ -192,14 +198,18 @@ class EnsembleRunner:
         from app.ensembles.local import meta_runner
 
         if self._fetch is None:
-            raise ModelError(f"ensemble {model.model_id} needs its meta-learner, and this process cannot fetch artifacts")
+            raise ModelError(
+                f"ensemble {model.model_id} needs its meta-learner, and this process cannot fetch artifacts"
+            )
         path = self._fetch(model)
         try:
             found = path / COMBINER_FILE
             if not found.exists():
                 found = next(iter(sorted(path.rglob(COMBINER_FILE))), None)
             if found is None:
-                raise ModelError(f"ensemble {model.model_id} has no {COMBINER_FILE} among its artifacts; register it again")
+                raise ModelError(
+                    f"ensemble {model.model_id} has no {COMBINER_FILE} among its artifacts; register it again"
+                )
             data = found.read_bytes()
         finally:
             if self._release is not None:
@@ -246,12 +256,12 @@ class EnsembleRunner:
         answered = len(defn.members) - len(failed)
         quorum = defn.policy.quorum(len(defn.members))
         if answered < quorum:
-            why = "; ".join(f"{m.target}: {err}" for m, err in failed)
+            why = "; ".join(f"{member_label(m)}: {err}" for m, err in failed)
             raise DependencyUnavailable(
                 f"ensemble {model.model_id}: {answered} of {len(defn.members)} members answered, {quorum} needed "
                 f"(policy.min_members); {why}",
                 retry_after_s=2,
-                details={"failed": [{"model": m.target, "error": err} for m, err in failed], "quorum": quorum},
+                details={"failed": [{"model": member_label(m), "error": err} for m, err in failed], "quorum": quorum},
             )
         try:
             combined = dict(combine(defn, outputs, meta))
@@ -264,11 +274,11 @@ class EnsembleRunner:
         combined = {k: _plain(v) for k, v in combined.items()}
         if failed:
             combined["degraded"] = True
-            combined["failed"] = [{"model": m.target, "error": err} for m, err in failed]
+            combined["failed"] = [{"model": member_label(m), "error": err} for m, err in failed]
         if explain:
             combined["members"] = [
                 {
-                    "model": m.target,
+                    "model": member_label(m),
                     "weight": m.weight,
                     "output": _plain(out) if out is not None else None,
                     "latency_ms": round(seconds * 1000.0, 3),
@@ -309,7 +319,8 @@ class EnsembleDispatch:
     ) -> dict[str, Any]:
         defn = self.runner.definition(model)
         if self.remote is not None and not runs_in_gateway(defn, config, self.inline_onnx):
-            return await self.remote(model, payload, config, explain, defn.policy.member_timeout_s or self.runner.timeout_s)
+            limit = defn.policy.member_timeout_s or self.runner.timeout_s
+            return await self.remote(model, payload, config, explain, limit)
         return await self.runner.run(model, payload, explain)
 
 

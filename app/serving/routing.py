@@ -206,7 +206,7 @@ class EndpointRouter:
         try:
             if plan.combine == "ensemble":
                 if self.ensembles is None:
-                    raise Conflict(f"ensemble {leg.model.model_id} cannot be served by this process (no ensemble runner)")
+                    raise Conflict(f"ensemble {leg.model.model_id} cannot be served here (no ensemble runner)")
                 out = await self.ensembles.predict(leg.model, payload, leg.config, explain)
             else:
                 out = await self.predictor.predict(leg.model, payload, leg.runtime, leg.config)
