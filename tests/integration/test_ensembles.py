@@ -93,7 +93,9 @@ def _register(platform, defn: EnsembleDefinition, champion: bool = False) -> str
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=platform.mlflow.uri, registry_uri=platform.mlflow.uri)
-    source = client.get_model_version_download_uri("iris", defn.members[0].version)  # where its files are
+    # An MLflow version needs files MLflow knows: the ensemble borrows those of an uploaded
+    # member (fan-out serving reads only the tags).
+    member = client.get_model_version(next(iter(EXTRA)), "1")
     try:
         client.create_registered_model(defn.name, tags={KIND_TAG: "ensemble"})
     except Exception:  # noqa: BLE001 - exists already
@@ -102,7 +104,8 @@ def _register(platform, defn: EnsembleDefinition, champion: bool = False) -> str
             "matih.formats": json.dumps([ENSEMBLE_FORMAT]), "matih.task": "classification",
             "matih.classes": json.dumps([0, 1, 2]), "matih.feature_names": json.dumps(
                 ["sepal_length", "sepal_width", "petal_length", "petal_width"])}
-    version = str(client.create_model_version(defn.name, source=source, tags=tags).version)
+    version = str(client.create_model_version(defn.name, source=member.source, run_id=member.run_id,
+                                              tags=tags).version)
     if champion:
         with platform.client() as c:
             r = c.put(f"/v1/models/{defn.name}/aliases/champion", json={"version": version})
