@@ -68,17 +68,19 @@ class _ServePredictor:
             self.release_artifacts = lambda path: shutil.rmtree(path, ignore_errors=True)
         if ensemble is not None:
             self.predict_ensemble = self._predict_ensemble
+        self.member_batching = False  # app.ensembles.serving: members run together, unbatched (predict's batch)
 
     async def predict(
-        self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
+        self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None, *, batch: bool = True
     ) -> dict[str, Any]:
+        """``batch=False``: an ensemble member's call (see ModelHost.predict_model)."""
         from app.serving.endpoint_config import serves_in_gateway
 
         model_id = model_id_for(model, runtime, config)
         if self.inline is not None and serves_in_gateway(runtime, config, True):
             try:
                 async with asyncio.timeout(self.timeout_s):  # no task per request, unlike wait_for
-                    return await self.inline.predict_model(model_id, payload, config)
+                    return await self.inline.predict_model(model_id, payload, config, batch)
             except TimeoutError:
                 raise self._timeout(model_id) from None
         gpu = (config or {}).get("device") == "gpu" and self.gpu_handle is not None
@@ -86,7 +88,8 @@ class _ServePredictor:
         if call is None:  # handle options are built once per model, not per request
             handle = self.gpu_handle if gpu else self.handle
             call = self._calls[(gpu, model_id)] = handle.options(multiplexed_model_id=model_id).predict
-        return await self._remote(call, (payload, config), model_id, self.timeout_s)
+        args = (payload, config) if batch else (payload, config, False)
+        return await self._remote(call, args, model_id, self.timeout_s)
 
     async def _predict_ensemble(
         self, model, payload: dict[str, Any], config: dict | None, explain: bool, timeout_s: float

@@ -134,9 +134,15 @@ def member_model(member: PinnedMember) -> ResolvedModel:
 
 
 def predictor_caller(predictor: Any) -> MemberCall:
-    """A member caller over a Gateway-style predictor (``predict(model, payload, runtime, config)``)."""
+    """A member caller over a Gateway-style predictor (``predict(model, payload, runtime, config)``).
+    A predictor that says ``member_batching = False`` (the Gateway's) is asked not to batch member
+    calls: the members of one request run in the same replica at once, and its batching would
+    wait ``serving.batch_wait_s`` for requests of other models to join."""
+    unbatched = getattr(predictor, "member_batching", True) is False
 
     async def call(member: PinnedMember, payload: dict[str, Any]) -> dict[str, Any]:
+        if unbatched:
+            return await predictor.predict(member_model(member), payload, member.runtime, member.config, batch=False)
         return await predictor.predict(member_model(member), payload, member.runtime, member.config)
 
     return call
