@@ -70,8 +70,8 @@ def api(tmp_path_factory):
     client = TestClient(create_app(ctx))
     client.headers["Authorization"] = f"Bearer {prepared.admin_token}"
     for name, c in zip(MEMBERS, CS):
-        r = client.post(f"/v1/models/{name}/versions", files={"file": ("model.onnx", _onnx_iris(c), "application/octet-stream")},
-                        data={"format": "onnx"})
+        r = client.post(f"/v1/models/{name}/versions", data={"format": "onnx"},
+                        files={"file": ("model.onnx", _onnx_iris(c), "application/octet-stream")})
         assert r.status_code == 201, r.text
     return client, ctx
 
@@ -249,7 +249,8 @@ def test_rest_endpoint_serves_the_ensemble_with_explain_and_degraded(api):
 def test_below_quorum_over_rest_is_503_with_retry_after(api):
     client, ctx = api
     version = _register_ensemble(ctx, _definition("ens-strict", [*_members()[:2], PinnedMember("ens-gone", "7")]))
-    assert client.post("/v1/endpoints", json={"name": "ens-strict", "target": f"ens-strict/{version}"}).status_code == 201
+    r = client.post("/v1/endpoints", json={"name": "ens-strict", "target": f"ens-strict/{version}"})
+    assert r.status_code == 201, r.text
     r = client.post("/v1/endpoints/ens-strict/predict", json={"instances": ROWS})
     assert r.status_code == 503, r.text
     assert "ens-gone/7" in r.json()["error"] and r.headers.get("retry-after")
