@@ -119,6 +119,10 @@ class PredictRequest(_Strict):
         None, description="Columns: feature name -> values (all of one length)."
     )
     return_probabilities: bool = Field(False, description="Add class probabilities for classifiers.")
+    explain: Literal["members"] | None = Field(
+        None, description="`members`: an ensemble's answer also lists each member's output, weight and latency "
+        "(as `?explain=members`)."
+    )
 
 
 class PredictResponse(BaseModel):
@@ -130,6 +134,14 @@ class PredictResponse(BaseModel):
     variant: str | None = Field(None, description="The traffic variant that served the request (None: one leg).")
     request_id: str = Field(..., description="Issued by the server (also the X-Request-Id header); feedback names it.")
     client_request_id: str | None = Field(None, description="The client's own X-Request-Id, when it sent one.")
+    degraded: bool | None = Field(
+        None, description="An ensemble answered from a quorum of its members (policy.min_members), not all: "
+        "`failed` names the members that did not answer and why."
+    )
+    failed: list[dict[str, Any]] | None = Field(None, description="An ensemble's members that did not answer.")
+    members: list[dict[str, Any]] | None = Field(
+        None, description="With explain=members: each member's {model, weight, output, latency_ms, error?}."
+    )
 
 
 _MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600

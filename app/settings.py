@@ -286,6 +286,19 @@ class ServingSettings(_Section):
         2, ge=1, description="Threads per ModelServer replica for model calls that must not hold its event loop: "
         "slow models (the call queue) and requests over batch_max_rows."
     )
+    ensemble_num_cpus: float = Field(
+        0.1, gt=0, description="CPUs reserved per Ensemble replica (the fan-out of ensembles placed on the model "
+        "servers): it waits on its members' ModelServer calls and combines their answers, little CPU of its own."
+    )
+    ensemble_replicas: int = Field(1, ge=1, description="Ensemble replicas when ensemble_autoscaling is off.")
+    ensemble_autoscaling: AutoscalingSettings | None = Field(
+        None, description="Ensemble autoscaling (Serve autoscaling_config), apart from the ModelServer's; null = "
+        "fixed replicas."
+    )
+    ensemble_max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests one Ensemble replica takes at once (Serve's max_ongoing_requests); each "
+        "holds one call per member on the ModelServer replicas."
+    )
 
 
 class JobSettings(_Section):

@@ -2,7 +2,8 @@
 
 ``build(args)`` loads and checks the settings (a bad profile stops here, before anything
 deploys), does the one-time start-up work, makes sure the singleton actors exist, and
-returns the Gateway bound to its ModelServer.
+returns the Gateway bound to its ModelServer (and the GPU pool where GPUs exist) and to the
+Ensemble deployment, which fans ensembles out to the ModelServer replicas.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     from app.serving.ingress import LOG_TO_STDERR
     from app.settings import load_settings
     from deployments.gateway import Gateway
+    from deployments.ensemble import Ensemble
     from deployments.model_server import ModelServer
 
     parsed = args if isinstance(args, Args) else Args.model_validate(args or {})
@@ -80,6 +82,17 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
             ray_actor_options={"num_cpus": settings.serving.model_server_num_cpus,
                                "num_gpus": settings.serving.gpu_num_gpus, "runtime_env": env},
         ).bind(kwargs)
+    ensemble_scaling = settings.serving.ensemble_autoscaling
+    ensemble = Ensemble.options(
+        ray_actor_options={"num_cpus": settings.serving.ensemble_num_cpus, "runtime_env": env},
+        max_ongoing_requests=settings.serving.ensemble_max_ongoing_requests,
+        logging_config={"enable_access_log": settings.serving.model_server_access_log},
+        **(
+            {"autoscaling_config": ensemble_scaling.model_dump()}
+            if ensemble_scaling is not None
+            else {"num_replicas": settings.serving.ensemble_replicas}
+        ),
+    ).bind(kwargs, model_server, gpu_pool)
     from ray.serve.config import BackpressureConfig
 
     return Gateway.options(
@@ -88,7 +101,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
         max_queued_requests=settings.http.gateway_max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         ray_actor_options={"num_cpus": settings.http.gateway_num_cpus, "runtime_env": gateway_env},
-    ).bind(kwargs, model_server, gpu_pool)
+    ).bind(kwargs, model_server, gpu_pool, ensemble)
 
 
 def _cluster_gpus() -> float:

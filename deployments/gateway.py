@@ -6,6 +6,7 @@ ingress: Serve calls the Gateway method named like the RPC."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 from typing import Any, Callable
 
 import ray
@@ -22,6 +23,7 @@ from app.serving.routing import ENDPOINT_KEY_PREFIX, endpoint_key
 from app.waits import bounded
 
 _RESOLVE_CACHE_SIZE = 4096  # alias resolutions a Gateway replica keeps (least recently used go first)
+_ENSEMBLE_MARGIN_S = 2.0  # an Ensemble call's limit past its members' (their timeouts answer first)
 
 
 def _matih_cause(exc: ray.exceptions.RayTaskError) -> Exception:
@@ -43,11 +45,15 @@ class _ServePredictor:
 
     def __init__(
         self, handle: DeploymentHandle, gpu_handle: DeploymentHandle | None = None, grpc: bool = True,
-        *, timeout_s: float = 30.0, retries: int = 2, inline=None,
+        *, timeout_s: float = 30.0, retries: int = 2, inline=None, ensemble: DeploymentHandle | None = None,
+        fetch: Callable | None = None,
     ):
         """``inline``: a :class:`deployments.model_host.ModelHost` of this replica, which serves
         the endpoints placed in the Gateway (``serves_in_gateway``); None = every call goes
-        to a ModelServer replica."""
+        to a ModelServer replica. ``ensemble``: the Ensemble deployment, which runs the fan-out
+        of ensembles placed on the model servers (app.ensembles.serving); None = every ensemble
+        fans out in the caller. ``fetch(model) -> Path``: a version's artifacts (an ensemble's
+        meta-learner), a temporary directory removed after use."""
         # _by_reference=False: Serve's direct gRPC channel to the replica instead of a Ray
         # actor task per call (payloads and results are small JSON-like values).
         self.handle = handle.options(_by_reference=False) if grpc else handle
@@ -56,17 +62,25 @@ class _ServePredictor:
         self.retries = retries
         self.inline = inline
         self._calls: LRUCache = LRUCache(maxsize=_RESOLVE_CACHE_SIZE)  # (pool, model id) -> bound handle method
+        self._ensemble = (ensemble.options(_by_reference=False) if grpc else ensemble).run if ensemble else None
+        if fetch is not None:
+            self.fetch_artifacts = fetch
+            self.release_artifacts = lambda path: shutil.rmtree(path, ignore_errors=True)
+        if ensemble is not None:
+            self.predict_ensemble = self._predict_ensemble
+        self.member_batching = False  # app.ensembles.serving: members run together, unbatched (predict's batch)
 
     async def predict(
-        self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
+        self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None, *, batch: bool = True
     ) -> dict[str, Any]:
+        """``batch=False``: an ensemble member's call (see ModelHost.predict_model)."""
         from app.serving.endpoint_config import serves_in_gateway
 
         model_id = model_id_for(model, runtime, config)
         if self.inline is not None and serves_in_gateway(runtime, config, True):
             try:
                 async with asyncio.timeout(self.timeout_s):  # no task per request, unlike wait_for
-                    return await self.inline.predict_model(model_id, payload, config)
+                    return await self.inline.predict_model(model_id, payload, config, batch)
             except TimeoutError:
                 raise self._timeout(model_id) from None
         gpu = (config or {}).get("device") == "gpu" and self.gpu_handle is not None
@@ -74,6 +88,20 @@ class _ServePredictor:
         if call is None:  # handle options are built once per model, not per request
             handle = self.gpu_handle if gpu else self.handle
             call = self._calls[(gpu, model_id)] = handle.options(multiplexed_model_id=model_id).predict
+        args = (payload, config) if batch else (payload, config, False)
+        return await self._remote(call, args, model_id, self.timeout_s)
+
+    async def _predict_ensemble(
+        self, model, payload: dict[str, Any], config: dict | None, explain: bool, timeout_s: float
+    ) -> dict[str, Any]:
+        """The fan-out of ensemble ``model`` in the Ensemble deployment; ``timeout_s``: its members'
+        limit (the whole call gets a little more, so that a member's timeout answers degraded
+        rather than this call's 504)."""
+        return await self._remote(
+            self._ensemble, (model, payload, config, explain), model.model_id, timeout_s + _ENSEMBLE_MARGIN_S
+        )
+
+    async def _remote(self, call, args: tuple, model_id: str, timeout_s: float) -> Any:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.retries + 1),
             wait=wait_exponential(multiplier=0.25, max=2.0),
@@ -84,31 +112,32 @@ class _ServePredictor:
         async def attempts() -> Any:
             async for attempt in retrying:
                 with attempt:
-                    return await self._call(call, payload, config)
+                    return await self._call(call, *args)
 
         try:
-            out = await asyncio.wait_for(attempts(), self.timeout_s)
+            out = await asyncio.wait_for(attempts(), timeout_s)
         except TimeoutError:
-            raise self._timeout(model_id) from None
+            raise self._timeout(model_id, timeout_s) from None
         except _ReplicaGone as exc:
             raise DependencyUnavailable(f"model server unavailable: {exc}", retry_after_s=2) from None
         if isinstance(out, MatihError):  # the caller's error, handed back as a value (see ModelServer.predict)
             raise out
         return out
 
-    def _timeout(self, model_id: str) -> RequestTimeout:
+    def _timeout(self, model_id: str, timeout_s: float | None = None) -> RequestTimeout:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         return RequestTimeout(
-            f"model {model_id} did not answer within {self.timeout_s:g} s (serving.predict_timeout_s)",
-            details={"timeout_s": self.timeout_s},
+            f"model {model_id} did not answer within {timeout_s:g} s (serving.predict_timeout_s)",
+            details={"timeout_s": timeout_s},
         )
 
     @staticmethod
-    async def _call(call, payload: dict[str, Any], config: dict | None) -> Any:
+    async def _call(call, *args: Any) -> Any:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         gone = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         try:
-            return await call.remote(payload, config)
+            return await call.remote(*args)
         except MatihError:
             raise  # raised in the replica: same class, same message (RayTaskError subclasses it)
         except BackPressureError:
@@ -324,6 +353,7 @@ class Gateway(_GrpcMethods):
         settings_kwargs: dict[str, Any],
         model_server: DeploymentHandle,
         gpu_pool: DeploymentHandle | None = None,
+        ensemble: DeploymentHandle | None = None,
     ):
         """``settings_kwargs``: ``Settings.shared_kwargs()``; the admin token, the metadata store
         and MLflow URLs and the S3 keys come from this replica's environment (runtime_env
@@ -339,7 +369,7 @@ class Gateway(_GrpcMethods):
         from app.predlog.buffer import PredictionLogBuffer
         from app.predlog.control import ActorPredictionLog
         from deployments.model_host import ModelHost
-        from deployments.model_server import registry_cache_loader
+        from deployments.model_server import _fetch_from_object_store, registry_cache_loader
 
         settings = Settings.from_shared(settings_kwargs)
         store = MetadataStore.from_settings(settings)
@@ -369,6 +399,10 @@ class Gateway(_GrpcMethods):
                 timeout_s=settings.serving.predict_timeout_s, retries=settings.serving.replica_retries,
                 inline=ModelHost(settings, registry_cache_loader(settings, cache)) if settings.serving.inline_onnx
                 else None,
+                ensemble=ensemble,
+                fetch=lambda model: _fetch_from_object_store(
+                    cache, model.model_id, settings.serving.model_fetch_timeout_s
+                ),
             ),
             gpu_pool=gpu_pool is not None,
             jobs=scheduler,

@@ -93,9 +93,12 @@ class ModelHost:
         return runtime
 
     async def predict_model(
-        self, model_id: str, payload: dict[str, Any], config: dict[str, Any] | None = None
+        self, model_id: str, payload: dict[str, Any], config: dict[str, Any] | None = None, batch: bool = True
     ) -> dict[str, Any]:
-        """The prediction of ``model_id`` for ``payload``; a caller's error is raised."""
+        """The prediction of ``model_id`` for ``payload``; a caller's error is raised. ``batch=False``:
+        never wait for company in ``@serve.batch`` (an ensemble's members, called together in this
+        replica: the other members' calls are company of other models, and waiting out
+        batch_wait_s for them would add that wait to every ensemble request)."""
         from app.serving.batching import BatchItem, payload_rows
         from app.serving.payload import prepare
 
@@ -125,9 +128,10 @@ class ModelHost:
             # a model call held its event loop are all ready now, but each only counts itself in
             # _in_flight when it runs: one turn of the loop lets them, so that a busy replica
             # stacks them instead of running them one by one as if each were alone.
-            if self._batching and self._in_flight == 1:
+            batching = self._batching and batch
+            if batching and self._in_flight == 1:
                 await asyncio.sleep(0)
-            if not self._batching or self._in_flight == 1:
+            if not batching or self._in_flight == 1:
                 self._counts["model_calls"] += 1
                 return self._timed([runtime], partial(runtime.predict, matrix, probabilities=probabilities))
             out = await self._run_batch(BatchItem(runtime, matrix, probabilities))

@@ -63,15 +63,18 @@ class ModelServer(ModelHost):
         super().__init__(settings, registry_cache_loader(settings, cache), get_model=lru(load),
                          where="model_server_gpu" if gpu else "model_server")
 
-    async def predict(self, payload: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def predict(
+        self, payload: dict[str, Any], config: dict[str, Any] | None = None, batch: bool = True
+    ) -> dict[str, Any]:
         """The prediction for ``payload`` with the request's multiplexed model; or, when the
         request itself is wrong (bad payload, unknown model: an ``app.errors.CALLER_ERRORS``
         class), that error as the return value, which the Gateway raises. Serve logs every
-        raised error as a replica failure with its traceback; a client's 4xx is not one."""
+        raised error as a replica failure with its traceback; a client's 4xx is not one.
+        ``batch=False``: an ensemble member's call (ModelHost.predict_model)."""
         from app.errors import CALLER_ERRORS
 
         try:
-            return await self.predict_model(serve.get_multiplexed_model_id(), payload, config)
+            return await self.predict_model(serve.get_multiplexed_model_id(), payload, config, batch)
         except CALLER_ERRORS as exc:
             return exc
 

@@ -34,6 +34,7 @@ from app.schemas import (
     PredictResponse,
     TokenCreate,
 )
+from app.ensembles.serving import check_ensemble_target, ensemble_dispatch, wants_explain
 from app.serving.endpoint_config import check_endpoint_config
 from app.serving.request_ids import ids_of
 from app.serving.routing import EndpointRouter, RequestInfo
@@ -121,6 +122,7 @@ class ApiContext:
             predictor=self.predictor,
             buffer=self.prediction_buffer if self.settings.predlog.enabled else None,
             status_for=status_for,
+            ensembles=ensemble_dispatch(self.predictor, self.settings),
         )
 
     async def notify_model_changed(self, name: str) -> None:
@@ -319,6 +321,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         _check_device(ctx, body.config)
         check_endpoint_config(body.runtime, body.config, ctx.settings)
         resolved = await _resolve(ctx, body.target, use_cache=False)
+        check_ensemble_target(resolved, body.config)
         # Stored under the model's guard, checking again that the target resolves: a delete of
         # the model racing this request either sees the endpoint or makes this one fail.
         row = await asyncio.to_thread(
@@ -351,15 +354,20 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def update_endpoint(name: str, body: EndpointUpdate, who: Principal = developer) -> dict[str, Any]:
         _check_device(ctx, body.config or {})
         guard: dict[str, Any] = {}
+        current: dict[str, Any] = {}
         if body.runtime is not None or body.config is not None:  # the runtime and config as they will be
-            current: dict[str, Any] = {}
             if body.runtime is None or body.config is None:
                 current = await asyncio.to_thread(ctx.store.get_endpoint, name)
             runtime = body.runtime if body.runtime is not None else current["runtime"]
             config = body.config if body.config is not None else current["config"]
             check_endpoint_config(runtime, config, ctx.settings)
+        if body.target is not None or (body.config or {}).get("ensemble"):  # target and config as they will be
+            if (body.target is None or body.config is None) and not current:
+                current = await asyncio.to_thread(ctx.store.get_endpoint, name)
+            to_check = body.target if body.target is not None else current["target"]
+            resolved = await _resolve(ctx, to_check, use_cache=False)
+            check_ensemble_target(resolved, body.config if body.config is not None else current["config"])
         if body.target is not None:
-            await _resolve(ctx, body.target, use_cache=False)
             target = body.target
             guard = {"model": parse_target(target).name,
                      "verify": lambda: ctx.registry.resolve(target, use_cache=False)}
@@ -385,13 +393,16 @@ def create_app(ctx: ApiContext) -> FastAPI:
         "request id. The prediction log records the request as the endpoint's `spec.logging` says.",
     )
     async def predict(
-        body: PredictRequest, request: Request, name: str = Path(...), who: Principal = predictor
+        body: PredictRequest, request: Request, name: str = Path(...), who: Principal = predictor,
+        explain: str | None = Query(None, description="`members`: an ensemble's answer also lists each member's "
+                                    "output, weight and latency (also a body field)."),
     ) -> JSONResponse:
         started, arrived = time.perf_counter(), time.time()
         request_id, client_id, issued_here = ids_of(request.headers)
+        explained = wants_explain(explain) or wants_explain(body.explain)
         plan = await ctx.router.plan(name)
         info = RequestInfo(request_id, client_id, who.name, "rest", started, arrived)
-        done = await ctx.router.predict(plan, body.model_dump(exclude_none=True), info)
+        done = await ctx.router.predict(plan, body.model_dump(exclude_none=True, exclude={"explain"}), info, explained)
         model = done.leg.model
         content = {
             "predictions": done.output["predictions"],
@@ -405,6 +416,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
             content["client_request_id"] = client_id
         if "probabilities" in done.output:
             content["probabilities"] = done.output["probabilities"]
+        for key in ("degraded", "failed", "members"):  # an ensemble's (app.ensembles.serving)
+            if key in done.output:
+                content[key] = done.output[key]
         # Serve's ingress echoes the request's x-request-id, which the request-id middleware set
         # to ours; without the middleware the header is set here.
         return JSONResponse(content, headers={"X-Request-Id": request_id} if issued_here else None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -29,6 +29,7 @@ from app.errors import (
     InvalidInput,
     MatihError,
 )
+from app.ensembles.serving import definition_of, members_json, wants_explain
 from app.names import parse_version
 from app.registry.mlflow_registry import model_metadata as version_metadata
 from app.serving import v2_codec
@@ -115,6 +116,9 @@ class Inference:
 
     model_version: str
     outputs: list[tuple[str, Any, bool]]
+    # Response parameters beyond the request id: an ensemble's "degraded" ("true") and, with
+    # parameters.explain "members", "members" (JSON text: V2 parameters hold scalars only).
+    parameters: dict[str, str] = field(default_factory=dict)
 
 
 async def infer(
@@ -123,9 +127,15 @@ async def infer(
     """Run a decoded infer request through the endpoint (or registered model) ``name``
     (the one predict path: :class:`app.serving.routing.EndpointRouter`)."""
     payload = v2_codec.model_payload(req)
+    try:
+        explain = wants_explain(req.parameters.get("explain"))
+    except InvalidInput as exc:  # the protocol answers every bad request with 400
+        raise BadRequest(exc.message, details={"field": "parameters.explain"}) from None
     plan = await ctx.router.v2_plan(name, version)
     served = plan.primary
     task = ctx.router.task_and_features(served.model)[0]
+    if task is None and plan.combine == "ensemble":
+        task = definition_of(served.model).task
     label = _label_output(task)
     known = [label] if task == "regression" else [label, "probabilities"]
     if req.outputs is not None:
@@ -139,13 +149,21 @@ async def infer(
         task != "regression" if req.outputs is None else any(o.name == "probabilities" for o in req.outputs)
     )
     try:
-        result = (await ctx.router.predict(plan, payload, info)).output
+        result = (await ctx.router.predict(plan, payload, info, explain)).output
     except InvalidInput as exc:  # the protocol answers every bad request with 400
         cause = getattr(exc, "cause", None)  # raised in a replica: Ray's wrapper holds the original
         original = cause if isinstance(cause, InvalidInput) else exc
         raise BadRequest(original.message, details=original.details) from None
-    outputs = v2_codec.select_outputs(v2_codec.prediction_tensors(result, label), req)
-    return Inference(served.model.version, outputs)
+    outputs = v2_codec.select_outputs(
+        v2_codec.prediction_tensors({k: result[k] for k in ("predictions", "probabilities") if k in result}, label), req
+    )
+    parameters = {}
+    if result.get("degraded"):
+        parameters["degraded"] = "true"
+        parameters["failed"] = members_json(result.get("failed", []))
+    if "members" in result:
+        parameters["members"] = members_json(result["members"])
+    return Inference(served.model.version, outputs, parameters)
 
 
 async def _infer(ctx: ApiContext, name: str, version: str | None, request: Request, who: Principal) -> Response:
@@ -168,7 +186,7 @@ async def _infer(ctx: ApiContext, name: str, version: str | None, request: Reque
     # the response's parameters.request_id.
     content, header_length = v2_codec.encode_response(
         name, done.model_version, client_id if req.id is not None else request_id, done.outputs,
-        parameters={"request_id": request_id},
+        parameters={"request_id": request_id, **done.parameters},
     )
     headers = {"X-Request-Id": request_id} if issued_here else {}
     if header_length is None:

@@ -166,7 +166,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             # The protocol echoes the request's id; the server's is the parameter request_id.
             return v2_proto.encode_infer_response(
                 msg.model_name, done.model_version, req.id if req.id is not None else request_id, done.outputs,
-                parameters={"request_id": request_id},
+                parameters={"request_id": request_id, **done.parameters},
             )
 
         return await self._call(context, pb.ModelInferResponse, work)

@@ -40,7 +40,16 @@ class EndpointOptions(BaseModel):
         "request (no hop to another replica: the fastest path; ONNX on CPU only, since an ONNX graph is data for "
         "ONNX Runtime while other formats run code, and the Gateway holds the platform's credentials). "
         "model_server: a ModelServer replica (Serve's multiplexing across replicas, their own CPUs and queue). "
-        "Default: gateway for ONNX on CPU when serving.inline_onnx is on, else model_server.",
+        "Default: gateway for ONNX on CPU when serving.inline_onnx is on, else model_server. For an ensemble "
+        "target: where the fan-out runs (gateway: this replica calls the members, ONNX-CPU ones inline; "
+        "model_server: the Ensemble deployment calls them on ModelServer replicas); default gateway when every "
+        "member is ONNX on CPU and serving.inline_onnx is on, else model_server.",
+    )
+    ensemble: Literal["fanout", "fused"] | None = Field(
+        None, description="How an ensemble target is served. fanout (default): every member called in parallel "
+        "and their answers combined, with the ensemble's quorum policy. fused: the version's fused ONNX graph "
+        "(members and combiner in one graph) through the single-model path; only for versions that have one "
+        "(a 422 otherwise, and for targets that are not ensembles).",
     )
 
 

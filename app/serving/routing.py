@@ -4,8 +4,12 @@
 and their gRPC twin all go through :meth:`EndpointRouter.predict`, which is also the one place
 that records each prediction (the prediction log) and its request metrics.
 
-A plan has one leg today. Traffic splits and ensembles (later issues) add legs and ways to
-combine them; the routes do not change. Plans are built per request from what the Gateway
+A plan has one leg today; an ensemble version (``matih.kind: ensemble``) served as a fan-out is
+one leg whose plan combines ``"ensemble"``: its members come from the version's definition and
+:mod:`app.ensembles.serving` runs them (in this replica or in the Ensemble deployment), so the
+request is still one request here: one metric, one prediction-log record, under the
+ensemble's name and version. Traffic splits add legs and ways to combine them; the routes do
+not change. Plans are built per request from what the Gateway
 replica caches: the endpoint row (dropped the moment any replica changes the endpoint: the
 RegistryCache's change feed pushes ``endpoint:<name>``) and the alias resolution (dropped on
 alias changes through the same feed), so building one costs a few dictionary lookups.
@@ -21,7 +25,7 @@ from typing import Any, Awaitable, Callable
 from cachetools import LRUCache
 
 from app import metrics
-from app.errors import InvalidInput, MatihError, NotFound
+from app.errors import Conflict, InvalidInput, MatihError, NotFound
 from app.names import parse_version
 from app.predlog.records import PredictionRecord
 from app.registry.mlflow_registry import ResolvedModel, model_metadata
@@ -38,6 +42,19 @@ _META_CACHE_SIZE = 4096
 
 def endpoint_key(name: str) -> str:
     return ENDPOINT_KEY_PREFIX + name
+
+
+def _combine_of(leg: Leg) -> str:
+    """``ensemble`` for an ensemble version served as a fan-out; ``single`` otherwise (an
+    ensemble with ``config.ensemble: fused`` is a plain ONNX model, 409 when it has no fused graph)."""
+    from app.ensembles.serving import FUSED, check_fused_servable, ensemble_mode, is_ensemble
+
+    if not is_ensemble(leg.model):
+        return "single"
+    if ensemble_mode(leg.config) == FUSED:
+        check_fused_servable(leg.model)
+        return "single"
+    return "ensemble"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +76,7 @@ class Plan:
     legs: tuple[Leg, ...]
     logging: LoggingSpec
     spec_version: int = 0
-    combine: str = "single"  # the one leg's answer
+    combine: str = "single"  # "single": the one leg's answer; "ensemble": the leg is an ensemble's fan-out
 
     @property
     def primary(self) -> Leg:
@@ -104,12 +121,16 @@ class EndpointRouter:
         predictor: Any,
         buffer: Any = None,
         status_for: Callable[[MatihError], int] = lambda exc: 500,
+        ensembles: Any = None,
     ):
+        """``ensembles``: runs an ensemble leg (:class:`app.ensembles.serving.EnsembleDispatch`:
+        ``predict(model, payload, config, explain)``); None = ensembles are refused (409)."""
         self._endpoint = endpoint
         self._resolve = resolve
         self.predictor = predictor
         self.buffer = buffer
         self._status_for = status_for
+        self.ensembles = ensembles
         self._specs: LRUCache = LRUCache(maxsize=_SPEC_CACHE_SIZE)  # (name, spec_version) -> EndpointSpec
         self._features: LRUCache = LRUCache(maxsize=_META_CACHE_SIZE)  # model id -> (task, feature names)
 
@@ -133,7 +154,7 @@ class EndpointRouter:
         model = await self._resolve(row["target"])
         spec = self.spec_of(row)
         leg = Leg("", model, row["runtime"], row["config"] or None)
-        return Plan(row["name"], True, (leg,), spec.logging, row.get("spec_version", 0))
+        return Plan(row["name"], True, (leg,), spec.logging, row.get("spec_version", 0), _combine_of(leg))
 
     async def v2_plan(self, name: str, version: str | None) -> Plan:
         """What ``/v2/models/{name}[/versions/{version}]`` serves. Without a version, an endpoint
@@ -164,7 +185,8 @@ class EndpointRouter:
             model = await self._resolve(target)
         except NotFound:
             raise NotFound(missing, details={"model": name, "version": version}) from None
-        return Plan(name, False, (Leg("", model, "onnx", None),), DEFAULT_SPEC.logging)
+        leg = Leg("", model, "onnx", None)
+        return Plan(name, False, (leg,), DEFAULT_SPEC.logging, combine=_combine_of(leg))
 
     def task_and_features(self, model: ResolvedModel) -> tuple[str | None, list[str] | None]:
         key = model.model_id
@@ -175,13 +197,19 @@ class EndpointRouter:
         return hit
 
     # -- running a plan --------------------------------------------------------------------------
-    async def predict(self, plan: Plan, payload: dict[str, Any], info: RequestInfo) -> Routed:
+    async def predict(self, plan: Plan, payload: dict[str, Any], info: RequestInfo, explain: bool = False) -> Routed:
         """Run ``plan`` on ``payload``; record the prediction (sampled, with the fields the
-        endpoint keeps) and the request's metrics. Logging never fails or delays the answer."""
+        endpoint keeps) and the request's metrics. Logging never fails or delays the answer.
+        ``explain``: an ensemble's answer also holds its members' (``members``)."""
         leg = plan.primary
         code = 200
         try:
-            out = await self.predictor.predict(leg.model, payload, leg.runtime, leg.config)
+            if plan.combine == "ensemble":
+                if self.ensembles is None:
+                    raise Conflict(f"ensemble {leg.model.model_id} cannot be served here (no ensemble runner)")
+                out = await self.ensembles.predict(leg.model, payload, leg.config, explain)
+            else:
+                out = await self.predictor.predict(leg.model, payload, leg.runtime, leg.config)
         except MatihError as exc:
             code = self._status_for(exc)
             raise
@@ -213,7 +241,7 @@ class EndpointRouter:
                 latency_ms=seconds * 1000.0,
                 inputs={k: v for k, v in payload.items() if k != "return_probabilities"} if "inputs" in keep else None,
                 feature_names=self.task_and_features(leg.model)[1] if "inputs" in keep else None,
-                outputs=out if "outputs" in keep else None,
+                outputs={k: v for k, v in out.items() if k != "members"} if "outputs" in keep else None,
                 caller=info.caller if "caller" in keep else None,
                 client_request_id=info.client_request_id if "client_request_id" in keep else None,
                 protocol=info.protocol,
