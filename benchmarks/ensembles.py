@@ -8,8 +8,7 @@ of ``deployments.app.build`` with one fixed ModelServer replica, the iris Logist
 ``iris``). The same estimator is uploaded twice more (``iris-b``, ``iris-c``): three members of
 identical cost, so "the slowest member alone" is any one of them (``iris``). The ensemble is a
 soft vote of the three, created through ``POST /v1/ensembles`` (which also stores a fused ONNX
-graph when it can); on a checkout without that route it is registered straight in MLflow as the
-registry stores one (tags ``matih.kind``, ``matih.ensemble``), without a fused graph.
+graph when it can).
 
 Targets (REST ``/v1/endpoints/{name}/predict``, one single-row request per call, keep-alive):
 
@@ -105,32 +104,7 @@ def measure(url: str, body: dict[str, Any], headers: dict[str, str], concurrency
 
 
 # -- the ensemble and its endpoints -------------------------------------------------------------------
-def _register_directly(home: str, overrides: dict[str, Any], versions: dict[str, str]) -> str:
-    """The ensemble registered as the registry stores one (for checkouts without POST /v1/ensembles)."""
-    from app.ensembles.definition import (
-        DEFINITION_TAG,
-        ENSEMBLE_FORMAT,
-        KIND_TAG,
-        Combine,
-        EnsembleDefinition,
-        PinnedMember,
-    )
-    from app.registry.mlflow_registry import ModelRegistry
-    from app.settings import load_settings
-
-    registry = ModelRegistry(load_settings("local", **overrides))
-    defn = EnsembleDefinition(ENSEMBLE, "classification", "voting",
-                              tuple(PinnedMember(m, versions[m]) for m in MEMBERS), Combine("soft_vote"),
-                              classes=[0, 1, 2], n_features=4)
-    client = registry.client
-    client.create_registered_model(ENSEMBLE, tags={KIND_TAG: "ensemble"})
-    member = client.get_model_version("iris-b", versions["iris-b"])  # borrowed files (the tags are what serve)
-    tags = {KIND_TAG: "ensemble", DEFINITION_TAG: defn.to_json(), "matih.format": ENSEMBLE_FORMAT,
-            "matih.formats": json.dumps([ENSEMBLE_FORMAT]), "matih.task": "classification"}
-    return str(client.create_model_version(ENSEMBLE, source=member.source, run_id=member.run_id, tags=tags).version)
-
-
-def create_targets(base: str, token: str, home: str, overrides: dict[str, Any], est) -> dict[str, str]:
+def create_targets(base: str, token: str, est) -> dict[str, str]:
     """Members, the ensemble and one endpoint per target; returns target -> predict URL (fused
     only when the ensemble version has a fused graph)."""
     import httpx
@@ -147,14 +121,9 @@ def create_targets(base: str, token: str, home: str, overrides: dict[str, Any], 
         r = c.post("/v1/ensembles", json={"name": ENSEMBLE, "task": "classification", "method": "voting",
                                           "voting": "soft",
                                           "members": [{"model": f"{m}/{versions[m]}"} for m in MEMBERS]})
-        if r.status_code in (404, 405):
-            print("POST /v1/ensembles is not on this checkout: the ensemble is registered straight in MLflow "
-                  "(no fused graph)", flush=True)
-            version = _register_directly(home, overrides, versions)
-        else:
-            if r.status_code not in (200, 201):
-                raise RuntimeError(f"creating the ensemble failed: {r.status_code} {r.text[:500]}")
-            version = str(r.json().get("version") or r.json().get("model_version") or "1")
+        if r.status_code not in (200, 201):
+            raise RuntimeError(f"creating the ensemble failed: {r.status_code} {r.text[:500]}")
+        version = str(r.json()["model_version"])
         target = f"{ENSEMBLE}/{version}"
         tags = c.get(f"/v1/models/{ENSEMBLE}/versions/{version}").json().get("tags", {})
         fused = "onnx" in json.loads(tags.get("matih.formats", "[]"))
@@ -234,7 +203,7 @@ def serving(args) -> dict[str, Any]:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         signal.signal(signal.SIGTERM, lambda signum, _f: (_ for _ in ()).throw(SystemExit(128 + signum)))
         base, token = start_platform(home, overrides, est)
-        urls = create_targets(base, token, home, overrides, est)
+        urls = create_targets(base, token, est)
         keys = [k for k in TARGETS if k in urls]
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         body = {"instances": [ROW]}

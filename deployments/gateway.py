@@ -6,7 +6,6 @@ ingress: Serve calls the Gateway method named like the RPC."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from typing import Any, Callable
 
 import ray
@@ -16,7 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from app.api.v2_grpc import UNARY_RPCS
-from app.errors import DependencyUnavailable, MatihError, ModelError, Overloaded, RequestTimeout
+from app.errors import Conflict, DependencyUnavailable, MatihError, ModelError, Overloaded, RequestTimeout
 from app.registry.targets import model_name_of
 from app.serving.loader import model_id_for
 from app.serving.routing import ENDPOINT_KEY_PREFIX, endpoint_key
@@ -46,14 +45,11 @@ class _ServePredictor:
     def __init__(
         self, handle: DeploymentHandle, gpu_handle: DeploymentHandle | None = None, grpc: bool = True,
         *, timeout_s: float = 30.0, retries: int = 2, inline=None, ensemble: DeploymentHandle | None = None,
-        fetch: Callable | None = None,
     ):
         """``inline``: a :class:`deployments.model_host.ModelHost` of this replica, which serves
         the endpoints placed in the Gateway (``serves_in_gateway``); None = every call goes
         to a ModelServer replica. ``ensemble``: the Ensemble deployment, which runs the fan-out
-        of ensembles placed on the model servers (app.ensembles.serving); None = every ensemble
-        fans out in the caller. ``fetch(model) -> Path``: a version's artifacts (an ensemble's
-        meta-learner), a temporary directory removed after use."""
+        of ensembles placed on the model servers (app.ensembles.serving; ``predict_ensemble``)."""
         # _by_reference=False: Serve's direct gRPC channel to the replica instead of a Ray
         # actor task per call (payloads and results are small JSON-like values).
         self.handle = handle.options(_by_reference=False) if grpc else handle
@@ -63,12 +59,6 @@ class _ServePredictor:
         self.inline = inline
         self._calls: LRUCache = LRUCache(maxsize=_RESOLVE_CACHE_SIZE)  # (pool, model id) -> bound handle method
         self._ensemble = (ensemble.options(_by_reference=False) if grpc else ensemble).run if ensemble else None
-        if fetch is not None:
-            self.fetch_artifacts = fetch
-            self.release_artifacts = lambda path: shutil.rmtree(path, ignore_errors=True)
-        if ensemble is not None:
-            self.predict_ensemble = self._predict_ensemble
-        self.member_batching = False  # app.ensembles.serving: members run together, unbatched (predict's batch)
 
     async def predict(
         self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None, *, batch: bool = True
@@ -91,12 +81,14 @@ class _ServePredictor:
         args = (payload, config) if batch else (payload, config, False)
         return await self._remote(call, args, model_id, self.timeout_s)
 
-    async def _predict_ensemble(
+    async def predict_ensemble(
         self, model, payload: dict[str, Any], config: dict | None, explain: bool, timeout_s: float
     ) -> dict[str, Any]:
         """The fan-out of ensemble ``model`` in the Ensemble deployment; ``timeout_s``: its members'
         limit (the whole call gets a little more, so that a member's timeout answers degraded
         rather than this call's 504)."""
+        if self._ensemble is None:
+            raise Conflict(f"ensemble {model.model_id} is placed on the Ensemble deployment, which this process lacks")
         return await self._remote(
             self._ensemble, (model, payload, config, explain), model.model_id, timeout_s + _ENSEMBLE_MARGIN_S
         )
@@ -368,6 +360,7 @@ class Gateway(_GrpcMethods):
         from actors.registry_cache import get_registry_cache
         from app.predlog.buffer import PredictionLogBuffer
         from app.predlog.control import ActorPredictionLog
+        from app.ensembles.serving import ensemble_dispatch, release_dir
         from deployments.model_host import ModelHost
         from deployments.model_server import _fetch_from_object_store, registry_cache_loader
 
@@ -389,20 +382,26 @@ class Gateway(_GrpcMethods):
         # shipped in batches to the PredictionLog actor, which writes the parquet files.
         predlog = ActorPredictionLog(get_prediction_log(settings_kwargs, settings), timeout_s)
         self._buffer = PredictionLogBuffer.from_settings(settings, predlog.write)
+        predictor = _ServePredictor(
+            model_server, gpu_pool, grpc=settings.serving.handle_grpc,
+            timeout_s=settings.serving.predict_timeout_s, retries=settings.serving.replica_retries,
+            inline=ModelHost(settings, registry_cache_loader(settings, cache)) if settings.serving.inline_onnx
+            else None,
+            ensemble=ensemble,
+        )
         self.ctx = ApiContext(
             settings=settings,
             store=store,
             registry=ModelRegistry(settings, serving=True),
             authenticator=Authenticator(settings, store, admin_token),
-            predictor=_ServePredictor(
-                model_server, gpu_pool, grpc=settings.serving.handle_grpc,
-                timeout_s=settings.serving.predict_timeout_s, retries=settings.serving.replica_retries,
-                inline=ModelHost(settings, registry_cache_loader(settings, cache)) if settings.serving.inline_onnx
-                else None,
-                ensemble=ensemble,
-                fetch=lambda model: _fetch_from_object_store(
-                    cache, model.model_id, settings.serving.model_fetch_timeout_s
-                ),
+            predictor=predictor,
+            # ensembles: the fan-out here or in the Ensemble deployment; meta-learners through the
+            # RegistryCache's packed artifacts, unpacked to a temporary directory
+            ensembles=ensemble_dispatch(
+                predictor, settings,
+                fetch=lambda model: _fetch_from_object_store(cache, model.model_id, settings.serving.model_fetch_timeout_s),
+                release=release_dir,
+                remote=predictor.predict_ensemble if ensemble is not None else None,
             ),
             gpu_pool=gpu_pool is not None,
             jobs=scheduler,

@@ -107,6 +107,7 @@ def in_process_context(settings, admin_token: str | None, jobs):
     to a PredictionLogService); ``jobs`` is the test's JobControl."""
     from app.api.app import ApiContext
     from app.auth import Authenticator
+    from app.ensembles.serving import ensemble_dispatch
     from app.predlog.buffer import PredictionLogBuffer
     from app.predlog.control import LocalPredictionLog
     from app.predlog.service import PredictionLogService
@@ -117,12 +118,16 @@ def in_process_context(settings, admin_token: str | None, jobs):
     store = MetadataStore(settings.database_url)
     registry = ModelRegistry(settings)
     predlog = LocalPredictionLog(PredictionLogService(settings))
+    loader = ModelLoader(settings, registry, trust=store.get_trust)
+    predictor = LocalPredictor(loader)
     return ApiContext(
         settings=settings,
         store=store,
         registry=registry,
         authenticator=Authenticator(settings, store, admin_token),
-        predictor=LocalPredictor(ModelLoader(settings, registry, trust=store.get_trust)),
+        predictor=predictor,
+        # meta-learners read from MLflow's cached download of the version (kept: no release)
+        ensembles=ensemble_dispatch(predictor, settings, fetch=loader.fetch),
         jobs=jobs,
         prediction_buffer=PredictionLogBuffer.from_settings(settings, predlog.write),
         predlog=predlog,

@@ -47,9 +47,11 @@ _ENDPOINT_CACHE_SIZE = 4096  # endpoint rows a replica keeps (least recently use
 
 class Predictor(Protocol):
     async def predict(
-        self, model: ResolvedModel, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
+        self, model: ResolvedModel, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None,
+        *, batch: bool = True,
     ) -> dict[str, Any]:
-        """Run ``payload`` through ``model`` in ``runtime`` (with the endpoint's runtime config)."""
+        """Run ``payload`` through ``model`` in ``runtime`` (with the endpoint's runtime config);
+        ``batch=False``: an ensemble member's call, never held back to batch with other requests."""
         ...
 
 
@@ -89,6 +91,9 @@ class ApiContext:
     cluster_resources: Callable[[], Awaitable[dict[str, float]]] | None = None
     # GPU inventory and reservations (the GPUManager actor); None = no GPU manager here.
     gpus: GpuControl | None = None
+    # Runs ensemble fan-outs (app.ensembles.serving.EnsembleDispatch); None = in this process
+    # through ``predictor``, without meta-learners (nothing here fetches their artifacts).
+    ensembles: Any = None
     # Runs a RegistryService method that reads and converts a model file (registration from an
     # upload or a source file, POST .../convert): ``await registry_offload(method, *args, **kw)``;
     # a ``"module:function"`` method names a function called as ``function(settings, registry,
@@ -122,7 +127,7 @@ class ApiContext:
             predictor=self.predictor,
             buffer=self.prediction_buffer if self.settings.predlog.enabled else None,
             status_for=status_for,
-            ensembles=ensemble_dispatch(self.predictor, self.settings),
+            ensembles=self.ensembles or ensemble_dispatch(self.predictor, self.settings),
         )
 
     async def notify_model_changed(self, name: str) -> None:

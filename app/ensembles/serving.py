@@ -134,16 +134,13 @@ def member_model(member: PinnedMember) -> ResolvedModel:
 
 
 def predictor_caller(predictor: Any) -> MemberCall:
-    """A member caller over a Gateway-style predictor (``predict(model, payload, runtime, config)``).
-    A predictor that says ``member_batching = False`` (the Gateway's) is asked not to batch member
-    calls: the members of one request run in the same replica at once, and its batching would
-    wait ``serving.batch_wait_s`` for requests of other models to join."""
-    unbatched = getattr(predictor, "member_batching", True) is False
+    """A member caller over a predictor (``predict(model, payload, runtime, config, *, batch)``):
+    members are called with ``batch=False``, since the members of one request run in the same
+    replica at once, and request batching would wait ``serving.batch_wait_s`` for requests of
+    other models to join."""
 
     async def call(member: PinnedMember, payload: dict[str, Any]) -> dict[str, Any]:
-        if unbatched:
-            return await predictor.predict(member_model(member), payload, member.runtime, member.config, batch=False)
-        return await predictor.predict(member_model(member), payload, member.runtime, member.config)
+        return await predictor.predict(member_model(member), payload, member.runtime, member.config, batch=False)
 
     return call
 
@@ -330,18 +327,21 @@ class EnsembleDispatch:
         return await self.runner.run(model, payload, explain)
 
 
-def ensemble_dispatch(predictor: Any, settings) -> EnsembleDispatch:
-    """The dispatch over a Gateway-style ``predictor``: its ``fetch_artifacts`` (the Gateway's:
-    through the RegistryCache) or its loader's fetch (the in-process predictor) for
-    meta-learners, its ``predict_ensemble`` (the Ensemble deployment) when it has one."""
-    fetch = getattr(predictor, "fetch_artifacts", None)
-    release = getattr(predictor, "release_artifacts", None)
-    if fetch is None and getattr(predictor, "loader", None) is not None:
-        fetch = predictor.loader._fetch  # the in-process LocalPredictor: MLflow's cached download, kept
+def ensemble_dispatch(
+    predictor: Any,
+    settings,
+    *,
+    fetch: Callable[[ResolvedModel], Path] | None = None,
+    release: Callable[[Path], None] | None = None,
+    remote: Callable[..., Awaitable[dict]] | None = None,
+) -> EnsembleDispatch:
+    """The dispatch of a process whose members go through ``predictor``: ``fetch`` / ``release``
+    a version's artifacts (meta-learners; None = meta-learner ensembles cannot run here),
+    ``remote`` the Ensemble deployment (None = every fan-out runs in this process)."""
     runner = EnsembleRunner(
         predictor_caller(predictor), timeout_s=settings.serving.predict_timeout_s, fetch=fetch, release=release
     )
-    return EnsembleDispatch(runner, getattr(predictor, "predict_ensemble", None), settings.serving.inline_onnx)
+    return EnsembleDispatch(runner, remote, settings.serving.inline_onnx)
 
 
 def release_dir(path: Path) -> None:

@@ -113,6 +113,10 @@ class ModelLoader:
         return rt
 
 
+    def fetch(self, model: ResolvedModel) -> Path:
+        """The version's artifact directory (an ensemble's meta-learner is read from it)."""
+        return self._fetch(model)
+
     def _with_trust(self, resolved: ResolvedModel) -> ResolvedModel:
         """The version with the digest from its trust record when it holds a pickle-based file;
         the runtime compares it with the file's bytes before unpickling (``load_native``)."""
@@ -140,8 +144,11 @@ class LocalPredictor:
         return rt
 
     async def predict(
-        self, model: ResolvedModel, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None
+        self, model: ResolvedModel, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None,
+        *, batch: bool = True,
     ) -> dict[str, Any]:
+        """``batch`` is the replicas' contract (an ensemble member's call says False); nothing is
+        batched in this process."""
         rt = await asyncio.to_thread(self.get, model_id_for(model, runtime, config), config)
         matrix, probabilities = prepare(payload, rt.signature, self.loader.max_rows(config))
         if rt.blocking_io:
