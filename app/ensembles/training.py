@@ -63,19 +63,24 @@ def definition(spec: EnsembleSpec, data: PreparedData, members: list[PinnedMembe
 
 # --- the meta-learner (stacking, blending) -------------------------------------------------------
 
-def build_meta_learner(spec: EnsembleSpec, settings: Settings):
-    """The combiner's estimator (allow-listed path of ``combiner.estimator``) with its hyperparameters."""
+def _estimator(path: str, hyperparameters: dict[str, Any], field: str, settings: Settings):
+    """An unfitted estimator of the allow-list with ``hyperparameters`` (422 naming ``field``
+    when they do not fit it)."""
     from app.training.sklearn_trainer import resolve_estimator
 
-    path = spec.combiner.estimator_path(spec.task)
     cls = resolve_estimator(path, settings.jobs.allowed_estimators)
     try:
-        est = cls(**spec.combiner.hyperparameters)
+        est = cls(**hyperparameters)
         est.get_params()
     except TypeError as exc:
-        raise InvalidInput(f"combiner.hyperparameters do not fit {path}: {exc}",
-                           details={"field": "combiner.hyperparameters"}) from None
+        raise InvalidInput(f"{field} do not fit {path}: {exc}", details={"field": field}) from None
     return est
+
+
+def build_meta_learner(spec: EnsembleSpec, settings: Settings):
+    """The combiner's estimator (allow-listed path of ``combiner.estimator``) with its hyperparameters."""
+    return _estimator(spec.combiner.estimator_path(spec.task), spec.combiner.hyperparameters,
+                      "combiner.hyperparameters", settings)
 
 
 def fit_meta_learner(spec: EnsembleSpec, settings: Settings, meta_X: np.ndarray, y: np.ndarray) -> tuple[bytes, float]:
@@ -254,16 +259,7 @@ def _blending(spec: EnsembleSpec, settings: Settings, client, data: PreparedData
 # --- members trained by the job (bagging, boosting) ----------------------------------------------
 
 def _base_estimator(spec: EnsembleSpec, settings: Settings):
-    from app.training.sklearn_trainer import resolve_estimator
-
-    cls = resolve_estimator(spec.base.estimator, settings.jobs.allowed_estimators)
-    try:
-        est = cls(**spec.base.hyperparameters)
-        est.get_params()
-    except TypeError as exc:
-        raise InvalidInput(f"base.hyperparameters do not fit {spec.base.estimator}: {exc}",
-                           details={"field": "base.hyperparameters"}) from None
-    return est
+    return _estimator(spec.base.estimator, spec.base.hyperparameters, "base.hyperparameters", settings)
 
 
 def train_bagging(spec: EnsembleSpec, settings: Settings, data: PreparedData, *,
