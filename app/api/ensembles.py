@@ -50,8 +50,8 @@ def router(ctx: ApiContext) -> APIRouter:
         "checked (same task, input signature and, for classifiers, class list: a 422 naming the member "
         "otherwise); the ensemble is scored on `dataset`'s holdout when given, and registered as a version of "
         "`name` (the first becomes `champion`, later ones `validation.alias_on_pass` when their gates pass). The "
-        "same pins and definition as the latest version return that version (`created: false`). 201 with the "
-        "version. stacking, blending, bagging, boosting: the same checks, then a `kind: ensemble` job is queued: "
+        "same pins and definition as the latest version return that version (200, `created: false`). 201 with the "
+        "new version. stacking, blending, bagging, boosting: the same checks, then a `kind: ensemble` job is queued: "
         "202 `{job_id, status}`.",
         responses={202: {"model": JobAccepted, "description": "A trained method's job was queued."}},
     )
@@ -64,7 +64,8 @@ def router(ctx: ApiContext) -> APIRouter:
         else:  # it loads and runs the members' ONNX graphs: not in the Gateway's process
             out = await ctx.registry_offload(_OFFLOADED, body, who.name)
         await ctx.notify_model_changed(spec.name)
-        return out
+        # the same pins and definition as the latest version: that version, nothing made (200)
+        return JSONResponse(out, status_code=201 if out.get("created", True) else 200)
 
     @api.get("", response_model=Page, summary="List ensembles (registered models tagged matih.kind=ensemble)")
     async def list_ensembles(

@@ -82,7 +82,7 @@ def test_create_get_list_and_recreate(api):
         ("ea-lr", "1", "ea-lr@champion"), ("ea-tree", "1", "ea-tree@champion"), ("ea-rf", "1", "ea-rf/1")]
 
     again = api.dev.post("/v1/ensembles", json=_body("ea-ens"))
-    assert again.status_code == 201 and again.json()["model_version"] == "1" and not again.json()["created"]
+    assert again.status_code == 200 and again.json()["model_version"] == "1" and not again.json()["created"]
 
     listed = api.viewer.get("/v1/ensembles").json()
     assert [i["name"] for i in listed["items"]] == ["ea-ens"]  # plain models are not ensembles
