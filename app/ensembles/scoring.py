@@ -24,14 +24,18 @@ MAIN_METRIC = {"classification": ("accuracy", True), "regression": ("rmse", Fals
 
 
 def download_version(settings, name: str, version: str, dest: Path) -> Path:
+    """The version's files into ``dest``. The version's source is asked of the registry first:
+    MLflow 3 resolves a ``models:/name/version`` URI with the process's global registry URI
+    whatever ``registry_uri`` says, so this works in any process, not only one that set it."""
     import mlflow.artifacts
+    from mlflow import MlflowClient
 
     from app.errors import DependencyUnavailable
 
+    uri = settings.mlflow_tracking_uri
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest),
-                                            tracking_uri=settings.mlflow_tracking_uri,
-                                            registry_uri=settings.mlflow_tracking_uri)
+        source = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(name, version)
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest), tracking_uri=uri)
     except Exception as exc:
         raise DependencyUnavailable(f"could not download {name}/{version} from MLflow: {exc}") from None
     return dest
