@@ -204,7 +204,7 @@ def serving(args) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, lambda signum, _f: (_ for _ in ()).throw(SystemExit(128 + signum)))
         base, token = start_platform(home, overrides, est)
         urls = create_targets(base, token, est)
-        keys = [k for k in TARGETS if k in urls]
+        keys = [k for k in TARGETS if k in urls and (not args.targets or k in args.targets.split(","))]
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         body = {"instances": [ROW]}
         for key in keys:  # warm-up
@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per target at c=8 (default 2)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    p.add_argument("--targets", default="", help="comma-separated subset of " + ", ".join(TARGETS) + " (default all)")
     args, rest = p.parse_known_args(argv)
     mach = machine_info()
     print(f"machine: {mach['cpu_model']}, {mach['logical_cpus']} logical CPUs, load average "

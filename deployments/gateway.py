@@ -60,6 +60,12 @@ class _ServePredictor:
         self._calls: LRUCache = LRUCache(maxsize=_RESOLVE_CACHE_SIZE)  # (pool, model id) -> bound handle method
         self._ensemble = (ensemble.options(_by_reference=False) if grpc else ensemble).run if ensemble else None
 
+    def runs_inline(self, member) -> bool:
+        """Whether an ensemble member (app.ensembles.definition.PinnedMember) runs in this replica."""
+        from app.serving.endpoint_config import serves_in_gateway
+
+        return self.inline is not None and serves_in_gateway(member.runtime, member.config, True)
+
     async def predict(
         self, model, payload: dict[str, Any], runtime: str = "onnx", config: dict | None = None, *, batch: bool = True
     ) -> dict[str, Any]:
@@ -402,6 +408,7 @@ class Gateway(_GrpcMethods):
                 fetch=lambda model: _fetch_from_object_store(cache, model.model_id, settings.serving.model_fetch_timeout_s),
                 release=release_dir,
                 remote=predictor.predict_ensemble if ensemble is not None else None,
+                on_loop=predictor.runs_inline,
             ),
             gpu_pool=gpu_pool is not None,
             jobs=scheduler,

@@ -163,7 +163,12 @@ class EnsembleRunner:
     ``call(member, payload)``: one member's answer (``{"predictions", "probabilities"?}``);
     ``fetch(model) -> Path``: the version's artifact directory (for ``combiner.onnx``; the
     RegistryCache packs it) and ``release(path)`` once the meta-learner is read; ``timeout_s``:
-    a member's time limit when the policy names none (serving.predict_timeout_s)."""
+    a member's time limit when the policy names none (serving.predict_timeout_s);
+    ``on_loop(member)``: the member runs on this event loop (an ONNX model inline in the
+    Gateway), so its call cannot overlap another's: such members are awaited one after the
+    other while the calls of the others (ModelServer replicas, remote runtimes, threads) run
+    concurrently as tasks. A task per inline member would only add scheduling to a call that
+    holds the loop anyway (measured: benchmarks/ensembles.py)."""
 
     def __init__(
         self,
@@ -172,9 +177,11 @@ class EnsembleRunner:
         timeout_s: float,
         fetch: Callable[[ResolvedModel], Path] | None = None,
         release: Callable[[Path], None] | None = None,
+        on_loop: Callable[[PinnedMember], bool] = lambda member: False,
     ):
         self.call = call
         self.timeout_s = timeout_s
+        self._on_loop = on_loop
         self._fetch = fetch
         self._release = release
         self._definitions: LRUCache = LRUCache(maxsize=_CACHE_SIZE)  # model id -> EnsembleDefinition
@@ -247,11 +254,15 @@ class EnsembleRunner:
                 return None, _error_text(exc), time.perf_counter() - started
             return out, None, time.perf_counter() - started
 
-        tasks = [asyncio.ensure_future(one(m)) for m in defn.members]
+        # the members that wait on something else start first, as tasks; those that run on this
+        # loop are then awaited in turn (each holds the loop while it computes)
+        tasks = {i: asyncio.ensure_future(one(m)) for i, m in enumerate(defn.members) if not self._on_loop(m)}
+        results: list[tuple[dict[str, Any] | None, str | None, float]] = []
         try:
-            results = await asyncio.gather(*tasks)
+            for i, m in enumerate(defn.members):
+                results.append(await tasks[i] if i in tasks else await one(m))
         except BaseException:
-            for t in tasks:
+            for t in tasks.values():
                 t.cancel()
             raise
         outputs = [out for out, _, _ in results]
@@ -334,12 +345,15 @@ def ensemble_dispatch(
     fetch: Callable[[ResolvedModel], Path] | None = None,
     release: Callable[[Path], None] | None = None,
     remote: Callable[..., Awaitable[dict]] | None = None,
+    on_loop: Callable[[PinnedMember], bool] = lambda member: False,
 ) -> EnsembleDispatch:
     """The dispatch of a process whose members go through ``predictor``: ``fetch`` / ``release``
     a version's artifacts (meta-learners; None = meta-learner ensembles cannot run here),
-    ``remote`` the Ensemble deployment (None = every fan-out runs in this process)."""
+    ``remote`` the Ensemble deployment (None = every fan-out runs in this process), ``on_loop``
+    which members run on this event loop (EnsembleRunner)."""
     runner = EnsembleRunner(
-        predictor_caller(predictor), timeout_s=settings.serving.predict_timeout_s, fetch=fetch, release=release
+        predictor_caller(predictor), timeout_s=settings.serving.predict_timeout_s, fetch=fetch, release=release,
+        on_loop=on_loop,
     )
     return EnsembleDispatch(runner, remote, settings.serving.inline_onnx)
 
