@@ -68,6 +68,12 @@ class SilentServer:
             self.conns.append(conn)
 
     def close(self) -> None:
+        """Kill it: the listening socket is shut (a blocked accept returns, new connections are
+        refused) and the connections it holds are reset."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         for c in self.conns:
             c.close()
@@ -144,7 +150,7 @@ def hung(platform, members):
         strict = _create(c, "ens-strict", three, policy={"member_timeout_s": 3})
     for out in (quorum, strict):
         assert out["definition"]["members"][2]["runtime"] == "triton" and out["fused"] is False
-    yield {"members": members[1:], "failed": f"triton:{members[0]}"}
+    yield {"members": members[1:], "failed": f"triton:{members[0]}", "server": server}
     server.close()
 
 
@@ -206,6 +212,22 @@ def test_a_member_that_never_answers(platform, hung, placement):
         r = c.post(f"/v1/endpoints/ens-strict-{tag}/predict", json={"instances": ROWS})
         assert r.status_code == 503, r.text
         assert hung["failed"] in r.json()["error"] and r.headers.get("retry-after")
+
+
+def test_a_member_whose_server_was_killed(platform, hung):
+    """The hung member's server is killed (after the test above): its connections are refused,
+    so the member fails at once rather than timing out, and the quorum still answers, degraded;
+    with every member required, 503."""
+    hung["server"].close()
+    with platform.client() as c:
+        for name in ("ens-quorum", "ens-strict"):
+            _endpoint(c, f"{name}-killed", f"{name}/1")
+        body = _predict(c, "ens-quorum-killed", ROWS)
+        assert body["degraded"] is True and [f["model"] for f in body["failed"]] == [hung["failed"]]
+        assert "no answer within" not in body["failed"][0]["error"], body["failed"]  # refused, not timed out
+        np.testing.assert_allclose(body["probabilities"], _mean_probabilities(c, hung["members"]), rtol=1e-5)
+        r = c.post("/v1/endpoints/ens-strict-killed/predict", json={"instances": ROWS})
+        assert r.status_code == 503 and hung["failed"] in r.json()["error"], r.text
 
 
 def test_fused_is_refused_for_an_ensemble_without_a_fused_graph(platform, hung):
