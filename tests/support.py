@@ -132,3 +132,21 @@ def in_process_context(settings, admin_token: str | None, jobs):
         prediction_buffer=PredictionLogBuffer.from_settings(settings, predlog.write),
         predlog=predlog,
     )
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """A local Ray cluster of this process's own for a unit-test module. Whatever Ray this
+    process holds is shut down first: when the whole suite runs in one session, the integration
+    tests' cluster is still attached (their session fixture ends last). Ray gives its raylet
+    30 s to register, which a busy machine can miss: one more try."""
+    import ray
+
+    ray.shutdown()
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise

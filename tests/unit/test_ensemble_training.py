@@ -194,7 +194,9 @@ def ray_local():
     """A local Ray of two CPUs for this module (as tests/unit/test_tune.py starts one)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from tests.support import start_local_ray
+
+    start_local_ray(2)
     yield
     ray.shutdown()
 

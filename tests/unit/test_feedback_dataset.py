@@ -16,14 +16,9 @@ from tests.unit.test_feedback import _feedback, log_rows
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    for attempt in (1, 2):  # Ray gives its raylet 30 s to register, which a busy machine can miss
-        try:
-            ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    from tests.support import start_local_ray
+
+    start_local_ray(1)
     yield ray
     ray.shutdown()
 

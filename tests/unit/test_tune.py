@@ -169,19 +169,12 @@ def cluster(tmp_path_factory):
     starting both at once on a busy 2-core machine can time Ray's start-up out)."""
     import ray
 
-    from tests.support import MlflowServer
+    from tests.support import MlflowServer, start_local_ray
 
     server = MlflowServer(tmp_path_factory.mktemp("tune_mlflow"))
     server.start(timeout=240)  # a loaded 2-core machine takes a while to import the server
     try:
-        for attempt in (1, 2):  # Ray gives its raylet 30 s to register, which a busy machine can miss
-            try:
-                ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-                break
-            except Exception:
-                ray.shutdown()
-                if attempt == 2:
-                    raise
+        start_local_ray(2)
         yield server
     finally:
         ray.shutdown()
