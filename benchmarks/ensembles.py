@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import peer_serving as ps
-from benchmarks.peer_serving import ROW, WrkResult, commit, fit_iris, machine_info, platform_overrides, start_platform
+from benchmarks.peer_serving import ROW, WrkResult, commit, fit_iris, machine_info, platform_overrides, start_platform, stop_platform
 
 LEVELS = (1, 8)
 TARGETS = ("member-gw", "member-ms", "fanout-gw", "fanout-ms", "fused")
@@ -197,7 +197,6 @@ def serving(args) -> dict[str, Any]:
     overrides = platform_overrides(home, args.ingress)
     env = apply_cluster_env(load_settings("local", **overrides))
     import ray
-    from ray import serve
 
     try:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -238,11 +237,7 @@ def serving(args) -> dict[str, Any]:
                 "results": results, "ratios": rat}
     finally:
         try:
-            if ray.is_initialized():
-                try:
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+            stop_platform()
         finally:
             shutil.rmtree(home, ignore_errors=True)
             shutil.rmtree(workdir, ignore_errors=True)

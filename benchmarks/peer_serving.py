@@ -507,6 +507,18 @@ def platform_overrides(home: str, ingress: str) -> dict[str, Any]:
     return {"matih_home": home, "http": http, "serving": serving}
 
 
+def stop_platform() -> None:
+    """Serve and Ray down, whatever state a run left them in (every platform benchmark's end)."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
 def start_platform(home: str, overrides: dict[str, Any], est) -> tuple[str, str]:
     """Serve the platform on a free port, register ``est`` (skops upload), create endpoint iris;
     returns (base_url, admin token)."""
@@ -692,7 +704,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"platform ingress: {args.ingress} ({' '.join(f'{k}={v}' for k, v in env.items())})", flush=True)
 
     import ray
-    from ray import serve
 
     trees = Trees()
     mlserver = floor = None
@@ -812,11 +823,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results written to {args.json}")
     finally:
         try:
-            if ray.is_initialized():
-                try:
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+            stop_platform()
         finally:
             kill_tree(mlserver, "MLServer")
             kill_tree(floor, "the floor")

@@ -93,6 +93,7 @@ from benchmarks.peer_serving import (
     platform_overrides,
     run_wrk,
     start_platform,
+    stop_platform,
     summarize,
     v2_body,
     v2_labels,
@@ -445,7 +446,6 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     import ray
-    from ray import serve
 
     trees = Trees()
     doc: dict[str, Any] = {}
@@ -594,11 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _stop_children(wrk_pids)
         try:
-            if ray.is_initialized():
-                try:
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+            stop_platform()
         finally:
             shutil.rmtree(home, ignore_errors=True)
             shutil.rmtree(workdir, ignore_errors=True)
