@@ -209,7 +209,7 @@ def publish(
     check; one MLflow run with the artifacts; ONE ``create_model_version`` with every tag; the
     alias (``champion`` for the first version, else ``validation.alias_on_pass``).
     """
-    from app.training.pipeline import ValidationFailed, _existing_version, ensure_alias, register_version
+    from app.training.pipeline import ValidationFailed, job_version, ensure_alias, register_version
     from app.training.spec import ValidationSpec
 
     client = client_of(client)
@@ -226,7 +226,7 @@ def publish(
     combiner_sha = hashlib.sha256(combiner).hexdigest() if combiner is not None else ""
     _ensure_ensemble_model(client, name)
     if job_id:
-        prior = _existing_version(client, name, job_id)
+        prior = job_version(client, name, job_id)
         if prior is not None:  # a retry after the version was registered
             ensure_alias(client, name, str(prior.version), validation.alias_on_pass)
             return {**version_result(client, name, prior), **(extra_result or {})}

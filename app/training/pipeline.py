@@ -75,7 +75,9 @@ def _labels(data: PreparedData, y: np.ndarray) -> np.ndarray:
     return np.asarray(y)
 
 
-def _existing_version(client, name: str, job_id: str):
+def job_version(client, name: str, job_id: str):
+    """The version of ``name`` that job ``job_id`` registered (tag ``matih.job_id``), or None:
+    what makes a job's registration repeatable (training and ensemble jobs alike)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -164,7 +166,7 @@ def run_training(spec: TrainingJobSpec, settings: Settings, job_id: str, report:
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
     client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
     if spec.register_as:
-        prior = _existing_version(client, spec.register_as, job_id)
+        prior = job_version(client, spec.register_as, job_id)
         if prior is not None:  # a retry after the version was registered: do not register twice
             alias = ensure_alias(client, spec.register_as, str(prior.version), spec.validation.alias_on_pass)
             report({"stage": "done"}, f"version {prior.version} was registered by an earlier attempt")
@@ -292,7 +294,7 @@ def register_version(client, name: str, job_id: str, *, source: str, run_id: str
     """
     from mlflow.exceptions import MlflowException
 
-    prior = _existing_version(client, name, job_id)
+    prior = job_version(client, name, job_id)
     if prior is None:
         try:
             client.create_registered_model(name)
