@@ -102,6 +102,7 @@ class _Columns:
         c["probabilities"].extend(probabilities)
         c["latency_ms"].extend([float(rec.latency_ms)] * n)
         c["caller"].extend([rec.caller] * n)
+        c["status"].extend([int(rec.status)] * n)
 
     def table(self) -> pa.Table:
         arrays = [pa.array(self.cols[f.name], type=f.type) for f in SCHEMA]

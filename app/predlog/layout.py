@@ -36,8 +36,20 @@ SCHEMA = pa.schema(
         pa.field("probabilities", pa.list_(pa.float64())),
         pa.field("latency_ms", pa.float64(), nullable=False),
         pa.field("caller", pa.string()),
+        # The HTTP status of the answer (200; 4xx/5xx for a request that failed, logged without
+        # outputs); null in files written before the column existed, which held only successes.
+        pa.field("status", pa.int16()),
     ]
 )
+
+# The log of an endpoint's shadow traffic (app.traffic): the shadows' answers, under the same
+# request ids as the primary's, in a log of its own (the suffix is no endpoint name's).
+SHADOW_SUFFIX = "~shadow"
+
+
+def shadow_log(endpoint: str) -> str:
+    """The name under which the shadow answers of ``endpoint`` are logged."""
+    return endpoint + SHADOW_SUFFIX
 
 
 def hour_of(ts: datetime) -> str:

@@ -27,7 +27,7 @@ __all__ = ["known_request_ids", "partition_files", "log_root"]
 # A record's hour comes from its timestamp, taken when the request arrived, a moment before or
 # after its id: an id this close to an hour's edge is looked for on both sides of it.
 _EDGE = timedelta(seconds=60)
-_ENDPOINT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_ENDPOINT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(~shadow)?")
 _RETRIES = 3  # a file compacted or rewritten away between listing and reading: list again
 
 

@@ -30,3 +30,4 @@ class PredictionRecord:
     caller: str | None = None  # the principal's name
     client_request_id: str | None = None  # the client's own X-Request-Id (or V2 "id"), kept beside ours
     protocol: str = "rest"  # rest | v2 | grpc
+    status: int = 200  # the HTTP status of the answer; a failed request is logged without outputs

@@ -36,6 +36,7 @@ from app.predlog.layout import (
     HOUR_FORMAT,
     HOUR_KEY,
     SCHEMA,
+    SHADOW_SUFFIX,
     endpoint_dir,
     partition_dir,
     parse_hour,
@@ -55,8 +56,10 @@ COMPRESSION = "zstd"
 
 
 def check_endpoint_name(endpoint: str) -> str:
-    """``endpoint`` when it is a name an endpoint can have (and so a safe path component)."""
-    if not isinstance(endpoint, str) or not _NAME_RE.match(endpoint) or endpoint in (".", ".."):
+    """``endpoint`` when it is a name an endpoint can have, or the shadow log of one
+    (``layout.shadow_log``), and so a safe path component."""
+    base = endpoint[: -len(SHADOW_SUFFIX)] if isinstance(endpoint, str) and endpoint.endswith(SHADOW_SUFFIX) else endpoint
+    if not isinstance(base, str) or not _NAME_RE.match(base) or base in (".", ".."):
         raise InvalidInput(f"{endpoint!r} is not an endpoint name", details={"field": "endpoint"})
     return endpoint
 

@@ -4,8 +4,8 @@ runtime ``config``.
 The runtime config (device, batching, the runtime's options) is part of the multiplexed model
 id, so changing it reloads models; the spec is read on every request and changing it reloads
 nothing. Each change of the spec counts up the endpoint's ``spec_version``. Today the spec
-holds the prediction-log settings; traffic variants (issue: traffic experiments) and feature
-enrichment (issue: feature store) join it as fields of their own.
+holds the prediction-log settings and the traffic plan (:mod:`app.traffic.spec`); feature
+enrichment (issue: feature store) joins it as a field of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.predlog.records import OPTIONAL_FIELDS
+from app.traffic.spec import TrafficSpec
 
 
 class LoggingSpec(BaseModel):
@@ -50,6 +51,9 @@ class EndpointSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="What the prediction log records.")
+    traffic: TrafficSpec | None = Field(
+        None, description="The traffic plan (PUT /v1/endpoints/{name}/traffic); unset = the target serves every request."
+    )
 
 
 DEFAULT_SPEC = EndpointSpec()

@@ -152,6 +152,9 @@ class Feedback(Base):
     label: Mapped[object | None] = mapped_column(JSON, nullable=True)
     value: Mapped[float | None] = mapped_column(Float, nullable=True)
     reward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The traffic variant that served the prediction (from the prediction log when the feedback
+    # arrived; None when the endpoint had one leg or the record was not found).
+    variant: Mapped[str | None] = mapped_column(String(128), nullable=True)
     timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # when the outcome happened
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     actor: Mapped[str] = mapped_column(String(128))
@@ -177,3 +180,64 @@ class Event(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (Index("ix_events_unpublished", "published_at", "id"),)
+
+
+class BanditArm(Base):
+    """The rewards one traffic variant of an endpoint has earned (the current outcome of each
+    prediction counts once: a superseding feedback row moves the sums by the difference). The
+    bandit strategies' posteriors are computed from these sums; every Gateway replica reads them."""
+
+    __tablename__ = "bandit_arms"
+
+    endpoint: Mapped[str] = mapped_column(String(128), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, default=0)
+    reward_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    reward_sq_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ABTest(Base):
+    """An A/B test on an endpoint's traffic plan (``spec``: app.experiments.spec.ABTestSpec)."""
+
+    __tablename__ = "abtests"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    endpoint: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16))  # running | stopped
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the last analysis' verdict
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (Index("ix_abtests_endpoint", "endpoint", "status"),)
+
+
+class Rollout(Base):
+    """A canary rollout of ``candidate`` over ``baseline`` (versions of ``model``) on an endpoint.
+    ``step`` is the index of the current step in ``spec["steps"]``; ``decisions`` the judged
+    steps in order, each with the statistics that drove it. The RolloutController resumes from
+    this row after a restart."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(256))
+    baseline: Mapped[str] = mapped_column(String(64))
+    candidate: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    step_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    decisions: Mapped[list] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (Index("ix_rollouts_endpoint", "endpoint", "status"),)
