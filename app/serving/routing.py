@@ -315,7 +315,7 @@ class EndpointRouter:
     # -- running a plan --------------------------------------------------------------------------
     async def predict(self, plan: Plan, payload: dict[str, Any], info: RequestInfo, explain: bool = False) -> Routed:
         """Run ``plan`` on ``payload``; record the prediction (sampled, with the fields the
-        endpoint keeps; a failed one with its status and no outputs) and the request's metrics,
+        endpoint keeps; one that failed with a 5xx with its status and no outputs) and the request's metrics,
         and copy the request to the plan's shadows. Logging and shadows never fail or delay the
         answer. ``explain``: an ensemble's answer also holds its members' (``members``)."""
         leg = plan.primary
@@ -332,8 +332,10 @@ class EndpointRouter:
         finally:
             seconds = time.perf_counter() - info.started
             metrics.request(plan.name, leg.model.name, leg.model.version, leg.variant, info.protocol, code, seconds)
-            if self.buffer is not None and plan.logging.enabled:  # a refused request's inputs are not kept
-                self._record(plan.name, plan.logging, leg, payload, out, info, seconds, code, inputs=code < 400)
+            # A refused request (4xx: the caller's mistake) is not logged; a failed one (5xx: the
+            # model's or the platform's) is, with its status: the error rate of a variant.
+            if self.buffer is not None and plan.logging.enabled and (out is not None or code >= 500):
+                self._record(plan.name, plan.logging, leg, payload, out, info, seconds, code)
             if plan.shadows:
                 self._shadow(plan, payload, info)
         return Routed(out, leg, info.request_id)
