@@ -170,3 +170,27 @@ def test_a_bandit_plan_moves_traffic_to_the_rewarded_arm(api):
     assert counts["b"] > counts["a"]
     bandits.reset("petals")
     _plan(client, None)
+
+
+def test_a_slow_shadow_never_holds_the_answer(api):
+    """A shadow that takes 1 s per call: the primary's answers keep their pace; calls beyond
+    serving.shadow_max_in_flight (4 here) are dropped, not queued."""
+    from tests.v2server import V2Server
+
+    client, sink, ctx = api
+    server = V2Server(delay_s=1.0)
+    try:
+        _plan(client, {"variants": [{"name": "a", "target": "petals/1", "weight": 1}],
+                       "shadows": [{"target": "petals/1", "name": "slow", "runtime": "triton", "config": server.config}]})
+        _predict(client)
+        sink.records.clear()
+        started = time.perf_counter()
+        for _ in range(20):
+            assert _predict(client).status_code == 200
+        assert time.perf_counter() - started < 1.0  # 20 answers before the first shadow call ends
+        assert server.calls <= 5  # at most 4 in flight (+ the warm-up's)
+        done = _wait(lambda: [x for x in sink.records if x.endpoint == shadow_log("petals")], timeout=15)
+        assert all(x.variant == "slow" and x.latency_ms >= 900 for x in done)
+    finally:
+        _plan(client, None)
+        server.close()
