@@ -208,6 +208,8 @@ def test_msprt_defaults_and_degenerate_looks():
     assert res.tau2 == pytest.approx(msprt_tau2((0.09 + 0.1056) / 2, 1000))
     planned = msprt(0.1, 0.09, 1000, 0.12, 0.1056, 1000, expected_n=5000)
     assert planned.tau2 == pytest.approx(msprt_tau2((0.09 + 0.1056) / 2, 5000))
+    uneven = msprt(0.1, 0.09, 900, 0.12, 0.1056, 100)  # 90/10 split: tuned at the harmonic mean, 180
+    assert uneven.tau2 == pytest.approx(msprt_tau2((900 * 0.09 + 100 * 0.1056) / 1000, 180))
     empty = msprt(0.0, 0.0, 0, 0.0, 0.0, 0)
     assert empty.p_value == 1.0 and empty.likelihood_ratio == 1.0
     assert _json(empty)["ci_low"] is None and _json(empty)["ci_high"] is None
