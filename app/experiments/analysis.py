@@ -34,7 +34,7 @@ from scipy import stats as sps
 from app.errors import MatihError
 from app.experiments import stats
 from app.experiments.metrics import MetricSamples, assignment_counts, metric_samples
-from app.experiments.spec import FIXED_HORIZON, LOWER_IS_BETTER, ABTestSpec, GuardrailSpec, metric_kind
+from app.experiments.spec import FIXED_HORIZON, LOWER_IS_BETTER, ABTestSpec
 
 __all__ = ["VERDICTS", "analyze", "timeline", "arms_of", "expected_samples"]
 
@@ -142,12 +142,8 @@ def _tau2(spec: ABTestSpec, samples: MetricSamples, arms: list[str], expected_n:
     return float(stats.msprt_tau2(sigma2, expected_n, alpha=spec.alpha))
 
 
-def _moments(values: np.ndarray) -> tuple[float, float, int]:
-    return float(values.mean()), float(values.var(ddof=1)), int(values.size)
-
-
-def _test(method: str, a: np.ndarray, b: np.ndarray, alpha: float, tau2: float | None) -> dict[str, Any]:
-    """One comparison of treatment ``b`` with control ``a``: the result's dict, or why none."""
+def _test(method: str, a: np.ndarray, b: np.ndarray, alpha: float) -> dict[str, Any]:
+    """One fixed-horizon comparison of treatment ``b`` with control ``a``: the result's dict, or why none."""
     if a.size < 2 or b.size < 2:
         return {"error": f"needs at least 2 samples per arm (control {a.size}, treatment {b.size})"}
     try:
@@ -157,10 +153,6 @@ def _test(method: str, a: np.ndarray, b: np.ndarray, alpha: float, tau2: float |
             result = stats.welch_ttest(a, b, alpha=alpha)
         elif method == "mann_whitney":
             result = stats.mann_whitney(a, b, alpha=alpha)
-        elif method == "msprt":
-            if tau2 is None:
-                return {"error": "the outcomes have no variance yet (every value the same): mSPRT cannot be tuned"}
-            result = stats.msprt(*_moments(a), *_moments(b), alpha=alpha, tau2=tau2)
         else:  # pragma: no cover - the spec admits no other method here
             raise ValueError(f"unknown method {method!r}")
     except (MatihError, ValueError, ZeroDivisionError, FloatingPointError) as exc:
@@ -208,13 +200,89 @@ def _srm(traffic_weights: dict[str, float], table: pa.Table) -> tuple[dict[str, 
     return stats.srm_check(observed, planned, threshold=SRM_THRESHOLD).to_dict(), unplanned
 
 
-def analyze(spec: ABTestSpec, traffic_weights: dict[str, float], table: pa.Table, *, now: datetime) -> dict[str, Any]:
+def _looks(since_us: int, until_us: int, buckets: int) -> np.ndarray:
+    """The ends of ``buckets`` equal slices of ``[since, until)`` (microseconds): cumulative looks."""
+    return np.linspace(since_us, until_us, max(1, buckets) + 1)[1:].astype(np.int64)
+
+
+def _cumulative(values: np.ndarray, times: np.ndarray, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """n, mean and sample variance (ddof=1) of the values logged before each edge; the last
+    look holds every value (the window's end is its reader's, the rows are all before it)."""
+    order = np.argsort(times, kind="stable")
+    x = values[order]
+    n = np.searchsorted(times[order], edges, side="left")
+    if n.size:
+        n[-1] = x.size
+    if x.size == 0:
+        return {"n": n, "mean": np.full(edges.size, np.nan), "var": np.full(edges.size, np.nan)}
+    shift = x[0]  # shifted sums keep the variance accurate for large means (latencies)
+    s1 = np.concatenate([[0.0], np.cumsum(x - shift)])[n]
+    s2 = np.concatenate([[0.0], np.cumsum((x - shift) ** 2)])[n]
+    nn = np.maximum(n, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, shift + s1 / nn, np.nan)
+        var = np.where(n > 1, np.maximum(s2 - s1 ** 2 / nn, 0.0) / np.maximum(n - 1, 1), np.nan)
+    return {"n": n, "mean": mean, "var": var}
+
+
+def _sequence(a: dict[str, np.ndarray], b: dict[str, np.ndarray], tau2: float, alpha: float) -> list[dict[str, Any] | None]:
+    """mSPRT at each look (``stats.msprt`` with one tau^2 for all), the p-value as the running
+    minimum and the interval as the running intersection: the always-valid reading (Johari,
+    Pekelis & Walsh 2017, section 3), which holds whichever looks are taken. None before both
+    arms have 2 samples."""
+    out: list[dict[str, Any] | None] = []
+    low, high, p_min = -math.inf, math.inf, 1.0
+    for k in range(a["n"].size):
+        if a["n"][k] < 2 or b["n"][k] < 2:
+            out.append(None)
+            continue
+        r = stats.msprt(float(a["mean"][k]), float(a["var"][k]), int(a["n"][k]), float(b["mean"][k]),
+                        float(b["var"][k]), int(b["n"][k]), alpha=alpha, tau2=tau2)
+        low, high, p_min = max(low, r.ci_low), min(high, r.ci_high), min(p_min, r.p_value)
+        out.append({**r.to_dict(), "p_value": p_min, "ci_low": low, "ci_high": high,
+                    "p_value_at_look": r.p_value})
+    return out
+
+
+def _msprt_result(samples: MetricSamples, control: str, arm: str, edges: np.ndarray, tau2: float | None,
+                  alpha: float) -> dict[str, Any]:
+    if tau2 is None:
+        return {"error": "the outcomes have no variance yet (every value the same): mSPRT cannot be tuned"}
+    a = _cumulative(samples.values[control], samples.times[control], edges)
+    b = _cumulative(samples.values[arm], samples.times[arm], edges)
+    try:
+        path = _sequence(a, b, tau2, alpha)
+    except (MatihError, ValueError, ZeroDivisionError) as exc:
+        return {"error": str(getattr(exc, "message", exc))}
+    if path[-1] is None:
+        return {"error": f"needs at least 2 samples per arm (control {samples.n(control)}, treatment {samples.n(arm)})"}
+    return {**path[-1], "method": "msprt", "looks": int(edges.size)}
+
+
+def _window_us(table: pa.Table, since: datetime | None, until: datetime) -> tuple[int, int]:
+    until_us = int(until.timestamp() * 1_000_000)
+    if since is not None:
+        return int(since.timestamp() * 1_000_000), until_us
+    if table.num_rows and "timestamp" in table.column_names:
+        first = table.column("timestamp").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        return int(np.min(first.to_numpy(zero_copy_only=False))), until_us
+    return until_us - 1, until_us
+
+
+def analyze(
+    spec: ABTestSpec, traffic_weights: dict[str, float], table: pa.Table, *, now: datetime,
+    since: datetime | None = None, until: datetime | None = None, buckets: int = DEFAULT_BUCKETS,
+) -> dict[str, Any]:
     """The analysis of ``spec`` on ``table`` (the endpoint's log window joined with feedback,
-    ``labeled(..., how="left")``), with the split ``traffic_weights`` (variant -> share, the
-    plan's) as the SRM check's expectation. Returns a JSON-ready dict: ``arms`` (n, mean, CI at
-    1 - alpha), ``comparisons`` (per treatment and metric: the test's result, the Holm-adjusted
-    p-value, significance, and for guardrails whether they failed), ``bayes`` (the Bayesian
-    method), ``srm``, ``reliable``, ``sample_size``, ``verdict``, ``winner`` and ``reasons``."""
+    ``labeled(..., how="left")``, up to ``now``), with the split ``traffic_weights`` (variant ->
+    share, the plan's) as the SRM check's expectation. mSPRT reads the window (``since``, default
+    the first row, .. ``until``, default ``now``) at ``buckets`` cumulative looks, the ones
+    :func:`timeline` draws.
+
+    Returns a JSON-ready dict: ``arms`` (n, mean, CI at 1 - alpha), ``comparisons`` (per treatment
+    and metric: the test's result, the Holm-adjusted p-value, significance, and for guardrails
+    whether they failed), ``bayes`` (the Bayesian method), ``srm``, ``reliable``, ``sample_size``,
+    ``verdict`` (one of :data:`VERDICTS`), ``winner`` and ``reasons``."""
     control, treatments = arms_of(spec, traffic_weights)
     arms = [control, *treatments]
     alpha = spec.alpha
@@ -223,38 +291,37 @@ def analyze(spec: ABTestSpec, traffic_weights: dict[str, float], table: pa.Table
     sample_size = _sample_size(spec, summaries[control], len(treatments))
     required = (sample_size or {}).get("required_per_arm")
     expected_n = expected_samples(spec, required)
+    edges = _looks(*_window_us(table, since, until or now), buckets)
 
-    comparisons: list[dict[str, Any]] = []
-    guard_samples: dict[str, MetricSamples] = {spec.metric: primary}
+    samples_by_metric: dict[str, MetricSamples] = {spec.metric: primary}
     tau2_by_metric: dict[str, float | None] = {}
 
-    def tau2_of(metric: str) -> float | None:
+    def compare(metric: str, method: str, arm: str) -> dict[str, Any]:
+        samples = samples_by_metric[metric]
+        if method != "msprt":
+            return _test(method, samples.values[control], samples.values[arm], alpha)
         if metric not in tau2_by_metric:
-            tau2_by_metric[metric] = _tau2(spec, guard_samples[metric], arms, expected_n)
-        return tau2_by_metric[metric]
+            tau2_by_metric[metric] = _tau2(spec, samples, arms, expected_n)
+        return _msprt_result(samples, control, arm, edges, tau2_by_metric[metric], alpha)
 
+    comparisons: list[dict[str, Any]] = []
     bayes = None
     if spec.method == "bayesian":
         bayes = _bayes(spec, primary, arms)
     else:
         for arm in treatments:
-            result = _test(spec.method, primary.values[control], primary.values[arm], alpha,
-                           tau2_of(spec.metric) if spec.method == "msprt" else None)
             comparisons.append({"treatment": arm, "role": "primary", "metric": spec.metric, "method": spec.method,
-                                "result": result})
+                                "result": compare(spec.metric, spec.method, arm)})
     for guard in spec.guardrails:
-        if guard.metric not in guard_samples:
-            guard_samples[guard.metric] = metric_samples(table, guard.metric, arms)
-        samples = guard_samples[guard.metric]
+        if guard.metric not in samples_by_metric:
+            samples_by_metric[guard.metric] = metric_samples(table, guard.metric, arms)
+        samples = samples_by_metric[guard.metric]
         for arm in treatments:
-            result = _test(guard.method, samples.values[control], samples.values[arm], alpha,
-                           tau2_of(guard.metric) if guard.method == "msprt" else None)
             comparisons.append({"treatment": arm, "role": "guardrail", "metric": guard.metric, "method": guard.method,
                                 "direction": guard.direction, "n_control": samples.n(control),
-                                "n_treatment": samples.n(arm), "result": result})
+                                "n_treatment": samples.n(arm), "result": compare(guard.metric, guard.method, arm)})
 
-    tested = [c for c in comparisons if "p_value" in c["result"] and c["result"]["p_value"] is not None
-              and math.isfinite(c["result"]["p_value"])]
+    tested = [c for c in comparisons if c["result"].get("p_value") is not None]
     adjusted = stats.holm([float(c["result"]["p_value"]) for c in tested]) if tested else []
     for c, p in zip(tested, adjusted):
         c["p_adjusted"] = float(p)
@@ -273,15 +340,15 @@ def analyze(spec: ABTestSpec, traffic_weights: dict[str, float], table: pa.Table
     verdict, winner, reasons = _verdict(spec, control, treatments, primary, comparisons, bayes, srm, required)
     if unplanned:
         reasons.append(f"requests of variants outside the plan are left out: {dict(sorted(unplanned.items()))}")
-
     if spec.metric == "rmse":
-        reasons.append("rmse: the tests compare mean squared errors (per-row squared error); arms show both")
+        reasons.append("rmse: the tests compare mean squared errors (the squared error of each prediction); "
+                       "the arms show the root too")
     out = {
         "metric": spec.metric, "kind": primary.kind, "method": spec.method, "control": control,
         "treatments": treatments, "alpha": alpha, "analysed_at": now.astimezone(timezone.utc).isoformat(),
         "weights": dict(traffic_weights), "arms": summaries, "comparisons": comparisons, "bayes": bayes,
         "srm": srm, "reliable": reliable, "sample_size": sample_size, "expected_samples_per_arm": expected_n,
-        "tau2": {m: t for m, t in tau2_by_metric.items()}, "verdict": verdict, "winner": winner, "reasons": reasons,
+        "tau2": dict(tau2_by_metric), "verdict": verdict, "winner": winner, "reasons": reasons,
     }
     return _finite(out)
 
@@ -360,72 +427,34 @@ def _verdict(
     return "no_difference_yet", None, reasons
 
 
+
 def timeline(
     spec: ABTestSpec, traffic_weights: dict[str, float], table: pa.Table, *, since: datetime, until: datetime,
     buckets: int = DEFAULT_BUCKETS,
 ) -> dict[str, Any]:
-    """The primary metric of each arm and each treatment's mSPRT confidence sequence for the
-    effect (treatment - control) at ``buckets`` cumulative looks evenly spaced over
-    ``[since, until)``: at look k, everything logged before its end. The sequence is the running
-    intersection of the per-look intervals and the p-value the running minimum, as the
-    always-valid inference of Johari et al. (2017) reads them; tau^2 is fixed from the whole
-    window's pooled variance, the one :func:`analyze` uses."""
+    """The primary metric of each arm (cumulative mean) and each treatment's mSPRT confidence
+    sequence for the effect (treatment - control) at ``buckets`` cumulative looks evenly spaced
+    over ``[since, until)``: at look k, everything logged before its end; the looks, tau^2 and
+    running intersection are :func:`analyze`'s, so the last point is the analysis' result."""
     control, treatments = arms_of(spec, traffic_weights)
     arms = [control, *treatments]
     samples = metric_samples(table, spec.metric, arms)
-    start_us = int(since.timestamp() * 1_000_000)
-    end_us = int(until.timestamp() * 1_000_000)
-    edges = np.linspace(start_us, end_us, max(1, buckets) + 1)[1:].astype(np.int64)
+    edges = _looks(int(since.timestamp() * 1_000_000), int(until.timestamp() * 1_000_000), buckets)
     summaries = {a: _arm_summary(samples.values[a], samples.kind, spec.metric, spec.alpha) for a in arms}
     required = (_sample_size(spec, summaries[control], len(treatments)) or {}).get("required_per_arm")
     tau2 = _tau2(spec, samples, arms, expected_samples(spec, required))
-
-    cumulative: dict[str, dict[str, np.ndarray]] = {}
-    per_arm: dict[str, dict[str, list]] = {}
-    for arm in arms:
-        order = np.argsort(samples.times[arm], kind="stable")
-        times, values = samples.times[arm][order], samples.values[arm][order]
-        counts = np.searchsorted(times, edges, side="left")
-        s1 = np.concatenate([[0.0], np.cumsum(values)])[counts]
-        s2 = np.concatenate([[0.0], np.cumsum(values * values)])[counts]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(counts > 0, s1 / np.maximum(counts, 1), np.nan)
-            var = np.where(counts > 1, (s2 - counts * mean * mean) / np.maximum(counts - 1, 1), np.nan)
-        cumulative[arm] = {"n": counts, "mean": mean, "var": np.maximum(var, 0.0)}
-        per_arm[arm] = {"n": counts.tolist(), "mean": mean.tolist()}
-
+    cumulative = {a: _cumulative(samples.values[a], samples.times[a], edges) for a in arms}
+    per_arm = {a: {"n": c["n"].tolist(), "mean": c["mean"].tolist()} for a, c in cumulative.items()}
     sequences: dict[str, dict[str, list]] = {}
     for arm in treatments:
-        a, b = cumulative[control], cumulative[arm]
-        seq: dict[str, list] = {"effect": [], "ci_low": [], "ci_high": [], "p_value": []}
-        low, high, p_min = -math.inf, math.inf, 1.0
-        for k in range(edges.size):
-            if tau2 is None or a["n"][k] < 2 or b["n"][k] < 2:
-                for key in seq:
-                    seq[key].append(None)
-                continue
+        path: list[dict[str, Any] | None] = [None] * edges.size
+        if tau2 is not None:
             try:
-                r = stats.msprt(float(a["mean"][k]), float(a["var"][k]), int(a["n"][k]), float(b["mean"][k]),
-                                float(b["var"][k]), int(b["n"][k]), alpha=spec.alpha, tau2=tau2)
+                path = _sequence(cumulative[control], cumulative[arm], tau2, spec.alpha)
             except (MatihError, ValueError, ZeroDivisionError):
-                for key in seq:
-                    seq[key].append(None)
-                continue
-            low, high = max(low, r.ci_low), min(high, r.ci_high)
-            p_min = min(p_min, r.p_value)
-            seq["effect"].append(r.effect)
-            seq["ci_low"].append(low)
-            seq["ci_high"].append(high)
-            seq["p_value"].append(p_min)
-        sequences[arm] = seq
+                pass
+        sequences[arm] = {key: [None if look is None else look[key] for look in path]
+                          for key in ("effect", "ci_low", "ci_high", "p_value")}
     bucket_ends = [datetime.fromtimestamp(int(e) / 1_000_000, tz=timezone.utc).isoformat() for e in edges]
     return _finite({"metric": spec.metric, "control": control, "since": since.isoformat(), "until": until.isoformat(),
                     "buckets": bucket_ends, "arms": per_arm, "sequences": sequences, "tau2": tau2})
-
-
-def guardrail_label(guard: GuardrailSpec) -> str:
-    return f"{guard.metric} ({guard.method}, {guard.direction})"
-
-
-def metric_is_binary(metric: str) -> bool:
-    return metric_kind(metric) == "binary"

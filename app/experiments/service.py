@@ -127,7 +127,7 @@ class ABTestService:
         return result
 
     def _analyse(self, w: Window, now: datetime) -> dict[str, Any]:
-        result = analyze(w.spec, w.weights, w.table, now=now)
+        result = analyze(w.spec, w.weights, w.table, now=now, since=w.since, until=w.until)
         return {"id": w.test["id"], "name": w.test["name"], "endpoint": w.test["endpoint"], "status": w.test["status"],
                 "window": {"since": w.since.isoformat(), "until": w.until.isoformat()}, **result}
 
