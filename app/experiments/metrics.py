@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from app.errors import InvalidInput
 from app.experiments.spec import METRICS, metric_kind
@@ -145,16 +146,16 @@ def metric_samples(table: pa.Table, metric: str, variants: list[str] | None = No
     variants the table holds. Rows of other variants are left out."""
     if metric not in METRICS:
         raise InvalidInput(f"metric {metric!r} is not one of {', '.join(METRICS)}")
-    names = variants if variants is not None else sorted(set(_strings(
-        table.column("variant") if "variant" in table.column_names else None, table.num_rows)) - {None})
+    column = table.column("variant") if "variant" in table.column_names else pa.chunked_array(
+        [pa.nulls(table.num_rows, pa.string())])
+    names = variants if variants is not None else sorted(v for v in pc.unique(column).to_pylist() if v is not None)
     values, defined = _row_values(table, metric)
     times = _times(table)
-    variant = np.asarray(_strings(table.column("variant") if "variant" in table.column_names else None,
-                                  table.num_rows), dtype=object)
     out_values: dict[str, np.ndarray] = {}
     out_times: dict[str, np.ndarray] = {}
     for name in names:
-        mask = (variant == name) & defined
+        same = pc.fill_null(pc.equal(column, pa.scalar(name, pa.string())), False)
+        mask = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool) & defined
         out_values[name] = values[mask]
         out_times[name] = times[mask]
     return MetricSamples(metric=metric, kind=metric_kind(metric), values=out_values, times=out_times)

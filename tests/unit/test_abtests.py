@@ -281,8 +281,8 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 def test_report_renders_in_headless_chromium(tmp_path):
     binary = next((shutil.which(n) for n in CHROMIUM_NAMES if shutil.which(n)), None)
     if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed; CI must run the report test (apt-get install chromium)")
+        if os.environ.get("CI") or os.environ.get("MATIH_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is not installed; CI must run the report test (.ci/run: apt-get install chromium)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     page = tmp_path / "report.html"
     page.write_text(_report(), encoding="utf-8")
@@ -297,6 +297,39 @@ def test_report_renders_in_headless_chromium(tmp_path):
     run = subprocess.run([*args, f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and shot.stat().st_size > 10_000, run.stderr[-2000:]  # pixels, not a blank page
+
+
+# -- the store (SQLite and PostgreSQL) ---------------------------------------------------------
+def test_store_create_list_stop_with_audit_and_events(store):
+    from sqlalchemy import select
+
+    from app.errors import Conflict, NotFound
+    from app.experiments.store import ABTestStore
+    from app.store.models import Event
+
+    tests = ABTestStore(store)
+    made = [tests.create(f"t{i}", "ep" if i % 2 == 0 else "other", {"metric": "latency"}, "alice") for i in range(5)]
+    assert len({t["id"] for t in made}) == 5 and all(len(t["id"]) == 16 for t in made)
+    seen, token = [], None
+    while True:
+        items, token = tests.list("ep", limit=2, page_token=token)
+        seen += [t["id"] for t in items]
+        if token is None:
+            break
+    assert seen == [t["id"] for t in reversed(made) if t["endpoint"] == "ep"]  # newest first, each once
+    assert tests.stop(made[0]["id"], "bob")["status"] == "stopped"
+    with pytest.raises(Conflict):
+        tests.stop(made[0]["id"], "bob")
+    with pytest.raises(NotFound):
+        tests.get("f" * 16)
+    tests.set_result(made[0]["id"], {"verdict": "no_difference_yet"})
+    assert tests.get(made[0]["id"])["result"] == {"verdict": "no_difference_yet"}
+    with store._sessions() as s:
+        events = [(e.type, e.subject) for e in s.scalars(select(Event).order_by(Event.id))]
+    assert events.count(("abtest.created", f"abtests/{made[0]['id']}")) == 1
+    assert events[-1] == ("abtest.stopped", f"abtests/{made[0]['id']}")
+    audit = store.list_audit(limit=10, resource_type="abtest")[0]
+    assert audit[0]["action"] == "abtest.stopped" and audit[0]["actor"] == "bob"
 
 
 # -- the API ----------------------------------------------------------------------------------
