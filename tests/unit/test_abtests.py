@@ -273,6 +273,15 @@ def test_report_escapes_user_strings_and_draws_both_charts():
     assert page.count("<svg") == 2 and 'class="band"' in page and 'class="series"' in page
     assert 'id="verdict"' in page and "treatment_wins" in page
     assert "<script" not in page
+    # each chart is well-formed SVG (XML), with one polyline per series and the band per treatment
+    import re
+    import xml.etree.ElementTree as ET
+
+    svgs = [ET.fromstring(m) for m in re.findall(r"<svg.*?</svg>", page, flags=re.S)]
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(svgs[0].findall(f"{ns}polyline")) == 2 and len(svgs[1].findall(f"{ns}polygon")) == 1
+    assert all(float(v) >= 0 for pl in svgs[0].findall(f"{ns}polyline")
+               for pt in pl.get("points").split() for v in pt.split(","))
 
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -410,6 +419,9 @@ def test_api_round_trip(api):
     page = c["viewer"].get(f"/v1/abtests/{test['id']}/report.html")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "checkout button" in page.text and page.text.count("<svg") == 2
+    paths = c["viewer"].get("/openapi.json").json()["paths"]
+    assert {"/v1/abtests", "/v1/abtests/{test_id}", "/v1/abtests/{test_id}/analysis",
+            "/v1/abtests/{test_id}/report.html", "/v1/abtests/{test_id}/stop"} <= set(paths)
 
     assert c["viewer"].post(f"/v1/abtests/{test['id']}/stop").status_code == 403
     stopped = c["developer"].post(f"/v1/abtests/{test['id']}/stop")
