@@ -107,7 +107,11 @@ class ABTestService:
         test = self.tests.get(test_id)
         spec = ABTestSpec.model_validate(test["spec"])
         endpoint = self.store.get_endpoint(spec.endpoint)
-        plan, _ = _check_plan(spec, endpoint)
+        try:
+            plan, _ = _check_plan(spec, endpoint)
+        except InvalidInput as exc:  # the request is fine; the plan moved under the test
+            raise Conflict(f"the traffic plan of endpoint {spec.endpoint!r} changed since the test began: "
+                           f"{exc.message}") from None
         now = now or datetime.now(timezone.utc)
         since = spec.since or datetime.fromisoformat(test["created_at"])
         until = datetime.fromisoformat(test["stopped_at"]) if test["stopped_at"] else now

@@ -430,6 +430,22 @@ def test_api_round_trip(api):
     assert again.status_code == 409 and again.json()["code"] == "conflict"
     actions = [a["action"] for a in ctx.store.list_audit(limit=50, resource_type="abtest")[0]]
     assert actions == ["abtest.stopped", "abtest.created"]
+    # a stopped test's window ends at its stop: later traffic does not change it
+    frozen = c["viewer"].get(f"/v1/abtests/{test['id']}/analysis").json()
+    assert frozen["window"]["until"] == stopped.json()["stopped_at"] and frozen["arms"] == out["arms"]
+
+
+def test_analysis_after_the_plan_lost_the_control_is_a_conflict(api):
+    _, ctx, c = api
+    ctx.store.create_endpoint("moving", "m@champion", "onnx", {}, "admin", spec={"traffic": PLAN})
+    r = c["developer"].post("/v1/abtests", json={"name": "m", "endpoint": "moving", "metric": "latency",
+                                                 "method": "welch", "control": "b"})
+    assert r.status_code == 201, r.text
+    plan = {"variants": [{"name": "a", "target": "m@champion", "weight": 50},
+                         {"name": "c", "target": "m@other", "weight": 50}]}
+    ctx.store.update_endpoint("moving", {"spec": {"traffic": plan}}, "admin")
+    gone = c["viewer"].get(f"/v1/abtests/{r.json()['id']}/analysis")
+    assert gone.status_code == 409 and "changed since the test began" in gone.json()["error"]
 
 
 def test_api_refusals(api):
