@@ -91,6 +91,32 @@ def test_a_a_test_finds_no_difference(method):
         assert max(out["bayes"]["prob_best"].values()) < 0.95
 
 
+def test_a_a_tests_read_at_every_look_keep_msprt_within_alpha():
+    """300 seeded A/A tests, each read at the analysis' 20 cumulative looks: the verdict's
+    always-valid p (the running minimum) calls a winner in at most alpha of them (+ 2 simulation
+    standard errors); stopping at the first look where a plain z-test is significant does not."""
+    from app.experiments import stats
+
+    rng = np.random.default_rng(123)
+    runs, msprt_wins, naive_wins = 300, 0, 0
+    for r in range(runs):
+        table = joined({"a": conversions(800, 0.2, rng), "b": conversions(800, 0.2, rng)}, seed=r)
+        out = analyze(spec(method="msprt"), HALF, table, now=NOW, since=START)
+        msprt_wins += out["verdict"] in ("treatment_wins", "control_wins")
+        ts = table.column("timestamp").cast(pa.int64()).to_numpy()
+        reward = table.column("feedback_reward").to_numpy()
+        variant = np.asarray(table.column("variant").to_pylist())
+        for end in np.linspace(ts[0], ts[-1] + 1, 21)[1:]:
+            seen = ts < end
+            a, b = reward[seen & (variant == "a")], reward[seen & (variant == "b")]
+            if stats.two_proportion_ztest(int(a.sum()), a.size, int(b.sum()), b.size).p_value < 0.05:
+                naive_wins += 1
+                break
+    bound = 0.05 + 2 * np.sqrt(0.05 * 0.95 / runs)
+    assert msprt_wins / runs <= bound
+    assert naive_wins / runs > bound
+
+
 def test_sample_ratio_mismatch_makes_the_test_unreliable():
     rng = np.random.default_rng(2)
     # 50/50 plan, 600/400 requests: chi-square p ~ 2.5e-10; the conversion difference is large too
