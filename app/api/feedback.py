@@ -15,7 +15,8 @@ from app.api.app import ApiContext, role_dependencies
 from app.auth import Principal
 from app.errors import InvalidInput
 from app.predlog.feedback import FeedbackRow, FeedbackStore
-from app.predlog.lookup import known_request_ids
+from app.predlog.lookup import request_variants
+from app.traffic.spec import BANDITS
 
 
 class FeedbackResult(BaseModel):
@@ -37,6 +38,15 @@ class FeedbackResponse(BaseModel):
     accepted: int = Field(..., description="Rows taken (stored, or unchanged repeats of the current value).")
     rejected: int = Field(..., description="Rows refused; each has its error in results.")
     results: list[FeedbackResult] = Field(..., description="One result per row of the request, in order.")
+
+
+def _bandit_arms(endpoint: dict[str, Any]) -> list[str] | None:
+    """The variants of the endpoint's traffic plan when its strategy is a bandit (their rewards
+    feed the arms); None otherwise."""
+    plan = (endpoint.get("spec") or {}).get("traffic")
+    if not isinstance(plan, dict) or plan.get("strategy") not in BANDITS:
+        return None
+    return [v["name"] for v in plan.get("variants") or () if isinstance(v, dict) and v.get("name")]
 
 
 def router(ctx: ApiContext) -> APIRouter:
@@ -92,12 +102,14 @@ def router(ctx: ApiContext) -> APIRouter:
                 "split the batch",
                 details={"field": "body", "limit": limit},
             )
-        await asyncio.to_thread(ctx.store.get_endpoint, name)  # 404 for an unknown endpoint
+        endpoint = await asyncio.to_thread(ctx.store.get_endpoint, name)  # 404 for an unknown endpoint
 
-        def known(ids: list[str]) -> set[str]:
-            return known_request_ids(ctx.settings, name, ids)
+        def known(ids: list[str]) -> dict[str, str]:
+            return request_variants(ctx.settings, name, ids)
 
-        results = await asyncio.to_thread(feedback.record, name, rows, who.name, known=known, grace_s=grace_s)
+        results = await asyncio.to_thread(
+            feedback.record, name, rows, who.name, known=known, grace_s=grace_s, bandit_arms=_bandit_arms(endpoint)
+        )
         accepted = sum(1 for r in results if r["status"] == "accepted")
         return {"accepted": accepted, "rejected": len(results) - accepted, "results": results}
 
