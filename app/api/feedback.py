@@ -70,7 +70,9 @@ def router(ctx: ApiContext) -> APIRouter:
             "earlier one (both stay on record and are audited); repeating the current value stores nothing. Rows "
             "are checked one by one: a malformed row, or an id the prediction log does not hold and that was "
             "issued more than predlog.feedback_grace_s ago, is rejected with its error while the other rows are "
-            "taken; a recent id the log does not hold yet is accepted as `pending`. 404 for an unknown endpoint; "
+            "taken; a recent id the log does not hold yet is accepted as `pending`. Each stored row records the "
+            "traffic variant that served the prediction; on an endpoint whose traffic plan is a bandit, its reward "
+            "feeds that variant's arm (a pending row's once its log record arrives). 404 for an unknown endpoint; "
             "422 for an empty list or one over the limit."
         ),
         openapi_extra={
@@ -107,9 +109,14 @@ def router(ctx: ApiContext) -> APIRouter:
         def known(ids: list[str]) -> dict[str, str]:
             return request_variants(ctx.settings, name, ids)
 
-        results = await asyncio.to_thread(
-            feedback.record, name, rows, who.name, known=known, grace_s=grace_s, bandit_arms=_bandit_arms(endpoint)
-        )
+        arms = _bandit_arms(endpoint)
+
+        def record() -> list[dict[str, Any]]:
+            if arms:  # earlier rewards whose log record was pending count now, before this batch supersedes any
+                feedback.settle_pending(name, known, bandit_arms=arms, window_s=2 * grace_s + 60)
+            return feedback.record(name, rows, who.name, known=known, grace_s=grace_s, bandit_arms=arms)
+
+        results = await asyncio.to_thread(record)
         accepted = sum(1 for r in results if r["status"] == "accepted")
         return {"accepted": accepted, "rejected": len(results) - accepted, "results": results}
 

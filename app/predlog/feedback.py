@@ -15,14 +15,14 @@ import math
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from app.errors import DependencyUnavailable, InvalidInput
 from app.predlog.ids import is_request_id, request_id_time
@@ -320,6 +320,71 @@ class FeedbackStore:
             for rid, inst, label, value, reward, ts, variant, _ in s.execute(q):
                 out[(rid, inst)] = (label, value, reward, _aware(ts), variant)
         return out
+
+    def settle_pending(
+        self,
+        endpoint: str,
+        known: Callable[[list[str]], Mapping[str, str]],
+        *,
+        bandit_arms: Collection[str],
+        window_s: float = 300.0,
+        limit: int = 2000,
+    ) -> int:
+        """Fill in the variant of feedback that arrived while its prediction's log record was
+        still on its way (``pending``: stored without a variant), now that the log holds it, and
+        count its reward in the bandit arm it belongs to. Without this, rewards sent right after
+        the prediction (within the log's write interval) would never reach a bandit.
+
+        Looks at the (at most ``limit`` oldest) rows received in the last ``window_s`` seconds
+        that have no variant; ``known(ids)`` is :func:`app.predlog.lookup.request_variants`. Each row is
+        filled in by ``UPDATE ... WHERE variant IS NULL`` (and no later row supersedes it), so
+        when two replicas settle the same row only one counts it. Returns the number of rows
+        filled in."""
+        arms = set(bandit_arms)
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=window_s)
+        with self._tx() as s:
+            pending = s.execute(
+                select(Feedback.id, Feedback.request_id, Feedback.instance, Feedback.reward)
+                .where(Feedback.endpoint == endpoint, Feedback.received_at >= cutoff, Feedback.variant.is_(None))
+                .order_by(Feedback.id)
+                .limit(limit)
+            ).all()
+        if not pending:
+            return 0
+        found = known(sorted({row.request_id for row in pending}))
+        fills = [(row, found[row.request_id]) for row in pending if found.get(row.request_id)]
+        if not fills:
+            return 0
+        bandits = _bandits(self.store) if arms else None
+        filled = 0
+        deltas: dict[str, list] = {}
+        later = aliased(Feedback)  # a row superseded meanwhile is left alone: its successor counts
+        with self._tx() as s:
+            for row, variant in fills:
+                newer = (
+                    select(later.id)
+                    .where(later.endpoint == endpoint, later.request_id == row.request_id,
+                           later.instance == row.instance, later.id > row.id)
+                    .exists()
+                )
+                done = s.execute(
+                    update(Feedback)
+                    .where(Feedback.id == row.id, Feedback.variant.is_(None), ~newer)
+                    .values(variant=variant)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if done != 1:
+                    continue  # another replica settled it
+                filled += 1
+                if row.reward is not None and variant in arms:
+                    acc = deltas.setdefault(variant, [0, 0.0, 0.0])
+                    acc[0] += 1
+                    acc[1] += row.reward
+                    acc[2] += row.reward * row.reward
+            if bandits is not None:
+                for variant, delta in deltas.items():
+                    bandits.add(s, endpoint, variant, *delta)
+        return filled
 
     # -- reading ------------------------------------------------------------------------------
     def latest(

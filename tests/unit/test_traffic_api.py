@@ -124,14 +124,24 @@ def test_bandit_plan_arms_feedback_and_resets(api):
     api.predictor.post(f"/v1/endpoints/{EP}/feedback", json=[{"request_id": rb, "reward": 1.0}])
     assert bandits.arms(EP)["b"] == ArmStats(1, 1.0, 1.0)  # superseded: moved by the difference
 
+    # a reward sent before its prediction reached the log is pending; the next POST counts it
+    early = new_request_id()
+    out = api.predictor.post(f"/v1/endpoints/{EP}/feedback", json=[{"request_id": early, "reward": 1.0}]).json()
+    assert out["results"][0]["pending"] is True and bandits.arms(EP)["a"].n == 1
+    late = log_rows(early)
+    late[0]["variant"] = "a"
+    write_log(api.settings.predlog.root, late, endpoint=EP)
+    api.predictor.post(f"/v1/endpoints/{EP}/feedback", json=[{"request_id": rb, "reward": 1.0}])  # unchanged
+    assert bandits.arms(EP)["a"] == ArmStats(2, 2.0, 2.0)
+
     got = api.viewer.get(URL).json()
-    assert got["arms"]["a"]["n"] == 1 and got["arms"]["b"]["mean"] == 1.0
+    assert got["arms"]["a"]["n"] == 2 and got["arms"]["b"]["mean"] == 1.0
     assert sum(got["bandit_shares"].values()) == pytest.approx(1.0)
     assert min(got["bandit_shares"].values()) >= 0.01 - 1e-12
 
     # b now serves another target: its arm starts afresh, a keeps its rewards
     assert api.dev.put(URL, json=plan("thompson", b_target=f"{MODEL}/1")).status_code == 200
-    assert bandits.arms(EP) == {"a": ArmStats(1, 1.0, 1.0)}
+    assert bandits.arms(EP) == {"a": ArmStats(2, 2.0, 2.0)}
     got = api.viewer.get(URL).json()
     assert got["arms"]["b"] is None
     assert api.dev.delete(URL).status_code == 204

@@ -160,3 +160,53 @@ def test_request_variants_reads_the_variant_column(tmp_path):
     assert request_variants(settings, EP, [a, b, plain, missing, "junk"]) == {a: "v1", b: "v2", plain: ""}
     assert known_request_ids(settings, EP, [a, b, plain, missing]) == {a, b, plain}
     assert request_variants(settings, "../etc", [a]) == {}
+
+
+def test_settle_pending_counts_a_pending_reward_once(store, bandits):
+    feedback = FeedbackStore(store)
+    r1, r2, r3 = (new_request_id() for _ in range(3))
+    nothing = variants_of({})
+    feedback.record(EP, [{"request_id": r1, "reward": 1.0}, {"request_id": r2, "reward": 0.5},
+                         {"request_id": r3, "label": "x"}], "u", known=nothing, bandit_arms=["a", "b"])
+    assert bandits.arms(EP) == {}
+    assert feedback.settle_pending(EP, nothing, bandit_arms=["a", "b"]) == 0  # still not in the log
+    log = variants_of({r1: "a", r2: "b", r3: "a"})
+    assert feedback.settle_pending(EP, log, bandit_arms=["a", "b"]) == 3
+    assert bandits.arms(EP) == {"a": ArmStats(1, 1.0, 1.0), "b": ArmStats(1, 0.5, 0.25)}
+    assert stored_variants(store, r1) == ["a"] and stored_variants(store, r3) == ["a"]
+    assert feedback.settle_pending(EP, log, bandit_arms=["a", "b"]) == 0  # nothing counts twice
+    # now a superseding row moves the settled reward by the difference
+    feedback.record(EP, [{"request_id": r1, "reward": 0.0}], "u", known=log, bandit_arms=["a", "b"])
+    assert bandits.arms(EP)["a"] == ArmStats(1, 0.0, 0.0)
+
+
+def test_settle_pending_leaves_superseded_rows_and_races_safely(store, bandits):
+    feedback = FeedbackStore(store)
+    rid = new_request_id()
+    nothing = variants_of({})
+    feedback.record(EP, [{"request_id": rid, "reward": 1.0}], "u", known=nothing, bandit_arms=["a"])
+    feedback.record(EP, [{"request_id": rid, "reward": 0.0}], "u", known=nothing, bandit_arms=["a"])
+    log = variants_of({rid: "a"})
+    # two replicas settle at once: only the latest row is filled in, and counted once
+    results: list[int] = []
+    barrier = threading.Barrier(2)
+
+    def settle():
+        barrier.wait()
+        for attempt in range(50):
+            try:
+                results.append(feedback.settle_pending(EP, log, bandit_arms=["a"]))
+                return
+            except Exception as exc:  # noqa: BLE001  SQLite: a busy database past its timeout
+                if "locked" not in str(exc) or attempt == 49:
+                    raise
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=settle) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [0, 1]
+    assert stored_variants(store, rid) == [None, "a"]
+    assert bandits.arms(EP) == {"a": ArmStats(1, 0.0, 0.0)}
