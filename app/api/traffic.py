@@ -48,7 +48,9 @@ def arms_to_reset(old: dict[str, Any] | None, new: TrafficSpec | None) -> list[s
     there was none, so no arm's rewards were kept current)."""
     if new is None or old is None or old.get("strategy") not in BANDITS:
         return None
-    before = {v.get("name"): v.get("target") for v in old.get("variants") or () if isinstance(v, dict)}
+    before: dict[str, Any] = {
+        str(v.get("name")): v.get("target") for v in old.get("variants") or () if isinstance(v, dict)
+    }
     after = {v.name: v.target for v in new.variants}
     gone = [name for name in before if name not in after]
     changed = [name for name, target in after.items() if before.get(name) != target]

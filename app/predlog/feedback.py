@@ -367,7 +367,7 @@ class FeedbackStore:
                            later.instance == row.instance, later.id > row.id)
                     .exists()
                 )
-                done = s.execute(
+                done = s.execute(  # type: ignore[attr-defined]  # an UPDATE's CursorResult
                     update(Feedback)
                     .where(Feedback.id == row.id, Feedback.variant.is_(None), ~newer)
                     .values(variant=variant)
@@ -517,15 +517,15 @@ def _arm_deltas(
             acc[i] += d
 
     for old_variant, old_reward, new_variant, new_reward in moves:
-        old_counted = old_reward is not None and old_variant in arms
-        new_counts = new_reward is not None and new_variant in arms
-        if old_counted and new_counts and old_variant == new_variant:
-            add(new_variant, old_reward, new_reward)
+        old_arm = old_variant if old_reward is not None and old_variant in arms else None
+        new_arm = new_variant if new_reward is not None and new_variant in arms else None
+        if old_arm is not None and old_arm == new_arm:
+            add(old_arm, old_reward, new_reward)
             continue
-        if old_counted:
-            add(old_variant, old_reward, None)
-        if new_counts:
-            add(new_variant, None, new_reward)
+        if old_arm is not None:
+            add(old_arm, old_reward, None)
+        if new_arm is not None:
+            add(new_arm, None, new_reward)
     return {v: d for v, d in out.items() if d[0] != 0 or d[1] != 0.0 or d[2] != 0.0}
 
 

@@ -122,7 +122,7 @@ def _feedback(table: pa.Table | None) -> dict[tuple[str, int], tuple[Any, float 
     return out
 
 
-def _quality(task: Task, pairs: list[tuple[dict, dict]], labels: dict) -> dict[str, Any]:
+def _quality(task: Task, pairs: list[tuple[tuple[str, int], tuple[dict, dict]]], labels: dict) -> dict[str, Any]:
     """The quality metric of primary and shadow on the same labelled pairs (both answered)."""
     if task == "classification":
         hits_p = hits_s = n = 0
