@@ -64,22 +64,27 @@ def router(ctx: ApiContext) -> APIRouter:
     feedback = FeedbackStore(ctx.store)
 
     async def check_targets(plan: TrafficSpec, endpoint: dict[str, Any]) -> None:
-        """Every variant and shadow target resolves to a servable version, and every runtime
-        named takes the endpoint's config: 422 naming the field otherwise."""
-        legs = [(f"variants[{i}]", v.target, v.runtime) for i, v in enumerate(plan.variants)]
-        legs += [(f"shadows[{i}]", s.target, s.runtime) for i, s in enumerate(plan.shadows)]
-        for where, target, runtime in legs:
-            if runtime is not None:
+        """Every variant and shadow target resolves to a servable version, and a leg that names
+        its own runtime has a config that runtime takes (a leg without one runs with the
+        endpoint's runtime and config): 422 naming the field otherwise."""
+        legs = [(f"variants[{i}]", v) for i, v in enumerate(plan.variants)]
+        legs += [(f"shadows[{i}]", s) for i, s in enumerate(plan.shadows)]
+        for where, leg in legs:
+            config = endpoint["config"]
+            if leg.runtime is not None:
+                config = leg.config or {}
                 try:
-                    check_endpoint_config(runtime, endpoint["config"], ctx.settings)
+                    check_endpoint_config(leg.runtime, config, ctx.settings)
                 except InvalidInput as exc:
-                    raise InvalidInput(f"{where}.runtime {runtime!r}: {exc.message}",
-                                       details={**exc.details, "field": f"{where}.runtime"}) from None
+                    field = str(exc.details.get("field") or "runtime")
+                    field = field if field.startswith(("config", "runtime")) else "config." + field
+                    raise InvalidInput(f"{where}.runtime {leg.runtime!r}: {exc.message}",
+                                       details={**exc.details, "field": f"{where}.{field}"}) from None
             try:
-                resolved = await _resolve(ctx, target, use_cache=False)
-                check_ensemble_target(resolved, endpoint["config"])
+                resolved = await _resolve(ctx, leg.target, use_cache=False)
+                check_ensemble_target(resolved, config)
             except (InvalidInput, NotFound) as exc:
-                raise InvalidInput(f"{where}.target {target!r}: {exc.message}",
+                raise InvalidInput(f"{where}.target {leg.target!r}: {exc.message}",
                                    details={**exc.details, "field": f"{where}.target"}) from None
 
     def verify(plan: TrafficSpec):
