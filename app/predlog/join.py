@@ -80,7 +80,7 @@ def _utc(value: datetime, name: str) -> datetime:
 
 def read_window(settings, endpoint: str, since: datetime, until: datetime) -> pa.Table:
     """The logged predictions of ``endpoint`` with ``since <= timestamp < until``, one row per
-    (request_id, instance) (a record written twice, after a retried flush, counts once), ordered
+    (request_id, instance, variant) (a record written twice, after a retried flush, counts once), ordered
     by timestamp. Reads only the hour partitions of the window."""
     since, until = _utc(since, "since"), _utc(until, "until")
     if until <= since:
@@ -95,8 +95,10 @@ def read_window(settings, endpoint: str, since: datetime, until: datetime) -> pa
     table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
     if table.num_rows == 0:
         return SCHEMA.empty_table()
-    keys = _key_table(table, "prediction log")
-    first = keys.group_by(list(KEYS)).aggregate([(_ROW, "min")]).column(f"{_ROW}_min")
+    # One row per (request_id, instance, variant): a record written twice counts once, and the
+    # shadow log (app.predlog.layout.shadow_log) holds one row per shadow of a request.
+    keys = _key_table(table, "prediction log").append_column("variant", table.column("variant"))
+    first = keys.group_by([*KEYS, "variant"]).aggregate([(_ROW, "min")]).column(f"{_ROW}_min")
     table = table.take(first)
     return table.sort_by([("timestamp", "ascending"), ("request_id", "ascending"), ("instance", "ascending")])
 

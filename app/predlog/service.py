@@ -71,12 +71,13 @@ def is_log_file(info: pafs.FileInfo) -> bool:
 
 
 def dedupe_sorted(table: pa.Table) -> pa.Table:
-    """``table`` with one row per (request_id, instance) (the first seen), ordered by
+    """``table`` with one row per (request_id, instance, variant) (the first seen: a record
+    written twice counts once; the shadow log has a row per shadow of a request), ordered by
     (timestamp, request_id, instance)."""
     if table.num_rows == 0:
         return table
     indexed = table.append_column("__row", pa.array(range(table.num_rows), type=pa.int64()))
-    first = indexed.group_by(["request_id", "instance"], use_threads=False).aggregate([("__row", "min")])
+    first = indexed.group_by(["request_id", "instance", "variant"], use_threads=False).aggregate([("__row", "min")])
     if first.num_rows != table.num_rows:
         table = table.take(first["__row_min"])
     return table.sort_by(SORT_KEYS)

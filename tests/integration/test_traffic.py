@@ -127,7 +127,16 @@ def test_shadows_that_sleep_or_fail_leave_the_primary_alone(platform, flowers):
             try:
                 doc = wait_until(report, timeout=90, every=0.5)
             except AssertionError:
-                raise AssertionError(f"the shadow report never compared 3 of each: {last[0]}") from None
+                from datetime import datetime, timedelta, timezone
+
+                from app.predlog.join import read_window
+                from app.predlog.layout import shadow_log
+
+                now = datetime.now(timezone.utc)
+                rows = read_window(platform.settings, shadow_log("tr"), now - timedelta(hours=1), now).select(
+                    ["variant", "model", "model_version", "status", "latency_ms"]).to_pylist()
+                raise AssertionError(f"the shadow report never compared 3 of each: {last[0]}; rows {rows[-20:]}; "
+                                     f"calls slow {slow.calls} failing {failing.calls}") from None
             assert failing.calls >= 3 and slow.calls >= 3
             sh = doc["shadows"]
             assert sh["failing"]["error_rate"]["shadow"] == 1.0 and sh["failing"]["error_rate"]["primary"] == 0.0
@@ -167,3 +176,19 @@ def test_a_bandit_moves_traffic_to_the_rewarded_arm(platform, flowers):
         for _ in range(100):
             counts[_predict(c, "tr-bandit").json()["variant"]] += 1
         assert counts["b"] > 70 and counts["a"] >= 1, (counts, arms)
+
+
+def test_the_test_v2_server_serves_as_a_triton_endpoint(platform, flowers):
+    """tests/v2server.py behind the triton runtime on the cluster's ModelServer (the slow and
+    failing shadows above are this server)."""
+    server = V2Server()
+    try:
+        with platform.client() as c:
+            r = c.post("/v1/endpoints", json={"name": "tr-v2", "target": flowers["a"], "runtime": "triton",
+                                              "config": server.config})
+            assert r.status_code == 201, r.text
+            r = c.post("/v1/endpoints/tr-v2/predict", json={"instances": [ROW]})
+            assert r.status_code == 200 and r.json()["predictions"] == [0], r.text
+            assert server.calls == 1
+    finally:
+        server.close()
