@@ -146,7 +146,9 @@ class TritonModelRuntime(ModelRuntime):
         self._headers = headers or None
         self._timeout = self.config.timeout_s
         self.model_version = self.config.model_version or ""
-        self.model_name: str | None = self.config.model_name
+        # The model's name on the remote server (not ``model_name``: the base class's, which the
+        # loader sets to the registered model's name for the metrics labels after load).
+        self.remote_name: str | None = self.config.model_name
         # A tritonclient.http client works only in the thread that made it (gevent), and the
         # ModelServer calls load and predict from different worker threads: one client each
         # (a gRPC channel could be shared; one per thread keeps the two protocols alike).
@@ -227,7 +229,7 @@ class TritonModelRuntime(ModelRuntime):
 
     def _where(self) -> str:
         version = f" version {self.model_version}" if self.model_version else ""
-        return f"model {self.model_name!r}{version} on the Triton server at {self._shown_url}"
+        return f"model {self.remote_name!r}{version} on the Triton server at {self._shown_url}"
 
     def _call(self, what: str, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` against the server; a failure becomes a platform error whose
@@ -279,16 +281,16 @@ class TritonModelRuntime(ModelRuntime):
 
     # -- the runtime interface -------------------------------------------------------------
     def load(self, model_dir: Path | None, metadata: dict[str, Any]) -> None:
-        if not self.model_name:
+        if not self.remote_name:
             registered = str(metadata.get("model_name") or metadata.get("model") or "")
-            self.model_name = registered.rpartition("/")[0] if "/" in registered else registered
-        if not self.model_name:
+            self.remote_name = registered.rpartition("/")[0] if "/" in registered else registered
+        if not self.remote_name:
             raise InvalidInput("the triton runtime needs config.model_name", details={"field": "config.model_name"})
         client = self._client()
         kw = self._kw(model_version=self.model_version)
         meta_kw = {**kw, "as_json": True} if self._grpc else kw  # the dict form, as tritonclient.http answers
-        meta = self._call("reading the metadata", client.get_model_metadata, self.model_name, **meta_kw)
-        if not self._call("the readiness check", client.is_model_ready, self.model_name, **kw):
+        meta = self._call("reading the metadata", client.get_model_metadata, self.remote_name, **meta_kw)
+        if not self._call("the readiness check", client.is_model_ready, self.remote_name, **kw):
             raise DependencyUnavailable(f"{self._where()} is not ready; load it on the server first")
 
         inputs = meta.get("inputs") or []
@@ -333,7 +335,7 @@ class TritonModelRuntime(ModelRuntime):
             feature_names=names if names and (n_features is None or len(names) == n_features) else None,
             task=metadata.get("task"),
             classes=metadata.get("classes"),
-            extra={"remote": self._shown_url, "remote_model": self.model_name, "remote_versions": meta.get("versions")},
+            extra={"remote": self._shown_url, "remote_model": self.remote_name, "remote_versions": meta.get("versions")},
         )
         self.ready = True
 
@@ -351,7 +353,7 @@ class TritonModelRuntime(ModelRuntime):
         result = self._call(
             "inference",
             client.infer,
-            self.model_name,
+            self.remote_name,
             [inp],
             **self._kw(model_version=self.model_version, outputs=outputs),
         )

@@ -207,3 +207,23 @@ def test_a_slow_shadow_never_holds_the_answer(api):
     finally:
         _plan(client, None)
         server.close()
+
+
+def test_a_triton_endpoint_calls_the_remote_models_own_name(api):
+    """config.model_name (the model on the V2 server) differs from the registered name: the
+    loader's metrics label must not replace it (a triton endpoint answered 404 once)."""
+    from tests.v2server import V2Server
+
+    client, _, _ = api
+    server = V2Server()
+    try:
+        r = client.post("/v1/endpoints", json={"name": "petals-v2", "target": "petals/1", "runtime": "triton",
+                                               "config": server.config})
+        assert r.status_code == 201, r.text
+        for _ in range(2):
+            r = client.post("/v1/endpoints/petals-v2/predict", json={"instances": [ROW]})
+            assert r.status_code == 200 and r.json()["predictions"] == [0], r.text
+        assert server.calls >= 2  # (the load's warm-up calls it too)
+    finally:
+        client.delete("/v1/endpoints/petals-v2")
+        server.close()
