@@ -39,7 +39,6 @@ from app.rollouts.spec import HIGHER_IS_BETTER, RolloutSpec
 __all__ = ["Arm", "Decision", "arms_from_table", "judge_step", "BASELINE", "CANDIDATE"]
 
 BASELINE, CANDIDATE = "baseline", "candidate"  # the variants' names in the traffic plan
-_HL_MAX = 4000  # most latencies per arm the Hodges-Lehmann shift is computed from (pairs grow as n_a x n_b)
 
 
 @dataclass(frozen=True)
@@ -124,12 +123,6 @@ def _error_rate(a: Arm, b: Arm, spec: RolloutSpec, final: bool) -> dict[str, Any
     return out
 
 
-def _hl_sample(values: np.ndarray) -> np.ndarray:
-    if values.size <= _HL_MAX:
-        return values
-    return np.random.default_rng(0).choice(values, _HL_MAX, replace=False)
-
-
 def _latency(a: Arm, b: Arm, spec: RolloutSpec, final: bool) -> dict[str, Any] | None:
     from scipy.stats import mannwhitneyu
 
@@ -138,8 +131,7 @@ def _latency(a: Arm, b: Arm, spec: RolloutSpec, final: bool) -> dict[str, Any] |
     la, lb = a.ok_latencies(), b.ok_latencies()
     if la.size < 2 or lb.size < 2:
         return None
-    # The shift and its CI from (at most _HL_MAX of) each arm; the test from every request.
-    mw = stats.mann_whitney(_hl_sample(la), _hl_sample(lb), alpha=spec.alpha)
+    mw = stats.mann_whitney(la, lb, alpha=spec.alpha)  # the shift (Hodges-Lehmann) and its interval
     median_a, median_b = float(np.median(la)), float(np.median(lb))
     shift = float(mw.effect)
     floor = max(spec.latency_abs_floor_ms, spec.latency_rel_floor * median_a)
