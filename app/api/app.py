@@ -505,6 +505,7 @@ ROUTERS: list[str] = [
     "app.api.feedback:router",
     "app.api.events:router",
     "app.api.predlog:router",
+    "app.api.rollouts:router",
 ]
 
 

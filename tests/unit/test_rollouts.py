@@ -377,3 +377,45 @@ def test_arms_from_a_logged_window(env):
     arms = arms_from_table(table)
     assert arms["baseline"].requests + arms["candidate"].requests == 200
     assert arms["candidate"].errors > 20 and arms["baseline"].errors == 0
+
+
+# -- the routes -------------------------------------------------------------------------------------
+def test_the_rollout_routes(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.api.app import create_app
+    from app.bootstrap import prepare
+    from app.registry.service import RegistryService
+    from app.settings import load_settings
+    from tests.support import NoJobs, in_process_context
+    from tests.unit.test_registry_api import onnx_bytes
+
+    settings = load_settings("local", matih_home=str(tmp_path / "home"))
+    prepared = prepare(settings)
+    ctx = in_process_context(settings, prepared.admin_token, NoJobs())
+    svc = RegistryService(settings, ctx.registry, ctx.store)
+    for _ in range(2):
+        svc.register_upload("m", "onnx", onnx_bytes(), "dev")
+    svc.set_alias("m", "champion", "1", "dev")
+    ctx.store.create_endpoint("ep", "m@champion", "onnx", {}, "admin")
+    _, viewer = ctx.store.create_token("v", "viewer", "admin")
+    client = TestClient(create_app(ctx))
+    admin = {"Authorization": f"Bearer {prepared.admin_token}"}
+    as_viewer = {"Authorization": f"Bearer {viewer}"}
+
+    assert client.post("/v1/rollouts", json=SMALL, headers=as_viewer).status_code == 403
+    bad = client.post("/v1/rollouts", json={**SMALL, "steps": [50, 10, 100]}, headers=admin)
+    assert bad.status_code == 422, bad.text
+    r = client.post("/v1/rollouts", json=SMALL, headers=admin)
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    assert client.post("/v1/rollouts", json=SMALL, headers=admin).status_code == 409
+    assert client.get(f"/v1/rollouts/{rid}", headers=as_viewer).json()["percent"] == 10
+    assert [i["id"] for i in client.get("/v1/rollouts?endpoint=ep", headers=as_viewer).json()["items"]] == [rid]
+    assert client.get("/v1/rollouts?endpoint=other", headers=as_viewer).json()["items"] == []
+    assert client.get("/v1/rollouts/nope", headers=as_viewer).status_code == 404
+    assert client.post(f"/v1/rollouts/{rid}/pause", headers=admin).json()["status"] == "paused"
+    assert client.post(f"/v1/rollouts/{rid}/pause", headers=admin).status_code == 409
+    assert client.post(f"/v1/rollouts/{rid}/resume", headers=admin).json()["status"] == "running"
+    assert client.post(f"/v1/rollouts/{rid}/abort", headers=admin).json()["status"] == "aborted"
+    assert "traffic" not in ctx.store.get_endpoint("ep")["spec"]
