@@ -100,6 +100,10 @@ class RolloutController:
         except ValidationError as exc:
             raise InvalidInput(f"invalid rollout: {exc.errors()[0]['msg']}", details={"errors": exc.errors()}) from None
         endpoint = self.store.get_endpoint(spec.endpoint)
+        logging_spec = (endpoint["spec"] or {}).get("logging") or {}
+        if not self.settings.predlog.enabled or logging_spec.get("enabled") is False:
+            raise Conflict(f"endpoint {spec.endpoint!r} does not log its predictions (predlog.enabled, "
+                           "spec.logging.enabled), and a rollout judges its steps from that log; turn logging on first")
         target = endpoint["target"]
         model = parse_target(target).name
         current = str(self.registry.registry.resolve(target, use_cache=False).version)
