@@ -64,6 +64,11 @@ _SPECS = (
                "grpc) and HTTP status code (errors: code >= 400)."),
     MetricSpec("matih_request_duration_seconds", "histogram", ("endpoint", "model", "model_version", "variant"),
                "Seconds from a prediction request's arrival at the Gateway to its answer.", SECONDS_BUCKETS),
+    MetricSpec("matih_shadow_requests_total", "counter", ("endpoint", "shadow", "outcome"),
+               "Copies of requests sent to an endpoint's shadows, by outcome: ok | error | dropped (the replica "
+               "had serving.shadow_max_in_flight shadow calls running)."),
+    MetricSpec("matih_shadow_duration_seconds", "histogram", ("endpoint", "shadow"),
+               "Seconds a shadow call took (off the request path).", SECONDS_BUCKETS),
     MetricSpec("matih_batch_rows", "histogram", ("model",),
                "Rows in one batched model call (requests stacked by @serve.batch or the slow-model queue).",
                ROWS_BUCKETS),
@@ -201,6 +206,13 @@ def request(endpoint: str, model: str, version: str, variant: str, protocol: str
                          "protocol": protocol, "code": str(code)})
     reg.duration.observe(seconds, {"endpoint": endpoint, "model": model, "model_version": version,
                                    "variant": variant})
+
+
+def shadow(endpoint: str, shadow: str, outcome: str, seconds: float) -> None:
+    """A shadow call of ``endpoint`` ended (``outcome`` ok | error) or was dropped."""
+    _inc("matih_shadow_requests_total", (endpoint, shadow, outcome), 1)
+    if outcome != "dropped":
+        _observe("matih_shadow_duration_seconds", (endpoint, shadow), seconds)
 
 
 def batch(model: str, rows: int, requests: int) -> None:

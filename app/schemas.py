@@ -109,7 +109,12 @@ class EndpointUpdate(_Strict):
         return None if v is None else check_runtime(v)
 
 
-class PredictRequest(_Strict):
+class PredictRequest(BaseModel):
+    # One field beyond these may be sent: the sticky key of the endpoint's traffic plan
+    # (``traffic.sticky.key``, e.g. customer_id), whose value picks the variant; the route refuses
+    # any other field (as unknown) once the plan is known.
+    model_config = ConfigDict(extra="allow")
+
     instances: list[Any] | None = Field(
         None,
         description="Rows: lists of feature values in model order, or objects keyed by feature name.",
@@ -123,6 +128,26 @@ class PredictRequest(_Strict):
         None, description="`members`: an ensemble's answer also lists each member's output, weight and latency "
         "(as `?explain=members`)."
     )
+
+    @model_validator(mode="after")
+    def _one_sticky_key(self) -> PredictRequest:
+        extra = self.model_extra or {}
+        if len(extra) > 1:
+            raise ValueError(f"unknown fields {', '.join(map(repr, sorted(extra)))}; a request may add one field: "
+                             "the sticky key of the endpoint's traffic plan")
+        for key, value in extra.items():
+            if not isinstance(value, (str, int)) or isinstance(value, bool) or len(str(value)) > 256:
+                raise ValueError(f"{key!r}: a sticky key's value is a string or an integer of at most 256 characters")
+        return self
+
+    def sticky_value(self, key: str) -> str | None:
+        """The value of the body field ``key`` (the plan's sticky key), as text; None when absent."""
+        value = (self.model_extra or {}).get(key)
+        return None if value is None else str(value)
+
+    def unknown_fields(self, sticky_key: str | None) -> list[str]:
+        """The extra fields that are not ``sticky_key``."""
+        return [k for k in (self.model_extra or {}) if k != sticky_key]
 
 
 class PredictResponse(BaseModel):

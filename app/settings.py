@@ -243,6 +243,15 @@ class ServingSettings(_Section):
         5, ge=1, description="MLflow request timeout on the serving path (gateway, registry cache), which "
         "never retries: while MLflow is down it serves the last known good resolution instead."
     )
+    shadow_max_in_flight: int = Field(
+        8, ge=1, description="Shadow calls (copies of requests for an endpoint's traffic-plan shadows) one Gateway "
+        "replica runs at once, off the request path; a copy beyond it is dropped and counted "
+        "(matih_shadow_requests_total{outcome=\"dropped\"}), so a slow shadow cannot pile up work."
+    )
+    bandit_refresh_s: float = Field(
+        1.0, gt=0, description="How often a Gateway replica re-weighs a bandit traffic plan from the rewards in the "
+        "metadata store (read in the background; requests use the weights it has)."
+    )
     resolve_ttl_s: float = Field(
         2.0, ge=0, description="How long a gateway replica trusts an endpoint row and an alias resolution."
     )

@@ -39,6 +39,7 @@ from app.serving.endpoint_config import check_endpoint_config
 from app.serving.request_ids import ids_of
 from app.serving.routing import EndpointRouter, RequestInfo
 from app.settings import Settings
+from app.traffic.spec import STICKY_HEADER, VARIANT_HEADER
 from app.store import MetadataStore, redacted_endpoint
 
 
@@ -128,7 +129,15 @@ class ApiContext:
             buffer=self.prediction_buffer if self.settings.predlog.enabled else None,
             status_for=status_for,
             ensembles=self.ensembles or ensemble_dispatch(self.predictor, self.settings),
+            arms=self._bandit_arms,
+            bandit_refresh_s=self.settings.serving.bandit_refresh_s,
+            shadow_max_in_flight=self.settings.serving.shadow_max_in_flight,
         )
+
+    async def _bandit_arms(self, name: str) -> dict[str, Any]:
+        from app.traffic.bandits import BanditStore
+
+        return await asyncio.to_thread(BanditStore(self.store).arms, name)
 
     async def notify_model_changed(self, name: str) -> None:
         self.registry.invalidate(name)
@@ -405,9 +414,24 @@ def create_app(ctx: ApiContext) -> FastAPI:
         started, arrived = time.perf_counter(), time.time()
         request_id, client_id, issued_here = ids_of(request.headers)
         explained = wants_explain(explain) or wants_explain(body.explain)
-        plan = await ctx.router.plan(name)
+        asked: list[str] = []
+
+        def sticky(key: str) -> str | None:  # the plan's sticky key: the header, else the body field
+            asked.append(key)
+            return request.headers.get(STICKY_HEADER) or body.sticky_value(key)
+
+        plan = await ctx.router.plan(name, sticky)
+        extra = body.unknown_fields(None)
+        unknown = body.unknown_fields(asked[0] if asked else None)
+        if unknown:
+            raise InvalidInput(
+                f"{unknown[0]}: unknown field (a request may add one field beside instances/inputs: the sticky key "
+                f"of the endpoint's traffic plan, which {'is ' + repr(asked[0]) if asked else 'has none'})",
+                details={"field": unknown[0]},
+            )
         info = RequestInfo(request_id, client_id, who.name, "rest", started, arrived)
-        done = await ctx.router.predict(plan, body.model_dump(exclude_none=True, exclude={"explain"}), info, explained)
+        payload = body.model_dump(exclude_none=True, exclude={"explain", *extra})
+        done = await ctx.router.predict(plan, payload, info, explained)
         model = done.leg.model
         content = {
             "predictions": done.output["predictions"],
@@ -426,7 +450,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 content[key] = done.output[key]
         # Serve's ingress echoes the request's x-request-id, which the request-id middleware set
         # to ours; without the middleware the header is set here.
-        return JSONResponse(content, headers={"X-Request-Id": request_id} if issued_here else None)
+        headers = {"X-Request-Id": request_id} if issued_here else {}
+        if done.leg.variant:
+            headers[VARIANT_HEADER] = done.leg.variant
+        return JSONResponse(content, headers=headers or None)
 
     # -- audit -----------------------------------------------------------------------------
     @api.get("/v1/audit", response_model=Page, tags=["governance"], summary="The audit log (admin)")

@@ -35,6 +35,7 @@ from app.registry.mlflow_registry import model_metadata as version_metadata
 from app.serving import v2_codec
 from app.serving.request_ids import ids_of
 from app.serving.routing import Plan, RequestInfo
+from app.traffic.spec import STICKY_HEADER, VARIANT_HEADER
 
 # The input name skl2onnx gives every model the platform trains; requests may use any name.
 INPUT_NAME = "X"
@@ -122,16 +123,25 @@ class Inference:
 
 
 async def infer(
-    ctx: ApiContext, name: str, version: str | None, req: v2_codec.InferRequest, info: RequestInfo
+    ctx: ApiContext, name: str, version: str | None, req: v2_codec.InferRequest, info: RequestInfo,
+    sticky_header: str | None = None,
 ) -> Inference:
     """Run a decoded infer request through the endpoint (or registered model) ``name``
-    (the one predict path: :class:`app.serving.routing.EndpointRouter`)."""
+    (the one predict path: :class:`app.serving.routing.EndpointRouter`). The sticky key of an
+    endpoint's traffic plan comes from ``sticky_header`` (X-Matih-Sticky, or the gRPC metadata
+    x-matih-sticky), else from the request parameter named by the plan's ``sticky.key``; the
+    variant that served is the response parameter ``variant``."""
+
+    def sticky(key: str) -> str | None:
+        value = sticky_header or req.parameters.get(key)
+        return None if value is None else str(value)
+
     payload = v2_codec.model_payload(req)
     try:
         explain = wants_explain(req.parameters.get("explain"))
     except InvalidInput as exc:  # the protocol answers every bad request with 400
         raise BadRequest(exc.message, details={"field": "parameters.explain"}) from None
-    plan = await ctx.router.v2_plan(name, version)
+    plan = await ctx.router.v2_plan(name, version, sticky)
     served = plan.primary
     task = ctx.router.task_and_features(served.model)[0]
     if task is None and plan.combine == "ensemble":
@@ -157,7 +167,7 @@ async def infer(
     outputs = v2_codec.select_outputs(
         v2_codec.prediction_tensors({k: result[k] for k in ("predictions", "probabilities") if k in result}, label), req
     )
-    parameters = {}
+    parameters = {"variant": served.variant} if served.variant else {}
     if result.get("degraded"):
         parameters["degraded"] = "true"
         parameters["failed"] = members_json(result.get("failed", []))
@@ -181,7 +191,8 @@ async def _infer(ctx: ApiContext, name: str, version: str | None, request: Reque
     request_id, client_id, issued_here = ids_of(request.headers)
     if req.id is not None:  # the protocol's own request id is the client's
         client_id = req.id
-    done = await infer(ctx, name, version, req, RequestInfo(request_id, client_id, who.name, "v2", started, arrived))
+    done = await infer(ctx, name, version, req, RequestInfo(request_id, client_id, who.name, "v2", started, arrived),
+                       request.headers.get(STICKY_HEADER))
     # The protocol echoes a request's "id"; the server's id is in the X-Request-Id header and in
     # the response's parameters.request_id.
     content, header_length = v2_codec.encode_response(
@@ -189,6 +200,8 @@ async def _infer(ctx: ApiContext, name: str, version: str | None, request: Reque
         parameters={"request_id": request_id, **done.parameters},
     )
     headers = {"X-Request-Id": request_id} if issued_here else {}
+    if "variant" in done.parameters:
+        headers[VARIANT_HEADER] = done.parameters["variant"]
     if header_length is None:
         return Response(content, media_type="application/json", headers=headers)
     headers[v2_codec.HEADER_LENGTH] = str(header_length)

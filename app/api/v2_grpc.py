@@ -162,7 +162,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             request_id = new_request_id()
             client_id = req.id if req.id is not None else metadata.get("x-request-id")
             info = RequestInfo(request_id, client_id, who.name, "grpc", started, arrived)
-            done = await v2.infer(self.ctx, msg.model_name, version, req, info)
+            done = await v2.infer(self.ctx, msg.model_name, version, req, info, metadata.get("x-matih-sticky"))
             # The protocol echoes the request's id; the server's is the parameter request_id.
             return v2_proto.encode_infer_response(
                 msg.model_name, done.model_version, req.id if req.id is not None else request_id, done.outputs,

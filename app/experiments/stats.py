@@ -112,7 +112,8 @@ def two_proportion_ztest(x_a: int, n_a: int, x_b: int, n_b: int, *, alpha: float
     The statistic uses the pooled standard error (the variance under the null, so ``z**2`` equals
     Pearson's chi-square on the 2x2 table without continuity correction,
     ``scipy.stats.chi2_contingency(..., correction=False)``); the interval for ``p_b - p_a`` is the
-    unpooled Wald interval (Agresti, *Categorical Data Analysis*, 3rd ed., section 3.1.2, eq. 3.5).
+    unpooled Wald interval (Agresti, *Categorical Data Analysis*, 3rd ed., chapter 3; the examples of
+    OpenIntro Statistics, 4th ed., section 6.2, are reproduced in the unit tests).
 
     Degenerate inputs do not raise and produce no NaN: an empty arm, or both arms at 0% or at 100%
     (no variance under the null), give ``p_value`` 1.0 and ``detail["degenerate"]`` saying why.
@@ -244,7 +245,7 @@ def mann_whitney(a: Sequence[float], b: Sequence[float], *, alpha: float = 0.05)
     ``effect`` is the Hodges-Lehmann shift (median of all ``b_j - a_i``; Hodges & Lehmann 1963) with
     the distribution-free Moses interval from the order statistics of those differences at the
     normal-approximation critical value of ``U`` (Hollander, Wolfe & Chicken, *Nonparametric
-    Statistical Methods*, 3rd ed., section 4.3; no tie correction). Above ``HL_MAX_PAIRS`` pairs both
+    Statistical Methods*, 3rd ed., chapter 4; no tie correction). Above ``HL_MAX_PAIRS`` pairs both
     come from a seeded random sample of pairs (``detail["hl_subsampled"]``), so the same data always
     give the same numbers. ``detail["cles"]`` is the common-language effect size ``U / (n_a n_b)``
     (probability that a random ``b`` exceeds a random ``a``, ties counted half).
@@ -283,7 +284,7 @@ def sample_size_proportions(p_base: float, mde: float, *, alpha: float = 0.05, p
 
     Normal approximation with the pooled variance under the null and the unpooled one under the
     alternative, without continuity correction (Fleiss, Levin & Paik, *Statistical Methods for Rates
-    and Proportions*, 3rd ed., eq. 4.14 without the correction term)::
+    and Proportions*, 3rd ed., chapter 4, without the correction term)::
 
         n = (z_{1-alpha/2} sqrt(2 pbar qbar) + z_{power} sqrt(p1 q1 + p2 q2))**2 / mde**2,  pbar = (p1+p2)/2
 
@@ -346,27 +347,36 @@ def _optimal_ratio(alpha: float) -> float:
 def msprt_tau2(sigma2: float, expected_n: int, *, alpha: float = 0.05) -> float:
     """The mixing variance of the normal-mixture SPRT, tuned to ``expected_n`` samples per arm.
 
-    Johari, Pekelis & Walsh (2017, "Always valid inference", section 4; Johari et al., KDD 2017,
-    "Peeking at A/B tests") mix the likelihood ratio over ``theta ~ N(0, tau2)`` and tune ``tau2`` to
-    the sample size the test is expected to reach, so that it is most efficient for the effects that
-    are just detectable there. We take the closed-form optimum of that trade-off for the mixture
-    boundary of Robbins (1970), as Howard, Ramdas, McAuliffe & Sekhon (2021, *Ann. Statist.*,
-    section 3.5) do: with ``V = 2 sigma2 / expected_n`` (the variance of the difference of means at
-    ``expected_n`` per arm), ``tau2 = r* V`` where ``r*`` minimises the half-width of the confidence
-    sequence ``sqrt(V (1 + r)/r (log(1 + r) + 2 log(1/alpha)))`` at that ``V``::
+    Johari, Pekelis & Walsh ("Always valid inference: continuous monitoring of A/B tests", arXiv
+    1512.04922, Operations Research 2022; Johari, Koomen, Pekelis & Walsh, "Peeking at A/B tests",
+    KDD 2017) mix the likelihood ratio over ``theta ~ N(0, tau2)`` and tune ``tau2`` to the sample
+    size the test is expected to reach, so that it is most efficient for the effects that become
+    detectable there. The tuning used here is the closed-form optimum of the normal-mixture
+    boundary of Robbins (1970) for a target time, as in Howard, Ramdas, McAuliffe & Sekhon
+    ("Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann. Statist. 2021): with
+    ``V = 2 sigma2 / expected_n`` (the variance of the difference of means at ``expected_n`` per
+    arm), ``tau2 = r* V`` where ``r*`` minimises the half-width of the confidence sequence
+    ``sqrt(V (1 + r)/r (log(1 + r) + 2 log(1/alpha)))`` at that ``V``::
 
         r* - log(1 + r*) = 2 log(1/alpha)   =>   r* = -W_{-1}(-exp(-(1 + 2 log(1/alpha)))) - 1
 
-    (about 8.2 at alpha 0.05: the mixture centres on effects near 2.9 standard errors at
-    ``expected_n``). For arms of unequal size pass the harmonic mean of their sizes.
+    (``W_{-1}`` is ``scipy.special.lambertw(k=-1)``; ``r*`` is about 8.2 at alpha 0.05, so the
+    mixture centres on effects near 2.9 standard errors at ``expected_n``). For arms of unequal
+    size pass the harmonic mean of their planned sizes. Any fixed ``tau2`` keeps the p-values
+    always valid; the tuning only moves power between early and late looks.
     """
     alpha = _check_alpha(alpha)
     sigma2 = float(sigma2)
     if not math.isfinite(sigma2) or sigma2 < 0:
         raise InvalidInput(f"sigma2 must be a finite variance >= 0, got {sigma2}")
-    if expected_n is None or expected_n < 1:
+    if expected_n is None or not expected_n >= 1:
         raise InvalidInput(f"expected_n must be >= 1 sample per arm, got {expected_n}")
-    return _optimal_ratio(alpha) * 2 * sigma2 / float(expected_n)
+    return _tau2(sigma2, float(expected_n), alpha)
+
+
+def _tau2(sigma2: float, n: float, alpha: float) -> float:
+    """:func:`msprt_tau2` for a (possibly fractional, harmonic-mean) size; 0 without samples."""
+    return _optimal_ratio(alpha) * 2 * sigma2 / n if n >= 1 else 0.0
 
 
 def msprt_statistics(theta: Any, variance: Any, tau2: Any, *, alpha: float = 0.05
@@ -374,7 +384,7 @@ def msprt_statistics(theta: Any, variance: Any, tau2: Any, *, alpha: float = 0.0
     """Vectorised normal-mixture SPRT at given looks, each look on its own (no running min).
 
     For an estimate ``theta`` of ``b - a`` with variance ``V`` (``var_a/n_a + var_b/n_b``) and
-    mixing variance ``tau2`` (Johari, Pekelis & Walsh 2017, eq. for the normal mixture)::
+    mixing variance ``tau2`` (the normal mixture of Johari, Pekelis & Walsh)::
 
         Lambda = sqrt(V / (V + tau2)) * exp(theta**2 tau2 / (2 V (V + tau2)))
         p = min(1, 1 / Lambda),  CS = theta +- sqrt(V (V + tau2)/tau2 * (log((V + tau2)/V) + 2 log(1/alpha)))
@@ -426,9 +436,10 @@ def msprt(mean_a: float, var_a: float, n_a: int, mean_b: float, var_b: float, n_
         raise InvalidInput(f"means must be finite and variances finite and >= 0, got var_a={var_a}, var_b={var_b}")
     mean_a, var_a, mean_b, var_b = values
     if tau2 is None:
-        n_plan = expected_n if expected_n is not None else _harmonic_n(n_a, n_b)
+        n_plan = _harmonic_n(n_a, n_b)
         sigma2 = float(_pooled_variance(var_a, n_a, var_b, n_b))
-        tau2 = msprt_tau2(sigma2, n_plan, alpha=alpha) if n_plan >= 1 else 0.0
+        tau2 = msprt_tau2(sigma2, expected_n, alpha=alpha) if expected_n is not None else \
+            _tau2(sigma2, n_plan, _check_alpha(alpha))
     elif not float(tau2) >= 0:
         raise InvalidInput(f"tau2 must be >= 0, got {tau2}")
     effect = (mean_b - mean_a) if n_a and n_b else 0.0
@@ -464,7 +475,7 @@ def msprt_path(a: Sequence[float], b: Sequence[float], *, looks: Sequence[int] |
     the p-value is the running minimum of the per-look mSPRT p-values and the confidence sequence
     the running intersection of the per-look intervals, so reading the path at any point, or
     stopping at any look, keeps the false-positive rate and the coverage at ``alpha`` (Johari,
-    Pekelis & Walsh 2017, section 3). ``looks`` defaults to 50 evenly spaced sizes up to the longer
+    Pekelis & Walsh). ``looks`` defaults to 50 evenly spaced sizes up to the longer
     arm. ``tau2`` defaults to :func:`msprt_tau2` of the pooled variance of all the data at
     ``expected_n``, or at the harmonic-mean size of the last look; it is one value for the whole path.
     Looks with fewer than two samples in an arm carry no information (p 1, unbounded interval).
@@ -487,8 +498,9 @@ def msprt_path(a: Sequence[float], b: Sequence[float], *, looks: Sequence[int] |
         last_na, last_nb = int(n_a[-1]), int(n_b[-1])
         sigma2 = float(_pooled_variance(xa.var(ddof=1) if len(xa) > 1 else 0.0, len(xa),
                                         xb.var(ddof=1) if len(xb) > 1 else 0.0, len(xb)))
-        n_plan = expected_n if expected_n is not None else _harmonic_n(last_na, last_nb)
-        tau2 = msprt_tau2(sigma2, n_plan, alpha=alpha) if n_plan >= 1 else 0.0
+        n_plan = _harmonic_n(last_na, last_nb)
+        tau2 = msprt_tau2(sigma2, expected_n, alpha=alpha) if expected_n is not None else \
+            _tau2(sigma2, n_plan, alpha)
     informative = (n_a > 1) & (n_b > 1)
     theta = np.where(informative, mean_b - mean_a, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -542,7 +554,7 @@ def _check_arms(*dicts: dict) -> list[str]:
 def bayes_binary(successes: dict[str, int], trials: dict[str, int], *, prior: tuple[float, float] = (1.0, 1.0),
                  draws: int = 20000, seed: int = 0) -> BayesResult:
     """Beta-Binomial posteriors ``Beta(prior_a + successes, prior_b + failures)`` per arm (conjugate
-    update; Gelman et al., *Bayesian Data Analysis*, 3rd ed., section 2.4). Means and 95% intervals
+    update; Gelman et al., *Bayesian Data Analysis*, 3rd ed., chapter 2). Means and 95% intervals
     are exact (``scipy.stats.beta``); ``prob_best`` and ``expected_loss`` come from ``draws`` joint
     samples of a seeded ``numpy`` Generator, so the same counts give the same answer."""
     names = _check_arms(successes, trials)
@@ -571,7 +583,7 @@ def bayes_normal(means: dict[str, float], variances: dict[str, float], counts: d
                  draws: int = 20000, seed: int = 0) -> BayesResult:
     """Normal posteriors of each arm's mean under a flat prior: ``N(mean, var / n)`` with ``var``
     the sample variance (the large-sample posterior; Gelman et al., *Bayesian Data Analysis*, 3rd ed.,
-    section 3.2). Intervals from ``scipy.stats.norm``; ``prob_best`` and ``expected_loss`` from seeded
+    chapter 3). Intervals from ``scipy.stats.norm``; ``prob_best`` and ``expected_loss`` from seeded
     joint draws. An arm without observations has no posterior under a flat prior and is refused."""
     names = _check_arms(means, variances, counts)
     if draws < 1:
@@ -611,8 +623,8 @@ class SRMResult(_JsonResult):
 
 def srm_check(counts: dict[str, int], weights: dict[str, float], *, threshold: float = 0.001) -> SRMResult:
     """Pearson chi-square goodness of fit of the per-arm counts to ``weights * total``
-    (``scipy.stats.chisquare``; Fabijan et al., "Diagnosing sample ratio mismatch", KDD 2019, use the
-    same test and the 0.0005-0.001 threshold). ``mismatch`` when ``p < threshold``.
+    (``scipy.stats.chisquare``, the test of Fabijan et al., "Diagnosing sample ratio mismatch in
+    online controlled experiments", KDD 2019). ``mismatch`` when ``p < threshold``.
 
     Weights are relative (90 and 10 = 90%/10%). Arms with weight 0 and no samples are ignored; an arm
     with weight 0 that received samples is a certain mismatch (statistic infinite, p 0).

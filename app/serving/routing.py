@@ -1,25 +1,39 @@
 """The one predict path: an endpoint (or a name the Open Inference Protocol serves) becomes a
-:class:`Plan` -- the model calls to make and how to combine their answers -- and the
-:class:`EndpointRouter` runs it. ``POST /v1/endpoints/{name}/predict``, the V2 infer routes
-and their gRPC twin all go through :meth:`EndpointRouter.predict`, which is also the one place
-that records each prediction (the prediction log) and its request metrics.
+:class:`Plan` -- the model call to make, under which traffic variant, and the shadows to copy
+the request to -- and the :class:`EndpointRouter` runs it. ``POST /v1/endpoints/{name}/predict``,
+the V2 infer routes and their gRPC twin all go through :meth:`EndpointRouter.predict`, which is
+also the one place that records each prediction (the prediction log) and its request metrics.
 
-A plan has one leg today; an ensemble version (``matih.kind: ensemble``) served as a fan-out is
-one leg whose plan combines ``"ensemble"``: its members come from the version's definition and
+An ensemble version (``matih.kind: ensemble``) served as a fan-out is a leg whose ``combine``
+is ``"ensemble"``: its members come from the version's definition and
 :mod:`app.ensembles.serving` runs them (in this replica or in the Ensemble deployment), so the
 request is still one request here: one metric, one prediction-log record, under the
-ensemble's name and version. Traffic splits add legs and ways to combine them; the routes do
-not change. Plans are built per request from what the Gateway
-replica caches: the endpoint row (dropped the moment any replica changes the endpoint: the
-RegistryCache's change feed pushes ``endpoint:<name>``) and the alias resolution (dropped on
-alias changes through the same feed), so building one costs a few dictionary lookups.
+ensemble's name and version.
+
+An endpoint with a traffic plan (:mod:`app.traffic.spec`, the spec's ``traffic``) picks one
+variant per request, in this replica: a :class:`app.traffic.choice.Chooser` built once per spec
+version turns the sticky key (or a random number) into a variant with a bisect over cumulative
+weights, and only that variant's target is resolved. No Serve hop is added to the request:
+docs/architecture.md records the measurement behind that choice. Bandit strategies re-weigh
+their chooser at most once per ``serving.bandit_refresh_s`` from the rewards in the store
+(:mod:`app.traffic.bandits`), read in the background. Shadows get a copy of a sampled request
+after the primary answered, as tasks this request never awaits, at most
+``serving.shadow_max_in_flight`` at once per replica (more are dropped and counted); their
+answers are logged under :func:`app.predlog.layout.shadow_log` with the primary's request id.
+
+Plans are built per request from what the Gateway replica caches: the endpoint row (dropped
+the moment any replica changes the endpoint: the RegistryCache's change feed pushes
+``endpoint:<name>``) and the alias resolution (dropped on alias changes through the same
+feed), so building one costs a few dictionary lookups.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from cachetools import LRUCache
@@ -27,10 +41,15 @@ from cachetools import LRUCache
 from app import metrics
 from app.errors import Conflict, InvalidInput, MatihError, NotFound
 from app.names import parse_version
+from app.predlog.layout import shadow_log
 from app.predlog.records import PredictionRecord
 from app.registry.mlflow_registry import ResolvedModel, model_metadata
 from app.registry.targets import parse_target
 from app.serving.endpoint_spec import DEFAULT_SPEC, EndpointSpec, LoggingSpec
+from app.traffic.choice import Chooser, bandit_weights
+from app.traffic.spec import ShadowSpec, TrafficSpec
+
+log = logging.getLogger(__name__)
 
 # What /v2/models/{name} serves when ``name`` is a registered model and no endpoint.
 DEFAULT_ALIAS = "champion"
@@ -44,43 +63,68 @@ def endpoint_key(name: str) -> str:
     return ENDPOINT_KEY_PREFIX + name
 
 
-def _combine_of(leg: Leg) -> str:
+def _combine_of(model: ResolvedModel, config: dict[str, Any] | None) -> str:
     """``ensemble`` for an ensemble version served as a fan-out; ``single`` otherwise (an
     ensemble with ``config.ensemble: fused`` is a plain ONNX model, 409 when it has no fused graph)."""
     from app.ensembles.serving import FUSED, check_fused_servable, ensemble_mode, is_ensemble
 
-    if not is_ensemble(leg.model):
+    if not is_ensemble(model):
         return "single"
-    if ensemble_mode(leg.config) == FUSED:
-        check_fused_servable(leg.model)
+    if ensemble_mode(config) == FUSED:
+        check_fused_servable(model)
         return "single"
     return "ensemble"
 
 
+def _leg(variant: str, model: ResolvedModel, runtime: str, config: dict[str, Any] | None) -> Leg:
+    return Leg(variant, model, runtime, config or None, _combine_of(model, config))
+
+
 @dataclass(frozen=True, slots=True)
 class Leg:
-    """One model call of a plan."""
+    """The model call of a plan."""
 
-    variant: str  # the traffic variant ("" while an endpoint has a single leg)
+    variant: str  # the traffic variant ("" when the endpoint has no traffic plan)
     model: ResolvedModel
     runtime: str
     config: dict[str, Any] | None
+    combine: str = "single"  # "single": the model's answer; "ensemble": an ensemble's fan-out
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What a request to ``name`` does: the legs to call and how to combine them."""
+    """What a request to ``name`` does: the model call (of the variant chosen for this request)
+    and the shadows that get a copy of it."""
 
     name: str  # the endpoint, or the registered model a V2 request names
     endpoint: bool  # False: a registered model served by V2 without an endpoint
     legs: tuple[Leg, ...]
     logging: LoggingSpec
     spec_version: int = 0
-    combine: str = "single"  # "single": the one leg's answer; "ensemble": the leg is an ensemble's fan-out
+    shadows: tuple[ShadowSpec, ...] = ()
+    # The endpoint's runtime and config: what a shadow without a runtime of its own runs with.
+    runtime: str = "onnx"
+    config: dict[str, Any] | None = None
 
     @property
     def primary(self) -> Leg:
         return self.legs[0]
+
+    @property
+    def combine(self) -> str:
+        return self.primary.combine
+
+
+@dataclass(slots=True)
+class _Choice:
+    """A traffic plan's chooser, kept per (endpoint, spec version), and its bandit refresh."""
+
+    traffic: TrafficSpec
+    chooser: Chooser
+    by_name: dict[str, Any]
+    refreshed: float = 0.0  # time.monotonic() of the last bandit refresh (0: never)
+    refreshing: bool = False
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -122,9 +166,16 @@ class EndpointRouter:
         buffer: Any = None,
         status_for: Callable[[MatihError], int] = lambda exc: 500,
         ensembles: Any = None,
+        arms: Callable[[str], Awaitable[dict[str, Any]]] | None = None,
+        bandit_refresh_s: float = 1.0,
+        shadow_max_in_flight: int = 8,
     ):
         """``ensembles``: runs an ensemble leg (:class:`app.ensembles.serving.EnsembleDispatch`:
-        ``predict(model, payload, config, explain)``); None = ensembles are refused (409)."""
+        ``predict(model, payload, config, explain)``); None = ensembles are refused (409).
+        ``arms(endpoint)``: the bandit arms' reward sums (:class:`app.traffic.bandits.ArmStats`
+        by variant) from the store; None = bandit plans keep their configured weights.
+        ``bandit_refresh_s``: how often a bandit plan is re-weighed from them;
+        ``shadow_max_in_flight``: shadow calls this router runs at once (more are dropped)."""
         self._endpoint = endpoint
         self._resolve = resolve
         self.predictor = predictor
@@ -133,6 +184,12 @@ class EndpointRouter:
         self.ensembles = ensembles
         self._specs: LRUCache = LRUCache(maxsize=_SPEC_CACHE_SIZE)  # (name, spec_version) -> EndpointSpec
         self._features: LRUCache = LRUCache(maxsize=_META_CACHE_SIZE)  # model id -> (task, feature names)
+        self._choices: LRUCache = LRUCache(maxsize=_SPEC_CACHE_SIZE)  # (name, spec_version) -> _Choice
+        self._arms = arms
+        self._bandit_refresh_s = bandit_refresh_s
+        self._shadow_free = shadow_max_in_flight
+        self._background: set[asyncio.Task] = set()  # shadow calls and bandit refreshes in flight
+        self._rng = random.Random()
 
     # -- plans ---------------------------------------------------------------------------------
     def spec_of(self, row: dict[str, Any]) -> EndpointSpec:
@@ -145,18 +202,78 @@ class EndpointRouter:
             self._specs[key] = spec
         return spec
 
-    async def plan(self, name: str) -> Plan:
-        """The plan of the endpoint ``name`` (NotFound when there is none)."""
+    async def plan(self, name: str, sticky: Callable[[str], str | None] | None = None) -> Plan:
+        """The plan of the endpoint ``name`` for one request (NotFound when there is none).
+        ``sticky(field)``: the request's sticky key, asked with the plan's ``sticky.key`` (the
+        route looks in the X-Matih-Sticky header, then in that body field); None or a None
+        answer = the variant is drawn at random by the weights."""
         row = await self._endpoint(name)
-        return await self._endpoint_plan(row)
+        return await self._endpoint_plan(row, sticky)
 
-    async def _endpoint_plan(self, row: dict[str, Any]) -> Plan:
-        model = await self._resolve(row["target"])
+    async def _endpoint_plan(self, row: dict[str, Any], sticky: Callable[[str], str | None] | None = None) -> Plan:
         spec = self.spec_of(row)
-        leg = Leg("", model, row["runtime"], row["config"] or None)
-        return Plan(row["name"], True, (leg,), spec.logging, row.get("spec_version", 0), _combine_of(leg))
+        traffic = spec.traffic
+        runtime, config = row["runtime"], row["config"] or None
+        version = row.get("spec_version", 0)
+        if traffic is None:
+            leg = _leg("", await self._resolve(row["target"]), runtime, config)
+            return Plan(row["name"], True, (leg,), spec.logging, version, runtime=runtime, config=config)
+        choice = self._choice(row["name"], version, traffic)
+        key = sticky(traffic.sticky.key) if sticky is not None and traffic.sticky is not None else None
+        variant = choice.by_name[choice.chooser.choose(key, self._rng)]
+        if variant.runtime is not None:
+            runtime, config = variant.runtime, variant.config or None
+        leg = _leg(variant.name, await self._resolve(variant.target), runtime, config)
+        return Plan(row["name"], True, (leg,), spec.logging, version, tuple(traffic.shadows),
+                    row["runtime"], row["config"] or None)
 
-    async def v2_plan(self, name: str, version: str | None) -> Plan:
+    def _choice(self, name: str, version: int, traffic: TrafficSpec) -> _Choice:
+        key = (name, version)
+        choice = self._choices.get(key)
+        if choice is None:
+            choice = self._choices[key] = _Choice(
+                traffic, Chooser.from_spec(traffic), {v.name: v for v in traffic.variants}
+            )
+        if traffic.strategy != "fixed" and self._arms is not None and not choice.refreshing \
+                and time.monotonic() - choice.refreshed >= self._bandit_refresh_s:
+            choice.refreshing = True
+            self._spawn(self._refresh(name, choice))
+        return choice
+
+    async def _refresh(self, name: str, choice: _Choice) -> None:
+        """Re-weigh a bandit plan's chooser from the rewards in the store (in the background:
+        requests meanwhile use the weights it has)."""
+        import numpy as np
+
+        try:
+            arms = await self._arms(name)
+            traffic = choice.traffic
+            weights = bandit_weights(
+                traffic.strategy, arms, [v.name for v in traffic.variants], traffic.bandit,
+                rng=np.random.default_rng(),
+            )
+            choice.chooser.update(weights)
+            choice.weights = weights
+        except Exception:  # noqa: BLE001 - the next refresh tries again; the chooser keeps its weights
+            log.warning("bandit weights of %s not refreshed", name, exc_info=True)
+        finally:
+            choice.refreshed = time.monotonic()
+            choice.refreshing = False
+
+    def bandit_state(self, name: str, version: int) -> dict[str, float] | None:
+        """The weights this replica's chooser of ``name`` (at ``version``) last took from the
+        rewards; None before the first refresh."""
+        choice = self._choices.get((name, version))
+        return dict(choice.weights) if choice is not None and choice.weights else None
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def v2_plan(
+        self, name: str, version: str | None, sticky: Callable[[str], str | None] | None = None
+    ) -> Plan:
         """What ``/v2/models/{name}[/versions/{version}]`` serves. Without a version, an endpoint
         of that name wins (its target, runtime, config and spec); otherwise the registered model
         ``{name}@champion`` serves. With a version, ``name`` is always a registered model and
@@ -168,7 +285,7 @@ class EndpointRouter:
             except NotFound:
                 row = None
             if row is not None:
-                return await self._endpoint_plan(row)
+                return await self._endpoint_plan(row, sticky)
             target = f"{name}@{DEFAULT_ALIAS}"
             missing = (
                 f"model {name!r} is neither an endpoint nor a registered model with a {DEFAULT_ALIAS!r} alias; "
@@ -185,8 +302,7 @@ class EndpointRouter:
             model = await self._resolve(target)
         except NotFound:
             raise NotFound(missing, details={"model": name, "version": version}) from None
-        leg = Leg("", model, "onnx", None)
-        return Plan(name, False, (leg,), DEFAULT_SPEC.logging, combine=_combine_of(leg))
+        return Plan(name, False, (_leg("", model, "onnx", None),), DEFAULT_SPEC.logging)
 
     def task_and_features(self, model: ResolvedModel) -> tuple[str | None, list[str] | None]:
         key = model.model_id
@@ -199,17 +315,14 @@ class EndpointRouter:
     # -- running a plan --------------------------------------------------------------------------
     async def predict(self, plan: Plan, payload: dict[str, Any], info: RequestInfo, explain: bool = False) -> Routed:
         """Run ``plan`` on ``payload``; record the prediction (sampled, with the fields the
-        endpoint keeps) and the request's metrics. Logging never fails or delays the answer.
-        ``explain``: an ensemble's answer also holds its members' (``members``)."""
+        endpoint keeps; one that failed with a 5xx with its status and no outputs) and the request's metrics,
+        and copy the request to the plan's shadows. Logging and shadows never fail or delay the
+        answer. ``explain``: an ensemble's answer also holds its members' (``members``)."""
         leg = plan.primary
         code = 200
+        out: dict[str, Any] | None = None
         try:
-            if plan.combine == "ensemble":
-                if self.ensembles is None:
-                    raise Conflict(f"ensemble {leg.model.model_id} cannot be served here (no ensemble runner)")
-                out = await self.ensembles.predict(leg.model, payload, leg.config, explain)
-            else:
-                out = await self.predictor.predict(leg.model, payload, leg.runtime, leg.config)
+            out = await self._call(leg, payload, explain)
         except MatihError as exc:
             code = self._status_for(exc)
             raise
@@ -219,35 +332,81 @@ class EndpointRouter:
         finally:
             seconds = time.perf_counter() - info.started
             metrics.request(plan.name, leg.model.name, leg.model.version, leg.variant, info.protocol, code, seconds)
-        if self.buffer is not None and plan.logging.enabled:
-            self._record(plan, leg, payload, out, info, seconds)
+            # A refused request (4xx: the caller's mistake) is not logged; a failed one (5xx: the
+            # model's or the platform's) is, with its status: the error rate of a variant.
+            if self.buffer is not None and plan.logging.enabled and (out is not None or code >= 500):
+                self._record(plan.name, plan.logging, leg, payload, out, info, seconds, code)
+            if plan.shadows:
+                self._shadow(plan, payload, info)
         return Routed(out, leg, info.request_id)
 
+    async def _call(self, leg: Leg, payload: dict[str, Any], explain: bool) -> dict[str, Any]:
+        if leg.combine == "ensemble":
+            if self.ensembles is None:
+                raise Conflict(f"ensemble {leg.model.model_id} cannot be served here (no ensemble runner)")
+            return await self.ensembles.predict(leg.model, payload, leg.config, explain)
+        return await self.predictor.predict(leg.model, payload, leg.runtime, leg.config)
+
+    # -- shadows -------------------------------------------------------------------------------
+    def _shadow(self, plan: Plan, payload: dict[str, Any], info: RequestInfo) -> None:
+        """Start the sampled shadows' calls; none is awaited by the request."""
+        for shadow in plan.shadows:
+            if shadow.sample < 1.0 and self._rng.random() >= shadow.sample:
+                continue
+            if self._shadow_free <= 0:
+                metrics.shadow(plan.name, shadow.label, "dropped", 0.0)
+                continue
+            self._shadow_free -= 1
+            self._spawn(self._run_shadow(plan, shadow, payload, info))
+
+    async def _run_shadow(self, plan: Plan, shadow: ShadowSpec, payload: dict[str, Any], info: RequestInfo) -> None:
+        started = time.perf_counter()
+        code, out, leg = 200, None, None
+        try:
+            runtime, config = (shadow.runtime, shadow.config or None) if shadow.runtime else (plan.runtime, plan.config)
+            leg = _leg(shadow.label, await self._resolve(shadow.target), runtime, config)
+            out = await self._call(leg, payload, False)
+        except MatihError as exc:
+            code = self._status_for(exc)
+        except Exception:  # noqa: BLE001 - a shadow's failure is recorded, never raised
+            code = 500
+            log.debug("shadow %s of %s failed", shadow.label, plan.name, exc_info=True)
+        finally:
+            self._shadow_free += 1
+        seconds = time.perf_counter() - started
+        metrics.shadow(plan.name, shadow.label, "ok" if code < 400 else "error", seconds)
+        if leg is not None and self.buffer is not None and plan.logging.enabled:
+            shadow_info = RequestInfo(info.request_id, info.client_request_id, info.caller, info.protocol,
+                                      started, info.arrived)
+            self._record(shadow_log(plan.name), plan.logging, leg, payload, out, shadow_info, seconds, code,
+                         inputs=False)
+
+    # -- the prediction log ------------------------------------------------------------------------
     def _record(
-        self, plan: Plan, leg: Leg, payload: dict[str, Any], out: dict[str, Any], info: RequestInfo, seconds: float
+        self, log_name: str, spec: LoggingSpec, leg: Leg, payload: dict[str, Any], out: dict[str, Any] | None,
+        info: RequestInfo, seconds: float, status: int, *, inputs: bool = True,
     ) -> None:
-        spec = plan.logging
         if spec.sample_rate < 1.0 and random.random() >= spec.sample_rate:
             return
         keep = spec.fields
+        inputs = inputs and "inputs" in keep
         try:
             record = PredictionRecord(
                 request_id=info.request_id,
                 timestamp=info.arrived,
-                endpoint=plan.name,
+                endpoint=log_name,
                 variant=leg.variant,
                 model=leg.model.name,
                 model_version=str(leg.model.version),
                 latency_ms=seconds * 1000.0,
-                inputs={k: v for k, v in payload.items() if k != "return_probabilities"} if "inputs" in keep else None,
-                feature_names=self.task_and_features(leg.model)[1] if "inputs" in keep else None,
-                outputs={k: v for k, v in out.items() if k != "members"} if "outputs" in keep else None,
+                inputs={k: v for k, v in payload.items() if k != "return_probabilities"} if inputs else None,
+                feature_names=self.task_and_features(leg.model)[1] if inputs else None,
+                outputs={k: v for k, v in out.items() if k != "members"} if "outputs" in keep and out else None,
                 caller=info.caller if "caller" in keep else None,
                 client_request_id=info.client_request_id if "client_request_id" in keep else None,
                 protocol=info.protocol,
+                status=status,
             )
             self.buffer.add(record)
         except Exception:  # noqa: BLE001 - a log record is never worth a failed prediction
-            import logging
-
-            logging.getLogger(__name__).exception("prediction-log record of %s not recorded", plan.name)
+            log.exception("prediction-log record of %s not recorded", log_name)

@@ -7,7 +7,7 @@ Without a plan an endpoint serves its ``target`` alone (variant ``""``)."""
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -28,7 +28,10 @@ class VariantSpec(BaseModel):
     name: str = Field(..., description="The variant's name (letters, digits, _ . -; at most 64), reported with every answer.")
     target: str = Field(..., max_length=512, description="What it serves: model@alias, model/version or model@stage:Production.")
     weight: float = Field(..., ge=0, le=100, description="Its share of the traffic, relative to the other variants' (90 and 10 = 90%/10%).")
-    runtime: str | None = Field(None, description="The runtime (onnx | native | triton); unset = the endpoint's.")
+    runtime: str | None = Field(
+        None, description="The runtime (onnx | native | triton); unset = the endpoint's runtime and config."
+    )
+    config: dict[str, Any] | None = Field(None, description="The runtime's config when `runtime` is set.")
 
     @field_validator("name")
     @classmethod
@@ -59,7 +62,8 @@ class ShadowSpec(BaseModel):
     target: str = Field(..., max_length=512, description="The shadow model target.")
     sample: float = Field(1.0, ge=0.0, le=1.0, description="Share of requests copied to it.")
     name: str | None = Field(None, description="Its name in the log and the report; unset = the target.")
-    runtime: str | None = Field(None, description="The runtime; unset = the endpoint's.")
+    runtime: str | None = Field(None, description="The runtime; unset = the endpoint's runtime and config.")
+    config: dict[str, Any] | None = Field(None, description="The runtime's config when `runtime` is set.")
 
     @property
     def label(self) -> str:

@@ -135,6 +135,9 @@ def platform(tmp_path_factory) -> Platform:
     # a few hundred requests (no other test sends more than max_ongoing_requests at once). A
     # section given here replaces the profile's, so it is the profile's with that one key changed.
     overrides["serving"] = {**base.serving.model_dump(mode="json"), "model_server_max_queued_requests": 48}
+    # Jobs that fit run side by side (test_ensembles trains three small members at once, each
+    # asking for a quarter CPU): most of a small job's time is its process starting, not CPU.
+    overrides["jobs"] = {**base.jobs.model_dump(mode="json"), "max_concurrent": 3}
     # Serve's end-to-end request limit, as serve_config.yaml sets it (the Gateway answers 504 just before)
     timeout_s = base.http.request_timeout_s
     from app.api.v2_grpc import SERVICER_FUNCTION

@@ -241,13 +241,15 @@ def test_fused_is_refused_for_an_ensemble_without_a_fused_graph(platform, hung):
 
 @pytest.fixture(scope="module")
 def trained(platform) -> dict:
-    """Three breast-cancer members trained by training jobs, then a stacking job over them and a
-    bagging job, queued together (the scheduler runs them one after the other)."""
+    """Three breast-cancer members trained by training jobs side by side (a quarter CPU each; the
+    integration platform runs three jobs at once), then a stacking job over them and a bagging
+    job, queued together."""
     jobs = {}
     with platform.client() as c:
         for name, (est, hp) in BC_MEMBERS.items():
             r = c.post("/v1/training/jobs", json={"name": name, "estimator": est, "hyperparameters": hp,
-                                                  "dataset": BC, "register_as": name})
+                                                  "dataset": BC, "register_as": name,
+                                                  "resources": {"cpus_per_worker": 0.25}})
             assert r.status_code == 202, r.text
             jobs[name] = r.json()["job_id"]
         for name in BC_MEMBERS:

@@ -84,7 +84,7 @@ def test_request_ids_are_the_servers_and_the_clients_is_kept(api):
     assert a["request_id"] != b["request_id"] and "client_request_id" not in a
 
 
-def test_failed_predictions_are_not_logged(api):
+def test_refused_predictions_are_not_logged(api):
     client, sink, _ = api
     sink.records.clear()
     assert client.post("/v1/endpoints/flowers/predict", json={"instances": [[1.0, 2.0]]}).status_code == 422
