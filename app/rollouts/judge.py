@@ -18,10 +18,12 @@ Three guardrails, each one-sided (only "the candidate is worse" fails a step):
   significantly worse (lower conversion / value / accuracy, higher squared error).
 
 Any guardrail failing fails the step at once, even before bake time or ``min_samples``: a
-candidate with ten times the errors is rolled back in its first step. Per guardrail and step the
-chance of a false failure is at most 2 x alpha (interim always-valid looks plus one final look,
-union bound), in practice near alpha: the normal-mixture mSPRT is conservative. A step passes
-only at its end, with no guardrail failing.
+candidate with ten times the errors is rolled back in its first step. The error-rate and latency
+guardrails split ``alpha`` between their two kinds of look (Bonferroni): the interim always-valid
+looks test at ``alpha / 2`` however often they are taken, the final look at ``alpha / 2``, so a
+step of a candidate no worse than the baseline fails a guardrail with probability at most
+``alpha``. The quality metric is read with mSPRT alone, at ``alpha``. A step passes only at its
+end, with no guardrail failing.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def _one_sided(p_two: float, worse: bool) -> float:
 def _error_rate(a: Arm, b: Arm, spec: RolloutSpec, final: bool) -> dict[str, Any] | None:
     from app.experiments import stats
 
+    alpha = spec.alpha / 2  # interim and final looks share alpha
     n_a, n_b, x_a, x_b = a.requests, b.requests, a.errors, b.errors
     if n_a == 0 or n_b == 0:
         return None
@@ -109,17 +112,17 @@ def _error_rate(a: Arm, b: Arm, spec: RolloutSpec, final: bool) -> dict[str, Any
     if x_a + x_b == 0:
         return {**out, "method": "none (no errors in either arm)", "p_value": 1.0, "failed": False}
     if final:
-        res = stats.two_proportion_ztest(x_a, n_a, x_b, n_b, alpha=spec.alpha)
+        res = stats.two_proportion_ztest(x_a, n_a, x_b, n_b, alpha=alpha)
         p = _one_sided(res.p_value, res.effect > 0)
         out.update(method="two_proportion_ztest (one-sided)", test=res.to_dict())
     else:
         pooled = (x_a + x_b) / (n_a + n_b)
         var = pooled * (1 - pooled)
-        res = stats.msprt(rate_a, var, n_a, rate_b, var, n_b, alpha=spec.alpha, expected_n=spec.min_samples)
+        res = stats.msprt(rate_a, var, n_a, rate_b, var, n_b, alpha=alpha, expected_n=spec.min_samples)
         p = res.p_value
         out.update(method="msprt (always valid)", test=res.to_dict())
     effect = rate_b - rate_a
-    out.update(effect=effect, p_value=p, failed=bool(p < spec.alpha and effect > spec.error_rate_floor))
+    out.update(effect=effect, p_value=p, alpha=alpha, failed=bool(p < alpha and effect > spec.error_rate_floor))
     return out
 
 
@@ -131,7 +134,8 @@ def _latency(a: Arm, b: Arm, spec: RolloutSpec, final: bool) -> dict[str, Any] |
     la, lb = a.ok_latencies(), b.ok_latencies()
     if la.size < 2 or lb.size < 2:
         return None
-    mw = stats.mann_whitney(la, lb, alpha=spec.alpha)  # the shift (Hodges-Lehmann) and its interval
+    alpha = spec.alpha / 2  # interim and final looks share alpha
+    mw = stats.mann_whitney(la, lb, alpha=alpha)  # the shift (Hodges-Lehmann) and its interval
     median_a, median_b = float(np.median(la)), float(np.median(lb))
     shift = float(mw.effect)
     floor = max(spec.latency_abs_floor_ms, spec.latency_rel_floor * median_a)
@@ -143,11 +147,11 @@ def _latency(a: Arm, b: Arm, spec: RolloutSpec, final: bool) -> dict[str, Any] |
         out["method"] = "mann_whitney (one-sided)"
     else:
         res = stats.msprt(float(la.mean()), float(la.var(ddof=1)), int(la.size), float(lb.mean()),
-                          float(lb.var(ddof=1)), int(lb.size), alpha=spec.alpha, expected_n=spec.min_samples)
+                          float(lb.var(ddof=1)), int(lb.size), alpha=alpha, expected_n=spec.min_samples)
         p = res.p_value if res.effect > 0 else 1.0
         out.update(method="msprt on the mean (always valid)", test=res.to_dict())
-    significant = bool(p < spec.alpha)
-    out.update(p_value=p, significant=significant, failed=significant and shift > floor)
+    significant = bool(p < alpha)
+    out.update(p_value=p, alpha=alpha, significant=significant, failed=significant and shift > floor)
     return out
 
 
@@ -191,7 +195,7 @@ def judge_step(baseline: Arm, candidate: Arm, spec: RolloutSpec, *, elapsed_s: f
     err, lat, qual = stats["error_rate"], stats["latency"], stats["quality"]
     if err and err["failed"]:
         fails.append(f"error rate {err['candidate']:.2%} vs {err['baseline']:.2%} on the baseline "
-                     f"(p={err['p_value']:.3g} < {spec.alpha}, {err['method']})")
+                     f"(p={err['p_value']:.3g} < {err['alpha']:g}, {err['method']})")
     if lat and lat["failed"]:
         fails.append(f"latency +{lat['shift_ms']:.1f} ms (median {lat['median_ms'][CANDIDATE]:.1f} vs "
                      f"{lat['median_ms'][BASELINE]:.1f} ms; p={lat['p_value']:.3g}, over the floor of "

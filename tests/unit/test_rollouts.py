@@ -73,18 +73,18 @@ def test_a_latency_regression_before_the_end_of_the_step_needs_the_always_valid_
 
 
 def test_a_aa_comparison_rarely_fails_a_step():
-    """100 seeded A/A steps, each looked at 10 times (interim, always-valid) and once at the end:
-    false failures stay near alpha (bounded by 2 alpha per guardrail by construction)."""
+    """100 seeded A/A steps, each looked at 9 times before its end (always-valid, alpha/2) and
+    once at it (fixed-horizon, alpha/2): false failures stay near alpha = 5%."""
     rng = np.random.default_rng(RNG_SEED)
-    spec = _spec(min_samples=100)
+    spec = _spec(min_samples=50)
     failures = 0
     for _ in range(100):
-        a, b = _arm(rng, 2000, err=0.05), _arm(rng, 200, err=0.05)
-        verdicts = [judge_step(Arm(a.latency_ms[: 200 * k], a.status[: 200 * k]),
-                               Arm(b.latency_ms[: 20 * k], b.status[: 20 * k]), spec, elapsed_s=6 * k).verdict
+        a, b = _arm(rng, 1000, err=0.05), _arm(rng, 100, err=0.05)
+        verdicts = [judge_step(Arm(a.latency_ms[: 100 * k], a.status[: 100 * k]),
+                               Arm(b.latency_ms[: 10 * k], b.status[: 10 * k]), spec, elapsed_s=6 * k).verdict
                     for k in range(1, 11)]
         failures += "fail" in verdicts
-    assert failures <= 12, failures  # 2 guardrails x (<= 2 x 0.05): the mixture keeps it far lower
+    assert failures <= 10, failures  # 5% + simulation error (binomial sd 2.2%); seeded: 5 of these 100
 
 
 def test_a_worse_quality_metric_fails_with_msprt_and_rmse_is_lower_is_better():
