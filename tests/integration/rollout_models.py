@@ -21,6 +21,7 @@ class Misbehaving(ClassifierMixin, BaseEstimator):
 
         self.inner_ = LogisticRegression(max_iter=300).fit(X, y)
         self.classes_ = self.inner_.classes_
+        self.n_features_in_ = self.inner_.n_features_in_
         return self
 
     def predict(self, X):

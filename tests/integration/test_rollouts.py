@@ -23,12 +23,15 @@ FAST = {"steps": [10, 50, 100], "bake_s": 2, "min_samples": 30}
 
 def _model(c, name: str, versions: list[bytes]) -> None:
     for i, data in enumerate(versions, start=1):
-        r = c.post(f"/v1/models/{name}/versions", files={"file": ("m.pkl", data)}, data={"format": "sklearn-pickle"})
+        r = c.post(f"/v1/models/{name}/versions", files={"file": ("m.pkl", data)},
+                   data={"format": "sklearn-pickle", "n_features": "4", "task": "classification"})
         assert r.status_code == 201, r.text
         assert c.post(f"/v1/models/{name}/versions/{i}/trust").status_code == 200
     assert c.put(f"/v1/models/{name}/aliases/champion", json={"version": "1"}).status_code == 200
     r = c.post("/v1/endpoints", json={"name": name, "target": f"{name}@champion", "runtime": "native"})
     assert r.status_code == 201, r.text
+    out = c.post(f"/v1/endpoints/{name}/predict", json={"instances": [ROW]})
+    assert out.status_code in (200, 500), out.text  # 500: a flaky version's bad luck
 
 
 def _run(platform, name: str, timeout_s: float = 75.0, **spec) -> tuple[dict, dict]:
@@ -64,7 +67,26 @@ def _run(platform, name: str, timeout_s: float = 75.0, **spec) -> tuple[dict, di
             stop.set()
             for t in threads:
                 t.join(timeout=35)
-        raise AssertionError(f"rollout {rid} did not end in {timeout_s} s: {c.get(f'/v1/rollouts/{rid}').json()}")
+        raise AssertionError(f"rollout {rid} did not end in {timeout_s} s: {c.get(f'/v1/rollouts/{rid}').json()}; "
+                             f"answers {seen}; {_diagnosis(platform, name)}")
+
+
+def _diagnosis(platform, name: str) -> str:
+    """The controller actor's state and what the log holds of the endpoint, for a failure message."""
+    from collections import Counter
+    from datetime import datetime, timedelta, timezone
+
+    import ray
+
+    from actors.rollout_controller import find_rollout_controller
+    from app.predlog.join import read_window
+
+    actor = find_rollout_controller()
+    status = ray.get(actor.status.remote(), timeout=10) if actor is not None else "no controller actor"
+    now = datetime.now(timezone.utc)
+    table = read_window(platform.settings, name, now - timedelta(minutes=5), now + timedelta(seconds=1))
+    counts = Counter(zip(table.column("variant").to_pylist(), table.column("status").to_pylist()))
+    return f"controller {status}; log (variant, status) -> rows {dict(counts)}"
 
 
 def test_a_good_candidate_is_promoted(platform):
