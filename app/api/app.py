@@ -532,6 +532,8 @@ ROUTERS: list[str] = [
     "app.api.feedback:router",
     "app.api.events:router",
     "app.api.predlog:router",
+    "app.api.traffic:router",
+    "app.api.abtests:router",
     "app.api.rollouts:router",
 ]
 

@@ -15,7 +15,8 @@ from app.api.app import ApiContext, role_dependencies
 from app.auth import Principal
 from app.errors import InvalidInput
 from app.predlog.feedback import FeedbackRow, FeedbackStore
-from app.predlog.lookup import known_request_ids
+from app.predlog.lookup import request_variants
+from app.traffic.spec import BANDITS
 
 
 class FeedbackResult(BaseModel):
@@ -39,6 +40,15 @@ class FeedbackResponse(BaseModel):
     results: list[FeedbackResult] = Field(..., description="One result per row of the request, in order.")
 
 
+def _bandit_arms(endpoint: dict[str, Any]) -> list[str] | None:
+    """The variants of the endpoint's traffic plan when its strategy is a bandit (their rewards
+    feed the arms); None otherwise."""
+    plan = (endpoint.get("spec") or {}).get("traffic")
+    if not isinstance(plan, dict) or plan.get("strategy") not in BANDITS:
+        return None
+    return [v["name"] for v in plan.get("variants") or () if isinstance(v, dict) and v.get("name")]
+
+
 def router(ctx: ApiContext) -> APIRouter:
     _viewer, predictor, _developer, _admin = role_dependencies(ctx)
     api = APIRouter(tags=["serving"])
@@ -60,7 +70,9 @@ def router(ctx: ApiContext) -> APIRouter:
             "earlier one (both stay on record and are audited); repeating the current value stores nothing. Rows "
             "are checked one by one: a malformed row, or an id the prediction log does not hold and that was "
             "issued more than predlog.feedback_grace_s ago, is rejected with its error while the other rows are "
-            "taken; a recent id the log does not hold yet is accepted as `pending`. 404 for an unknown endpoint; "
+            "taken; a recent id the log does not hold yet is accepted as `pending`. Each stored row records the "
+            "traffic variant that served the prediction; on an endpoint whose traffic plan is a bandit, its reward "
+            "feeds that variant's arm (a pending row's once its log record arrives). 404 for an unknown endpoint; "
             "422 for an empty list or one over the limit."
         ),
         openapi_extra={
@@ -92,12 +104,19 @@ def router(ctx: ApiContext) -> APIRouter:
                 "split the batch",
                 details={"field": "body", "limit": limit},
             )
-        await asyncio.to_thread(ctx.store.get_endpoint, name)  # 404 for an unknown endpoint
+        endpoint = await asyncio.to_thread(ctx.store.get_endpoint, name)  # 404 for an unknown endpoint
 
-        def known(ids: list[str]) -> set[str]:
-            return known_request_ids(ctx.settings, name, ids)
+        def known(ids: list[str]) -> dict[str, str]:
+            return request_variants(ctx.settings, name, ids)
 
-        results = await asyncio.to_thread(feedback.record, name, rows, who.name, known=known, grace_s=grace_s)
+        arms = _bandit_arms(endpoint)
+
+        def record() -> list[dict[str, Any]]:
+            if arms:  # earlier rewards whose log record was pending count now, before this batch supersedes any
+                feedback.settle_pending(name, known, bandit_arms=arms, window_s=2 * grace_s + 60)
+            return feedback.record(name, rows, who.name, known=known, grace_s=grace_s, bandit_arms=arms)
+
+        results = await asyncio.to_thread(record)
         accepted = sum(1 for r in results if r["status"] == "accepted")
         return {"accepted": accepted, "rejected": len(results) - accepted, "results": results}
 

@@ -13,16 +13,16 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from app.errors import DependencyUnavailable, InvalidInput
 from app.predlog.ids import is_request_id, request_id_time
@@ -189,13 +189,16 @@ class FeedbackStore:
         rows: Sequence[Any],
         actor: str,
         *,
-        known: Callable[[list[str]], set[str]],
+        known: Callable[[list[str]], set[str] | Mapping[str, str]],
         grace_s: float = 120.0,
+        bandit_arms: Collection[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Validate and store a batch of feedback for ``endpoint``; one result per row, in order.
 
         ``rows`` are :class:`FeedbackRow` or the JSON objects to validate as one. ``known(ids)``
-        says which of the request ids the prediction log holds (``app.predlog.lookup``). A row is
+        says which of the request ids the prediction log holds (``app.predlog.lookup``): a set, or
+        a mapping ``{request_id: variant}`` (``request_variants``) whose variant each stored row
+        records (``""`` or a pending id: none). A row is
         rejected, with its ``error``, when it is malformed, gives no outcome, names an id the
         server never issues, or an id the log does not hold that is older than ``grace_s``
         seconds (``predlog.feedback_grace_s``); an id younger than that is accepted as
@@ -204,7 +207,12 @@ class FeedbackStore:
         same timestamp if one is given) is ``unchanged`` and not stored again, so a retried
         batch adds nothing; any other accepted row is stored, ``superseded`` when it replaces an
         earlier value. The stored rows and ONE audit record (``feedback.record``, with the
-        counts and ``received_at``, which marks the batch's rows) go in one transaction."""
+        counts and ``received_at``, which marks the batch's rows) go in one transaction.
+
+        ``bandit_arms``: the variants of the endpoint's bandit plan (None: it has none). A stored
+        row served by one of them moves that arm's reward sums (:class:`app.traffic.bandits.BanditStore`)
+        from the prediction's previous reward to its new one, in the same transaction, so each
+        prediction's current reward counts once."""
         results: list[dict[str, Any]] = []
         parsed: list[tuple[int, FeedbackRow, datetime]] = []
         for index, raw in enumerate(rows):
@@ -229,7 +237,9 @@ class FeedbackStore:
                 parsed.append((index, row, issued))
 
         ids = sorted({row.request_id for _, row, _ in parsed})
-        in_log = set(known(ids)) if ids else set()
+        found = known(ids) if ids else set()
+        variants: Mapping[str, str] = found if isinstance(found, Mapping) else {}
+        in_log = set(found)
         now_s = time.time()
         candidates: list[tuple[int, FeedbackRow, bool]] = []
         for index, row, issued in parsed:
@@ -249,9 +259,12 @@ class FeedbackStore:
         received_at = datetime.now(timezone.utc)
         actor = actor[:_ACTOR_CHARS]
         counts = {"accepted": 0, "rejected": 0, "pending": 0, "superseded": 0, "unchanged": 0, "stored": 0}
+        bandits = _bandits(self.store) if bandit_arms else None
+        arms = set(bandit_arms or ())
         with self._tx() as s:
             current = self._current(s, endpoint, sorted({row.request_id for _, row, _ in candidates}))
             inserts = []
+            moves: list[tuple[str | None, float | None, str | None, float | None]] = []
             for index, row, pending in candidates:
                 key = (row.request_id, row.instance)
                 before = current.get(key)
@@ -268,12 +281,14 @@ class FeedbackStore:
                 if before is not None:
                     result["superseded"] = True
                     counts["superseded"] += 1
-                current[key] = (*row.outcome(), timestamp)
+                variant = variants.get(row.request_id) or None
+                current[key] = (*row.outcome(), timestamp, variant)
+                moves.append((before[4] if before else None, before[2] if before else None, variant, row.reward))
                 inserts.append(
                     {
                         "endpoint": endpoint, "request_id": row.request_id, "instance": row.instance,
-                        "label": row.label, "value": row.value, "reward": row.reward, "timestamp": timestamp,
-                        "received_at": received_at, "actor": actor,
+                        "label": row.label, "value": row.value, "reward": row.reward, "variant": variant,
+                        "timestamp": timestamp, "received_at": received_at, "actor": actor,
                     }
                 )
             counts["accepted"] = len(candidates)
@@ -281,6 +296,9 @@ class FeedbackStore:
             counts["stored"] = len(inserts)
             if inserts:
                 s.execute(insert(Feedback.__table__), inserts)  # type: ignore[arg-type]  # Core: no ORM bookkeeping
+                if bandits is not None:
+                    for variant, delta in _arm_deltas(moves, arms).items():
+                        bandits.add(s, endpoint, variant, *delta)
                 s.add(
                     AuditRecord(
                         at=received_at, actor=actor, action="feedback.record", resource_type="endpoint",
@@ -290,18 +308,83 @@ class FeedbackStore:
         return results
 
     def _current(self, s: Session, endpoint: str, ids: list[str]) -> dict[tuple[str, int], tuple]:
-        """(request_id, instance) -> (label, value, reward, timestamp) of the latest stored row."""
+        """(request_id, instance) -> (label, value, reward, timestamp, variant) of the latest stored row."""
         out: dict[tuple[str, int], tuple] = {}
         for chunk in _chunks(ids):
             q = (
                 select(Feedback.request_id, Feedback.instance, Feedback.label, Feedback.value, Feedback.reward,
-                       Feedback.timestamp, Feedback.id)
+                       Feedback.timestamp, Feedback.variant, Feedback.id)
                 .where(Feedback.endpoint == endpoint, Feedback.request_id.in_(chunk))
                 .order_by(Feedback.id)
             )
-            for rid, inst, label, value, reward, ts, _ in s.execute(q):
-                out[(rid, inst)] = (label, value, reward, _aware(ts))
+            for rid, inst, label, value, reward, ts, variant, _ in s.execute(q):
+                out[(rid, inst)] = (label, value, reward, _aware(ts), variant)
         return out
+
+    def settle_pending(
+        self,
+        endpoint: str,
+        known: Callable[[list[str]], Mapping[str, str]],
+        *,
+        bandit_arms: Collection[str],
+        window_s: float = 300.0,
+        limit: int = 2000,
+    ) -> int:
+        """Fill in the variant of feedback that arrived while its prediction's log record was
+        still on its way (``pending``: stored without a variant), now that the log holds it, and
+        count its reward in the bandit arm it belongs to. Without this, rewards sent right after
+        the prediction (within the log's write interval) would never reach a bandit.
+
+        Looks at the (at most ``limit`` oldest) rows received in the last ``window_s`` seconds
+        that have no variant; ``known(ids)`` is :func:`app.predlog.lookup.request_variants`. Each row is
+        filled in by ``UPDATE ... WHERE variant IS NULL`` (and no later row supersedes it), so
+        when two replicas settle the same row only one counts it. Returns the number of rows
+        filled in."""
+        arms = set(bandit_arms)
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=window_s)
+        with self._tx() as s:
+            pending = s.execute(
+                select(Feedback.id, Feedback.request_id, Feedback.instance, Feedback.reward)
+                .where(Feedback.endpoint == endpoint, Feedback.received_at >= cutoff, Feedback.variant.is_(None))
+                .order_by(Feedback.id)
+                .limit(limit)
+            ).all()
+        if not pending:
+            return 0
+        found = known(sorted({row.request_id for row in pending}))
+        fills = [(row, found[row.request_id]) for row in pending if found.get(row.request_id)]
+        if not fills:
+            return 0
+        bandits = _bandits(self.store) if arms else None
+        filled = 0
+        deltas: dict[str, list] = {}
+        later = aliased(Feedback)  # a row superseded meanwhile is left alone: its successor counts
+        with self._tx() as s:
+            for row, variant in fills:
+                newer = (
+                    select(later.id)
+                    .where(later.endpoint == endpoint, later.request_id == row.request_id,
+                           later.instance == row.instance, later.id > row.id)
+                    .exists()
+                )
+                done = s.execute(  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+                    update(Feedback)
+                    .where(Feedback.id == row.id, Feedback.variant.is_(None), ~newer)
+                    .values(variant=variant)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if done != 1:
+                    continue  # another replica settled it
+                filled += 1
+                if row.reward is not None and variant in arms:
+                    acc = deltas.setdefault(variant, [0, 0.0, 0.0])
+                    acc[0] += 1
+                    acc[1] += row.reward
+                    acc[2] += row.reward * row.reward
+            if bandits is not None:
+                for variant, delta in deltas.items():
+                    bandits.add(s, endpoint, variant, *delta)
+        return filled
 
     # -- reading ------------------------------------------------------------------------------
     def latest(
@@ -401,11 +484,49 @@ class FeedbackStore:
 def _same_outcome(before: tuple, row: FeedbackRow) -> bool:
     """Whether ``row`` repeats the stored outcome ``before`` (label compared with its JSON type:
     1, 1.0 and true are different labels)."""
-    label, value, reward, timestamp = before
+    label, value, reward, timestamp = before[:4]
     return (
         type(label) is type(row.label) and label == row.label and value == row.value and reward == row.reward
         and row.timestamp in (None, timestamp)
     )
+
+
+def _bandits(store):
+    from app.traffic.bandits import BanditStore  # the traffic package sits above the prediction log
+
+    return BanditStore(store)
+
+
+def _arm_deltas(
+    moves: list[tuple[str | None, float | None, str | None, float | None]], arms: set[str]
+) -> dict[str, list]:
+    """The summed (dn, dsum, dsq) per arm of moving each prediction's reward from (old variant,
+    old reward) to (new variant, new reward). A reward counts in an arm when its row names a
+    variant of the plan; the variant only changes from none (feedback that came while the log
+    record was pending) to the one the log names, and a reward counted under no arm is not
+    taken back from any."""
+    from app.traffic.bandits import reward_delta
+
+    out: dict[str, list] = {}
+
+    def add(variant: str, old: float | None, new: float | None) -> None:
+        if old == new:
+            return
+        acc = out.setdefault(variant, [0, 0.0, 0.0])
+        for i, d in enumerate(reward_delta(old, new)):
+            acc[i] += d
+
+    for old_variant, old_reward, new_variant, new_reward in moves:
+        old_arm = old_variant if old_reward is not None and old_variant in arms else None
+        new_arm = new_variant if new_reward is not None and new_variant in arms else None
+        if old_arm is not None and old_arm == new_arm:
+            add(old_arm, old_reward, new_reward)
+            continue
+        if old_arm is not None:
+            add(old_arm, old_reward, None)
+        if new_arm is not None:
+            add(new_arm, None, new_reward)
+    return {v: d for v, d in out.items() if d[0] != 0 or d[1] != 0.0 or d[2] != 0.0}
 
 
 def _chunks(values: list[str]) -> Iterator[list[str]]:

@@ -1,8 +1,10 @@
-"""Which request ids the prediction log holds, read straight from its parquet files.
+"""Which request ids the prediction log holds (and which traffic variant served each), read
+straight from its parquet files.
 
 A server request id carries the time it was issued (``app.predlog.ids``), so the hour
 partition that holds its records is known without an index: a lookup reads only the
-``request_id`` column of those few partitions, with a filter that lets parquet skip row groups.
+``request_id`` (and ``variant``) column of those few partitions, with a filter that lets parquet
+skip row groups.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from app.predlog.ids import request_id_time
 from app.predlog.layout import hour_of, partition_dir
 from app.storage.s3 import resolve_uri
 
-__all__ = ["known_request_ids", "partition_files", "log_root"]
+__all__ = ["known_request_ids", "partition_files", "log_root", "request_variants"]
 
 # A record's hour comes from its timestamp, taken when the request arrived, a moment before or
 # after its id: an id this close to an hour's edge is looked for on both sides of it.
@@ -54,8 +56,19 @@ def partition_files(fs: pafs.FileSystem, root: str, endpoint: str, hour: str) ->
 def known_request_ids(settings, endpoint: str, request_ids: Iterable[str]) -> set[str]:
     """The ids among ``request_ids`` that the prediction log of ``endpoint`` holds. Strings that
     are not server ids, and ids whose hour partition does not exist, are not known."""
+    return set(_lookup(settings, endpoint, request_ids, with_variant=False))
+
+
+def request_variants(settings, endpoint: str, request_ids: Iterable[str]) -> dict[str, str]:
+    """``{request_id: variant}`` for the ids among ``request_ids`` that the prediction log of
+    ``endpoint`` holds: the traffic variant that served each (``""`` for an endpoint without a
+    traffic plan). Ids the log does not hold are absent, as in :func:`known_request_ids`."""
+    return _lookup(settings, endpoint, request_ids, with_variant=True)
+
+
+def _lookup(settings, endpoint: str, request_ids: Iterable[str], *, with_variant: bool) -> dict[str, str]:
     if not _ENDPOINT_RE.fullmatch(endpoint):
-        return set()
+        return {}
     by_hour: dict[str, set[str]] = defaultdict(set)
     for rid in set(request_ids):
         at = request_id_time(rid)
@@ -64,22 +77,25 @@ def known_request_ids(settings, endpoint: str, request_ids: Iterable[str]) -> se
         for hour in {hour_of(at - _EDGE), hour_of(at), hour_of(at + _EDGE)}:
             by_hour[hour].add(rid)
     if not by_hour:
-        return set()
+        return {}
     root, fs = log_root(settings)
-    found: set[str] = set()
+    found: dict[str, str] = {}
     for hour, ids in sorted(by_hour.items()):
-        found |= _ids_in_partition(fs, root, endpoint, hour, ids)
+        found.update(_ids_in_partition(fs, root, endpoint, hour, ids, with_variant))
     return found
 
 
-def _ids_in_partition(fs: pafs.FileSystem, root: str, endpoint: str, hour: str, ids: set[str]) -> set[str]:
+def _ids_in_partition(
+    fs: pafs.FileSystem, root: str, endpoint: str, hour: str, ids: set[str], with_variant: bool
+) -> dict[str, str]:
+    columns = ["request_id", "variant"] if with_variant else ["request_id"]
     for attempt in range(_RETRIES):
         files = partition_files(fs, root, endpoint, hour)
         if not files:
-            return set()
+            return {}
         try:
             dataset = pads.dataset(files, format="parquet", filesystem=fs)
-            table = dataset.to_table(columns=["request_id"], filter=pc.field("request_id").isin(sorted(ids)))
+            table = dataset.to_table(columns=columns, filter=pc.field("request_id").isin(sorted(ids)))
         except FileNotFoundError:
             if attempt == _RETRIES - 1:
                 raise DependencyUnavailable(
@@ -88,5 +104,7 @@ def _ids_in_partition(fs: pafs.FileSystem, root: str, endpoint: str, hour: str, 
             continue
         except (OSError, pa.ArrowInvalid) as exc:
             raise DependencyUnavailable(f"the prediction log at {root} is unreadable: {exc}") from None
-        return set(table.column("request_id").unique().to_pylist()) - {None}
-    return set()
+        rids = table.column("request_id").to_pylist()
+        variants = table.column("variant").to_pylist() if with_variant else [""] * len(rids)
+        return {rid: variant or "" for rid, variant in zip(rids, variants) if rid is not None}
+    return {}

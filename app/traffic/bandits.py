@@ -26,7 +26,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.errors import DependencyUnavailable
 from app.store.models import BanditArm
 
-__all__ = ["ArmStats", "BanditStore"]
+__all__ = ["ArmStats", "BanditStore", "reward_delta"]
+
+
+def reward_delta(old_reward: float | None, new_reward: float | None) -> tuple[int, float, float]:
+    """(dn, dsum, dsq): how an arm's count, sum and sum of squares move when a prediction's
+    counted reward goes from ``old_reward`` to ``new_reward`` (None: not counted)."""
+    old, new = old_reward or 0.0, new_reward or 0.0
+    return (new_reward is not None) - (old_reward is not None), new - old, new * new - old * old
 
 
 @dataclass(frozen=True)
@@ -93,9 +100,12 @@ class BanditStore:
         creating it at once both go on), then changed by increments computed in the database."""
         if old_reward == new_reward:
             return False
-        dn = (new_reward is not None) - (old_reward is not None)
-        dsum = (new_reward or 0.0) - (old_reward or 0.0)
-        dsq = (new_reward or 0.0) ** 2 - (old_reward or 0.0) ** 2
+        self.add(session, endpoint, variant, *reward_delta(old_reward, new_reward))
+        return True
+
+    def add(self, session: Session, endpoint: str, variant: str, dn: int, dsum: float, dsq: float) -> None:
+        """Add ``dn`` rewards summing to ``dsum`` (squares: ``dsq``) to the arm, inside the caller's
+        transaction: the deltas of many feedback rows summed first cost one update per arm."""
         now = datetime.now(timezone.utc)
         dialect = session.get_bind().dialect.name
         values = {"endpoint": endpoint, "variant": variant, "n": 0, "reward_sum": 0.0, "reward_sq_sum": 0.0,
@@ -118,7 +128,6 @@ class BanditStore:
             )
             .execution_options(synchronize_session=False)
         )
-        return True
 
     def reset(self, endpoint: str, variants: Sequence[str] | None = None) -> int:
         """Forget the rewards of ``variants`` of ``endpoint`` (all its arms when None), e.g. when a

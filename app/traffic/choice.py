@@ -40,9 +40,14 @@ _PRIOR_N = 1.0  # continuous Thompson: the prior counts as one pseudo-observatio
 class _Arm(Protocol):
     """What the bandit maths reads of an arm (:class:`app.traffic.bandits.ArmStats`)."""
 
-    n: int
-    reward_sum: float
-    reward_sq_sum: float
+    @property
+    def n(self) -> int: ...
+
+    @property
+    def reward_sum(self) -> float: ...
+
+    @property
+    def reward_sq_sum(self) -> float: ...
 
 
 class _NoRewards:

@@ -66,8 +66,12 @@ def api(tmp_path_factory):
 
 
 def _plan(client, traffic: dict | None) -> None:
-    r = client.put("/v1/endpoints/petals", json={"spec": {"traffic": traffic}})
-    assert r.status_code == 200, r.text
+    if traffic is None:
+        r = client.delete("/v1/endpoints/petals/traffic")
+        assert r.status_code == 204, r.text
+    else:
+        r = client.put("/v1/endpoints/petals/traffic", json=traffic)
+        assert r.status_code == 200, r.text
 
 
 def _predict(client, headers=None, **extra):
@@ -114,6 +118,15 @@ def test_a_sticky_key_keeps_its_variant_from_the_body_or_the_header(api):
     assert _predict(client, customer_id={"nested": 1}).status_code == 422
     _plan(client, None)
     assert _predict(client, customer_id="c1").status_code == 422  # no plan, no sticky key
+
+
+def test_a_leg_with_a_runtime_of_its_own_is_checked_with_its_own_config(api):
+    client, _, _ = api
+    bad = {"variants": [{"name": "a", "target": "petals/1", "weight": 1}],
+           "shadows": [{"target": "petals/1", "runtime": "triton", "config": {"url": "10.9.9.9:8000"}}]}
+    r = client.put("/v1/endpoints/petals/traffic", json=bad)
+    assert r.status_code == 422 and r.json()["details"]["field"].startswith("shadows[0].config"), r.text
+    assert client.get("/v1/endpoints/petals/traffic").status_code == 404  # nothing stored
 
 
 def _wait(fn, timeout=10.0):
