@@ -244,9 +244,10 @@ class ServingSettings(_Section):
         "never retries: while MLflow is down it serves the last known good resolution instead."
     )
     shadow_max_in_flight: int = Field(
-        8, ge=1, description="Shadow calls (copies of requests for an endpoint's traffic-plan shadows) one Gateway "
+        8, ge=1, description="Calls of one shadow of an endpoint's traffic plan (copies of requests) that one Gateway "
         "replica runs at once, off the request path; a copy beyond it is dropped and counted "
-        "(matih_shadow_requests_total{outcome=\"dropped\"}), so a slow shadow cannot pile up work."
+        "(matih_shadow_requests_total{outcome=\"dropped\"}), so a slow shadow can pile up neither work nor "
+        "starve the endpoint's other shadows."
     )
     bandit_refresh_s: float = Field(
         1.0, gt=0, description="How often a Gateway replica re-weighs a bandit traffic plan from the rewards in the "

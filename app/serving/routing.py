@@ -18,7 +18,8 @@ docs/architecture.md records the measurement behind that choice. Bandit strategi
 their chooser at most once per ``serving.bandit_refresh_s`` from the rewards in the store
 (:mod:`app.traffic.bandits`), read in the background. Shadows get a copy of a sampled request
 after the primary answered, as tasks this request never awaits, at most
-``serving.shadow_max_in_flight`` at once per replica (more are dropped and counted); their
+``serving.shadow_max_in_flight`` calls of each shadow at once per replica (more are dropped
+and counted); their
 answers are logged under :func:`app.predlog.layout.shadow_log` with the primary's request id.
 
 Plans are built per request from what the Gateway replica caches: the endpoint row (dropped
@@ -175,7 +176,8 @@ class EndpointRouter:
         ``arms(endpoint)``: the bandit arms' reward sums (:class:`app.traffic.bandits.ArmStats`
         by variant) from the store; None = bandit plans keep their configured weights.
         ``bandit_refresh_s``: how often a bandit plan is re-weighed from them;
-        ``shadow_max_in_flight``: shadow calls this router runs at once (more are dropped)."""
+        ``shadow_max_in_flight``: calls of one shadow (of one endpoint) this router runs at once
+        (more are dropped): a slow shadow cannot starve another."""
         self._endpoint = endpoint
         self._resolve = resolve
         self.predictor = predictor
@@ -187,7 +189,8 @@ class EndpointRouter:
         self._choices: LRUCache = LRUCache(maxsize=_SPEC_CACHE_SIZE)  # (name, spec_version) -> _Choice
         self._arms = arms
         self._bandit_refresh_s = bandit_refresh_s
-        self._shadow_free = shadow_max_in_flight
+        self._shadow_limit = shadow_max_in_flight
+        self._shadows_in_flight: dict[tuple[str, str], int] = {}  # (endpoint, shadow) -> calls running
         self._background: set[asyncio.Task] = set()  # shadow calls and bandit refreshes in flight
         self._rng = random.Random()
 
@@ -353,10 +356,12 @@ class EndpointRouter:
         for shadow in plan.shadows:
             if shadow.sample < 1.0 and self._rng.random() >= shadow.sample:
                 continue
-            if self._shadow_free <= 0:
+            key = (plan.name, shadow.label)
+            running = self._shadows_in_flight.get(key, 0)
+            if running >= self._shadow_limit:
                 metrics.shadow(plan.name, shadow.label, "dropped", 0.0)
                 continue
-            self._shadow_free -= 1
+            self._shadows_in_flight[key] = running + 1
             self._spawn(self._run_shadow(plan, shadow, payload, info))
 
     async def _run_shadow(self, plan: Plan, shadow: ShadowSpec, payload: dict[str, Any], info: RequestInfo) -> None:
@@ -372,7 +377,12 @@ class EndpointRouter:
             code = 500
             log.debug("shadow %s of %s failed", shadow.label, plan.name, exc_info=True)
         finally:
-            self._shadow_free += 1
+            key = (plan.name, shadow.label)
+            left = self._shadows_in_flight.get(key, 1) - 1
+            if left > 0:
+                self._shadows_in_flight[key] = left
+            else:
+                self._shadows_in_flight.pop(key, None)
         seconds = time.perf_counter() - started
         metrics.shadow(plan.name, shadow.label, "ok" if code < 400 else "error", seconds)
         if leg is not None and self.buffer is not None and plan.logging.enabled:
