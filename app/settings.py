@@ -611,6 +611,16 @@ class EventSettings(_Section):
     )
 
 
+class RolloutSettings(_Section):
+    """Canary rollouts (``app/rollouts``): how often the RolloutController actor judges the
+    running rollouts' steps and moves them on."""
+
+    tick_s: float = Field(
+        2.0, gt=0, le=3600, description="Seconds between two rounds of the RolloutController: each round reads "
+        "every running rollout's step window from the prediction log, judges it and records the decision.",
+    )
+
+
 class DatabaseSettings(_Section):
     """Bounds on every metadata-store call, so a stalled database fails a call instead of
     hanging the scheduler or a request (PostgreSQL; SQLite waits on its own busy timeout)."""
@@ -740,6 +750,9 @@ class Settings(BaseSettings):
     events: EventSettings = Field(
         default_factory=EventSettings, validation_alias=AliasChoices("MATIH_EVENTS", "events")
     )
+    rollouts: RolloutSettings = Field(
+        default_factory=RolloutSettings, validation_alias=AliasChoices("MATIH_ROLLOUTS", "rollouts")
+    )
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> "Settings":
@@ -856,6 +869,8 @@ CREDENTIALS_BY_PROCESS: dict[str, tuple[str, ...]] = {
     "job": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
     "event_relay": ("database_url", "redis_url"),  # reads the outbox, publishes to the sink
     "prediction_log": ("database_url", "s3_access_key", "s3_secret_key"),  # endpoints' retention; the files
+    # rollouts in the store, aliases in MLflow, the prediction log's files
+    "rollout_controller": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
 }
 
 

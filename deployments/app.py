@@ -33,6 +33,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     from actors.job_scheduler import get_job_scheduler
     from actors.prediction_log import get_prediction_log
     from actors.registry_cache import get_registry_cache
+    from actors.rollout_controller import get_rollout_controller
     from app.bootstrap import prepare
     from app.serving.ingress import LOG_TO_STDERR
     from app.settings import load_settings
@@ -53,6 +54,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     get_gpu_manager(settings.actors.num_cpus)
     get_event_relay(kwargs, settings.actors.num_cpus, settings.credential_env("event_relay"))
     get_prediction_log(kwargs, settings)
+    get_rollout_controller(kwargs, settings.actors.num_cpus, settings.credential_env("rollout_controller"))
     _announce_ray_auth()
 
     # The replicas' Serve logs (access lines included) stay in their files unless

@@ -534,6 +534,7 @@ ROUTERS: list[str] = [
     "app.api.predlog:router",
     "app.api.traffic:router",
     "app.api.abtests:router",
+    "app.api.rollouts:router",
 ]
 
 

@@ -99,3 +99,16 @@ def audited(action: str, resource_id: str, before: Any, after: Any) -> EventSpec
         return None
     data = {"model": resource_id, "alias": alias, "version": version, "previous_version": previous}
     return m.MODEL_VERSION_ALIAS_CHANGED, m.model_version_subject(resource_id, subject_version), data
+
+
+_ROLLOUT_FIELDS = ("id", "endpoint", "model", "baseline", "candidate", "status", "step", "percent", "error")
+
+
+def rollout_changed(type_: str, rollout: dict[str, Any], decision: dict[str, Any] | None = None) -> EventSpec:
+    """A canary rollout (``app.rollouts.store``'s dict) started, moved or ended; ``decision``
+    (verdict, reasons, the statistics that drove it) when a judgement caused it."""
+    data: dict[str, Any] = {k: rollout.get(k) for k in _ROLLOUT_FIELDS}
+    data["rollout_id"] = data.pop("id")
+    if decision is not None:
+        data["decision"] = decision
+    return type_, m.rollout_subject(rollout["id"]), data

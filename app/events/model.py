@@ -9,8 +9,9 @@ Catalogue (``type`` -> ``subject``):
   prediction. ``queued`` follows a submission and every retry (a retry re-queues the same id).
 - ``model.version.{registered,stage_changed,alias_changed}`` -> ``models/<name>/versions/<v>``
 - ``endpoint.{created,updated,deleted}`` -> ``endpoints/<name>``
-- reserved prefixes for later work: ``rollout.*`` (canary steps, promotion, rollback) and
-  ``alert.*`` (drift and performance alerts).
+- ``rollout.{started,step_passed,promoted,rolled_back,paused,resumed,aborted,failed}`` ->
+  ``rollouts/<id>`` (canary rollouts, ``app/rollouts``; each decision's statistics in ``data``)
+- reserved prefix for later work: ``alert.*`` (drift and performance alerts).
 
 Order is per subject: events of one subject are published in the order their changes
 committed (Kafka: the subject is the message key, so they share a partition).
@@ -44,13 +45,23 @@ MODEL_VERSION_ALIAS_CHANGED = "model.version.alias_changed"
 ENDPOINT_CREATED = "endpoint.created"
 ENDPOINT_UPDATED = "endpoint.updated"
 ENDPOINT_DELETED = "endpoint.deleted"
-RESERVED_PREFIXES = ("rollout.", "alert.")
+ROLLOUT_STARTED = "rollout.started"
+ROLLOUT_STEP_PASSED = "rollout.step_passed"
+ROLLOUT_PROMOTED = "rollout.promoted"
+ROLLOUT_ROLLED_BACK = "rollout.rolled_back"
+ROLLOUT_PAUSED = "rollout.paused"
+ROLLOUT_RESUMED = "rollout.resumed"
+ROLLOUT_ABORTED = "rollout.aborted"
+ROLLOUT_FAILED = "rollout.failed"  # it could not go on (its endpoint deleted, a version gone)
+RESERVED_PREFIXES = ("alert.",)
 
 EVENT_TYPES: tuple[str, ...] = (
     TRAINING_JOB_QUEUED, TRAINING_JOB_STARTED, TRAINING_JOB_SUCCEEDED, TRAINING_JOB_FAILED, TRAINING_JOB_CANCELLED,
     BATCH_JOB_QUEUED, BATCH_JOB_STARTED, BATCH_JOB_SUCCEEDED, BATCH_JOB_FAILED, BATCH_JOB_CANCELLED,
     MODEL_VERSION_REGISTERED, MODEL_VERSION_STAGE_CHANGED, MODEL_VERSION_ALIAS_CHANGED,
     ENDPOINT_CREATED, ENDPOINT_UPDATED, ENDPOINT_DELETED,
+    ROLLOUT_STARTED, ROLLOUT_STEP_PASSED, ROLLOUT_PROMOTED, ROLLOUT_ROLLED_BACK, ROLLOUT_PAUSED, ROLLOUT_RESUMED,
+    ROLLOUT_ABORTED, ROLLOUT_FAILED,
 )
 
 # A job's kind (app.jobs.run.KINDS) -> the prefix of its events; an unknown kind uses its own name.
@@ -76,6 +87,10 @@ def model_version_subject(name: str, version: str | int) -> str:
 
 def endpoint_subject(name: str) -> str:
     return f"endpoints/{name}"
+
+
+def rollout_subject(rollout_id: str) -> str:
+    return f"rollouts/{rollout_id}"
 
 
 def new_event_id() -> str:
