@@ -20,11 +20,12 @@ from app.api.app import ApiContext, _resolve, role_dependencies
 from app.api.predlog import time_range
 from app.auth import Principal
 from app.ensembles.serving import check_ensemble_target
-from app.errors import DependencyUnavailable, InvalidInput, MatihError, NotFound
+from app.errors import Conflict, DependencyUnavailable, InvalidInput, MatihError, NotFound
 from app.predlog.feedback import FEEDBACK_SCHEMA, FeedbackStore
 from app.predlog.join import read_window
 from app.predlog.layout import shadow_log
 from app.registry.mlflow_registry import model_metadata
+from app.rollouts.store import ACTIVE, RolloutStore
 from app.serving.endpoint_config import check_endpoint_config
 from app.store import redacted_endpoint
 from app.traffic.bandits import BanditStore
@@ -61,6 +62,7 @@ def router(ctx: ApiContext) -> APIRouter:
     viewer, _predictor, developer, _admin = role_dependencies(ctx)
     api = APIRouter(prefix="/v1/endpoints/{name}", tags=["traffic"])
     bandits = BanditStore(ctx.store)
+    rollouts = RolloutStore(ctx.store)
     feedback = FeedbackStore(ctx.store)
 
     async def check_targets(plan: TrafficSpec, endpoint: dict[str, Any]) -> None:
@@ -86,6 +88,17 @@ def router(ctx: ApiContext) -> APIRouter:
             except (InvalidInput, NotFound) as exc:
                 raise InvalidInput(f"{where}.target {leg.target!r}: {exc.message}",
                                    details={**exc.details, "field": f"{where}.target"}) from None
+
+    async def refuse_during_rollout(name: str) -> None:
+        """A rollout in progress owns the endpoint's plan (app.rollouts): 409 naming it."""
+        active, _ = await asyncio.to_thread(rollouts.list, endpoint=name, statuses=ACTIVE, limit=1)
+        if active:
+            rid = active[0]["id"]
+            raise Conflict(
+                f"endpoint {name!r} is in rollout {rid} ({active[0]['status']}), which sets its traffic plan; "
+                f"POST /v1/rollouts/{rid}/abort first",
+                details={"rollout": rid},
+            )
 
     def verify(plan: TrafficSpec):
         """Run again inside the update's transaction: a model deleted meanwhile fails the change."""
@@ -116,6 +129,7 @@ def router(ctx: ApiContext) -> APIRouter:
     )
     async def put_traffic(name: str, body: TrafficSpec, who: Principal = developer) -> dict[str, Any]:
         endpoint = await asyncio.to_thread(ctx.store.get_endpoint, name)
+        await refuse_during_rollout(name)
         await check_targets(body, endpoint)
         return redacted_endpoint(await store_plan(name, endpoint, body, who.name))
 
@@ -126,6 +140,7 @@ def router(ctx: ApiContext) -> APIRouter:
     async def delete_traffic(name: str, who: Principal = developer) -> Response:
         endpoint = await asyncio.to_thread(ctx.store.get_endpoint, name)
         if _plan_of(endpoint) is not None:
+            await refuse_during_rollout(name)
             await store_plan(name, endpoint, None, who.name)
         return Response(status_code=204)
 

@@ -11,6 +11,7 @@ Catalogue (``type`` -> ``subject``):
 - ``endpoint.{created,updated,deleted}`` -> ``endpoints/<name>``
 - ``rollout.{started,step_passed,promoted,rolled_back,paused,resumed,aborted,failed}`` ->
   ``rollouts/<id>`` (canary rollouts, ``app/rollouts``; each decision's statistics in ``data``)
+- ``abtest.{created,stopped}`` -> ``abtests/<id>`` (A/B tests, ``app/experiments``)
 - reserved prefix for later work: ``alert.*`` (drift and performance alerts).
 
 Order is per subject: events of one subject are published in the order their changes
@@ -53,6 +54,8 @@ ROLLOUT_PAUSED = "rollout.paused"
 ROLLOUT_RESUMED = "rollout.resumed"
 ROLLOUT_ABORTED = "rollout.aborted"
 ROLLOUT_FAILED = "rollout.failed"  # it could not go on (its endpoint deleted, a version gone)
+ABTEST_CREATED = "abtest.created"
+ABTEST_STOPPED = "abtest.stopped"
 RESERVED_PREFIXES = ("alert.",)
 
 EVENT_TYPES: tuple[str, ...] = (
@@ -61,7 +64,7 @@ EVENT_TYPES: tuple[str, ...] = (
     MODEL_VERSION_REGISTERED, MODEL_VERSION_STAGE_CHANGED, MODEL_VERSION_ALIAS_CHANGED,
     ENDPOINT_CREATED, ENDPOINT_UPDATED, ENDPOINT_DELETED,
     ROLLOUT_STARTED, ROLLOUT_STEP_PASSED, ROLLOUT_PROMOTED, ROLLOUT_ROLLED_BACK, ROLLOUT_PAUSED, ROLLOUT_RESUMED,
-    ROLLOUT_ABORTED, ROLLOUT_FAILED,
+    ROLLOUT_ABORTED, ROLLOUT_FAILED, ABTEST_CREATED, ABTEST_STOPPED,
 )
 
 # A job's kind (app.jobs.run.KINDS) -> the prefix of its events; an unknown kind uses its own name.

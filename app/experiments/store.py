@@ -15,13 +15,12 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import Conflict, DependencyUnavailable, NotFound
+from app.events.model import ABTEST_CREATED, ABTEST_STOPPED
 from app.pagination import decode_page_token, encode_page_token, str_field, time_field
 from app.store.models import ABTest, AuditRecord, Event
 
 __all__ = ["ABTestStore", "ABTEST_CREATED", "ABTEST_STOPPED"]
 
-ABTEST_CREATED = "abtest.created"
-ABTEST_STOPPED = "abtest.stopped"
 RESOURCE = "abtest"
 _ACTOR_CHARS = 128
 

@@ -201,3 +201,22 @@ def test_shadow_report_compares_on_the_same_requests(api):
                            params={"since": "2020-01-01T00:00:00Z", "until": "2020-01-02T00:00:00Z"}).json()
     assert empty["shadows"] == {} and empty["primary"]["n"] == 0
     assert api.dev.delete(URL).status_code == 204
+
+
+def test_a_rollout_in_progress_owns_the_plan(api):
+    """PUT and DELETE of the plan are refused (409 naming the rollout) while a rollout sets it."""
+    from datetime import datetime, timezone
+
+    from app.rollouts.store import RolloutStore
+
+    api.ctx.store.create_endpoint("canaried", f"{MODEL}/1", "onnx", {}, "admin")
+    rollouts = RolloutStore(api.ctx.store)
+    step = {"variants": [{"name": "baseline", "target": f"{MODEL}/1", "weight": 95},
+                         {"name": "candidate", "target": f"{MODEL}/2", "weight": 5}]}
+    ro = rollouts.create(endpoint="canaried", model=MODEL, baseline="1", candidate="2", spec={"steps": [5, 100]},
+                         traffic=step, actor="admin", now=datetime.now(timezone.utc))
+    url = "/v1/endpoints/canaried/traffic"
+    r = api.dev.put(url, json=plan())
+    assert r.status_code == 409 and r.json()["details"]["rollout"] == ro["id"], r.text
+    assert api.dev.delete(url).status_code == 409
+    assert api.viewer.get(url).json()["traffic"]["variants"][1]["name"] == "candidate"  # untouched
