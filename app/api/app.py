@@ -134,10 +134,22 @@ class ApiContext:
             shadow_max_in_flight=self.settings.serving.shadow_max_in_flight,
         )
 
-    async def _bandit_arms(self, name: str) -> dict[str, Any]:
+    async def _bandit_arms(self, name: str, variants: list[str]) -> dict[str, Any]:
+        """The reward sums of a bandit plan's arms, after counting the rewards that arrived
+        before their prediction's log record (``FeedbackStore.settle_pending``): a reward sent
+        right after its prediction reaches the bandit within a refresh of the log's write."""
+        from app.predlog.feedback import FeedbackStore
+        from app.predlog.lookup import request_variants
         from app.traffic.bandits import BanditStore
 
-        return await asyncio.to_thread(BanditStore(self.store).arms, name)
+        def read() -> dict[str, Any]:
+            FeedbackStore(self.store).settle_pending(
+                name, lambda ids: request_variants(self.settings, name, ids), bandit_arms=variants,
+                window_s=2 * self.settings.predlog.feedback_grace_s + 60,
+            )
+            return BanditStore(self.store).arms(name)
+
+        return await asyncio.to_thread(read)
 
     async def notify_model_changed(self, name: str) -> None:
         self.registry.invalidate(name)

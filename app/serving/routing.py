@@ -167,14 +167,15 @@ class EndpointRouter:
         buffer: Any = None,
         status_for: Callable[[MatihError], int] = lambda exc: 500,
         ensembles: Any = None,
-        arms: Callable[[str], Awaitable[dict[str, Any]]] | None = None,
+        arms: Callable[[str, list[str]], Awaitable[dict[str, Any]]] | None = None,
         bandit_refresh_s: float = 1.0,
         shadow_max_in_flight: int = 8,
     ):
         """``ensembles``: runs an ensemble leg (:class:`app.ensembles.serving.EnsembleDispatch`:
         ``predict(model, payload, config, explain)``); None = ensembles are refused (409).
-        ``arms(endpoint)``: the bandit arms' reward sums (:class:`app.traffic.bandits.ArmStats`
-        by variant) from the store; None = bandit plans keep their configured weights.
+        ``arms(endpoint, variants)``: the bandit arms' reward sums (:class:`app.traffic.bandits.ArmStats`
+        by variant) from the store, rewards that were waiting for their log record counted
+        first; None = bandit plans keep their configured weights.
         ``bandit_refresh_s``: how often a bandit plan is re-weighed from them;
         ``shadow_max_in_flight``: calls of one shadow (of one endpoint) this router runs at once
         (more are dropped): a slow shadow cannot starve another."""
@@ -249,8 +250,8 @@ class EndpointRouter:
         import numpy as np
 
         try:
-            arms = await self._arms(name)
             traffic = choice.traffic
+            arms = await self._arms(name, [v.name for v in traffic.variants])
             weights = bandit_weights(
                 traffic.strategy, arms, [v.name for v in traffic.variants], traffic.bandit,
                 rng=np.random.default_rng(),
