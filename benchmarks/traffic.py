@@ -89,6 +89,23 @@ def create_targets(base: str, token: str, est) -> dict[str, str]:
     return urls
 
 
+def shadow_counts(base: str, token: str) -> dict[str, Any]:
+    """How many of iris-shadow's logged requests the shadow answered (its log against the
+    primary's, from the shadow report once the log has caught up): the shadow really ran."""
+    import httpx
+
+    time.sleep(6)  # the prediction log writes every few seconds
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=300) as c:
+        doc = c.get("/v1/endpoints/iris-shadow/shadow/report").json()
+    sh = next(iter(doc.get("shadows", {}).values()), {})
+    out = {"primary_logged": doc.get("primary", {}).get("n"), "shadow_logged": sh.get("n_shadow"),
+           "agreement": sh.get("agreement"), "shadow_error_rate": (sh.get("error_rate") or {}).get("shadow")}
+    print(f"shadow log: {out['shadow_logged']} shadow answers for {out['primary_logged']} logged primary requests "
+          f"(agreement {out['agreement']}, shadow error rate {out['shadow_error_rate']}); the rest were dropped "
+          "at serving.shadow_max_in_flight", flush=True)
+    return out
+
+
 def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     pairs = [("split_vs_single", "split", c, TARGET_SPLIT) for c in LEVELS]
@@ -143,6 +160,7 @@ def serving(args) -> dict[str, Any]:
                           f"{res.rps:7.0f} req/s", flush=True)
         results = {k: {f"c{c}": summarize(runs[(k, c)]) for c in LEVELS} for k in keys}
         rat = ratios(results)
+        shadowed = shadow_counts(base, token) if "shadow" in keys else None
         print(f"\n{'target':<10}{'c':>4}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}")
         for c in LEVELS:
             for k in keys:
@@ -154,7 +172,7 @@ def serving(args) -> dict[str, Any]:
                   f"throughput ratio {v['rps_ratio']:.2f}")
         return {"config": {"ingress": args.ingress, "cluster_env": env, "duration_s": args.duration,
                            "rounds": args.rounds, "levels": list(LEVELS), "driver": ps.WRK or "httpx"},
-                "results": results, "ratios": rat}
+                "results": results, "ratios": rat, "shadow_log": shadowed}
     finally:
         try:
             stop_platform()

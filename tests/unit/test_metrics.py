@@ -19,6 +19,8 @@ def _call_every_function() -> None:
     metrics.request("iris", "iris", "3", "", "rest", 200, 0.0012)
     metrics.request("iris", "iris", "3", "b", "grpc", 422, 0.0004)
     metrics.batch("iris", 12, 3)
+    metrics.shadow("iris", "churn/7", "ok", 0.004)
+    metrics.shadow("iris", "churn/7", "dropped", 0.0)
     metrics.model_loaded("iris", "3", "onnx", 0.8)
     metrics.models_resident("model_server", 2)
     metrics.predlog_dropped("iris", 5)
