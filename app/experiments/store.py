@@ -5,16 +5,14 @@ and its ``abtest.*`` event (the outbox) in one transaction, as the store's own r
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import and_, or_, select
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from app.errors import Conflict, DependencyUnavailable, NotFound
+from app.errors import Conflict, NotFound
 from app.events.model import ABTEST_CREATED, ABTEST_STOPPED
 from app.pagination import decode_page_token, encode_page_token, str_field, time_field
 from app.store.models import ABTest, AuditRecord, Event
@@ -45,16 +43,9 @@ class ABTestStore:
 
     def __init__(self, store):
         self.store = store
-        self._sessions = sessionmaker(store.engine, expire_on_commit=False)
 
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except OperationalError as exc:
-            url = self.store.engine.url.render_as_string(hide_password=True)
-            raise DependencyUnavailable(f"metadata store unreachable at {url}: {exc.orig}") from None
+    def _tx(self) -> AbstractContextManager[Session]:
+        return self.store.transaction()
 
     @staticmethod
     def as_dict(row: ABTest) -> dict[str, Any]:

@@ -14,17 +14,16 @@ import json
 import math
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy.orm import Session, aliased
 
-from app.errors import DependencyUnavailable, InvalidInput
+from app.errors import InvalidInput
 from app.predlog.ids import is_request_id, request_id_time
 from app.store.models import AuditRecord, Feedback
 
@@ -171,16 +170,9 @@ class FeedbackStore:
 
     def __init__(self, store):
         self.store = store
-        self._sessions = sessionmaker(store.engine, expire_on_commit=False)
 
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except OperationalError as exc:
-            url = self.store.engine.url.render_as_string(hide_password=True)
-            raise DependencyUnavailable(f"metadata store unreachable at {url}: {exc.orig}") from None
+    def _tx(self) -> AbstractContextManager[Session]:
+        return self.store.transaction()
 
     # -- writing ------------------------------------------------------------------------------
     def record(

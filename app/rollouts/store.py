@@ -8,16 +8,14 @@ compare-and-set finds the status or step changed and writes nothing."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from app.errors import Conflict, DependencyUnavailable, NotFound
+from app.errors import Conflict, NotFound
 from app.events import changes as _events
 from app.events import model as _m
 from app.pagination import decode_page_token, encode_page_token, str_field
@@ -55,16 +53,9 @@ class RolloutStore:
 
     def __init__(self, store: MetadataStore):
         self.store = store
-        self._sessions = sessionmaker(store.engine, expire_on_commit=False)
 
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except OperationalError as exc:
-            url = self.store.engine.url.render_as_string(hide_password=True)
-            raise DependencyUnavailable(f"metadata store unreachable at {url}: {exc.orig}") from None
+    def _tx(self) -> AbstractContextManager[Session]:
+        return self.store.transaction()
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, rollout_id: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,12 @@ class MetadataStore:
 
     def _safe_url(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
+
+    def transaction(self) -> AbstractContextManager[Session]:
+        """One transaction on the store's engine (commit on success, rollback on error; an
+        unreachable database is DependencyUnavailable): what the stores of other concerns
+        (feedback, bandit arms, A/B tests, rollouts) write their rows and audit records in."""
+        return self._tx()
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:

@@ -12,18 +12,16 @@ so two replicas recording feedback at once cannot lose each other's increment.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from app.errors import DependencyUnavailable
 from app.store.models import BanditArm
 
 __all__ = ["ArmStats", "BanditStore", "reward_delta"]
@@ -68,16 +66,9 @@ class BanditStore:
 
     def __init__(self, store):
         self.store = store
-        self._sessions = sessionmaker(store.engine, expire_on_commit=False)
 
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except OperationalError as exc:
-            url = self.store.engine.url.render_as_string(hide_password=True)
-            raise DependencyUnavailable(f"metadata store unreachable at {url}: {exc.orig}") from None
+    def _tx(self) -> AbstractContextManager[Session]:
+        return self.store.transaction()
 
     def arms(self, endpoint: str) -> dict[str, ArmStats]:
         """Every arm of ``endpoint`` that has a row (variants without rewards yet have none)."""
