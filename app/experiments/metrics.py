@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from app.errors import InvalidInput
 from app.experiments.spec import METRICS, metric_kind
 
-__all__ = ["MetricSamples", "metric_samples", "assignment_counts", "feedback_column"]
+__all__ = ["MetricSamples", "metric_samples", "assignment_counts", "feedback_column", "parse_json", "as_number", "same_label"]
 
 _FEEDBACK_PREFIX = "feedback_"  # app.predlog.join.PREFIX
 _OK_STATUS = 200  # a null status: a file written before the column existed held successes only
@@ -68,7 +68,8 @@ def _times(table: pa.Table) -> np.ndarray:
     return np.asarray(ts.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-def _parse(text: Any) -> Any:
+def parse_json(text: Any) -> Any:
+    """A logged JSON text (prediction, label) as its value; text that is not JSON as itself."""
     if text is None:
         return None
     try:
@@ -77,7 +78,7 @@ def _parse(text: Any) -> Any:
         return text
 
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     """A JSON number (not a boolean) as a finite float; a one-element list counts as its element
     (a regressor's single output)."""
     if isinstance(value, list) and len(value) == 1:
@@ -94,7 +95,7 @@ def same_label(prediction: Any, label: Any) -> bool:
     strings only with strings."""
     if isinstance(prediction, list) and len(prediction) == 1:
         prediction = prediction[0]
-    a, b = _number(prediction), _number(label)
+    a, b = as_number(prediction), as_number(label)
     if a is not None and b is not None:
         return a == b
     return type(prediction) is type(label) and prediction == label
@@ -119,9 +120,9 @@ def _row_values(table: pa.Table, metric: str) -> tuple[np.ndarray, np.ndarray]:
     if metric == "value":
         outcome = np.where(np.isnan(value), reward, value)
         return outcome, np.isfinite(outcome)
-    predictions = [_parse(p) for p in _strings(table.column("prediction") if "prediction" in table.column_names
+    predictions = [parse_json(p) for p in _strings(table.column("prediction") if "prediction" in table.column_names
                                                else None, n)]
-    labels = [_parse(x) for x in _strings(feedback_column(table, "label"), n)]
+    labels = [parse_json(x) for x in _strings(feedback_column(table, "label"), n)]
     out = np.zeros(n)
     defined = np.zeros(n, dtype=bool)
     if metric == "accuracy":
@@ -132,8 +133,8 @@ def _row_values(table: pa.Table, metric: str) -> tuple[np.ndarray, np.ndarray]:
         return out, defined
     # rmse: the squared error of each prediction; its mean is the MSE, whose root the report shows
     for i, p in enumerate(predictions):
-        predicted = _number(p)
-        truth = value[i] if np.isfinite(value[i]) else _number(labels[i])
+        predicted = as_number(p)
+        truth = value[i] if np.isfinite(value[i]) else as_number(labels[i])
         if predicted is not None and truth is not None:
             defined[i] = True
             out[i] = (predicted - truth) ** 2

@@ -28,7 +28,6 @@ end, with no guardrail failing.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -36,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from app.experiments.metrics import metric_samples
 from app.rollouts.spec import HIGHER_IS_BETTER, RolloutSpec
 
 __all__ = ["Arm", "Decision", "arms_from_table", "judge_step", "BASELINE", "CANDIDATE"]
@@ -219,36 +219,6 @@ def judge_step(baseline: Arm, candidate: Arm, spec: RolloutSpec, *, elapsed_s: f
     return Decision("pass", ["no guardrail failed: error rate, latency" + (", quality" if qual else "")], stats)
 
 
-def _quality_values(table: pa.Table, metric: str) -> np.ndarray:
-    """Per labeled prediction, the metric's value; predictions without the needed feedback drop out."""
-    cols = set(table.column_names)
-    if metric in ("conversion", "value"):
-        if "feedback_reward" not in cols:
-            return np.empty(0)
-        values = np.asarray(table.column("feedback_reward").to_numpy(zero_copy_only=False), dtype=float)
-        return values[np.isfinite(values)]
-    if metric == "accuracy":
-        if "feedback_label" not in cols:
-            return np.empty(0)
-        out = []
-        for pred, label in zip(table.column("prediction").to_pylist(), table.column("feedback_label").to_pylist()):
-            if pred is None or label is None:
-                continue
-            out.append(1.0 if json.loads(pred) == json.loads(label) else 0.0)
-        return np.asarray(out, dtype=float)
-    if "feedback_value" not in cols:  # rmse
-        return np.empty(0)
-    out = []
-    for pred, value in zip(table.column("prediction").to_pylist(), table.column("feedback_value").to_pylist()):
-        if pred is None or value is None:
-            continue
-        try:
-            out.append((float(json.loads(pred)) - float(value)) ** 2)
-        except (TypeError, ValueError):
-            continue
-    return np.asarray(out, dtype=float)
-
-
 def arms_from_table(table: pa.Table, metric: str | None = None) -> dict[str, Arm]:
     """The two arms of a prediction-log window (``app.predlog.join.read_window``, or
     ``labeled(..., how="left")`` for a quality metric): rows of the variants ``baseline`` and
@@ -265,11 +235,9 @@ def arms_from_table(table: pa.Table, metric: str | None = None) -> dict[str, Arm
         status = np.asarray(table.column("status").fill_null(200).to_numpy(zero_copy_only=False), dtype=int)
     else:
         status = np.full(table.num_rows, 200, dtype=int)
+    # the quality metric as A/B tests define it (app.experiments.metrics): one definition per metric
+    quality = metric_samples(table, metric, [BASELINE, CANDIDATE]).values if metric is not None else {}
     for name in (BASELINE, CANDIDATE):
-        rows = variants == name
-        first = rows & (instance == 0)
-        quality = np.empty(0)
-        if metric is not None and rows.any():
-            quality = _quality_values(table.filter(pa.array(rows)), metric)
-        out[name] = Arm(latency_ms=latency[first], status=status[first], quality=quality)
+        first = (variants == name) & (instance == 0)
+        out[name] = Arm(latency_ms=latency[first], status=status[first], quality=quality.get(name, np.empty(0)))
     return out

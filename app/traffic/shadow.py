@@ -13,12 +13,13 @@ same labels. Pure: tables in, a JSON-safe dict out.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+
+from app.experiments.metrics import as_number, parse_json, same_label
 
 __all__ = ["shadow_report", "infer_task"]
 
@@ -26,35 +27,10 @@ Task = Literal["classification", "regression"]
 _ERROR_STATUS = 500
 
 
-def _parse(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return text
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Two predictions (or a prediction and a label) are the same answer: numbers compared by
-    value (1 == 1.0: runtimes differ in how they type a class id), anything else by type and
-    value (true is not 1, "1" is not 1)."""
-    x, y = _number(a), _number(b)
-    if x is not None and y is not None:
-        return x == y
-    return type(a) is type(b) and a == b
-
-
 def infer_task(predictions: list[Any]) -> Task:
     """regression when every prediction is a number and one at least is not whole; otherwise
     classification (labels, booleans, class ids)."""
-    numbers = [_number(p) for p in predictions if p is not None]
+    numbers = [as_number(p) for p in predictions if p is not None]
     if numbers and all(n is not None for n in numbers) and any(n != int(n) for n in numbers):  # type: ignore[arg-type]
         return "regression"
     return "classification"
@@ -89,7 +65,7 @@ _FIELDS = ("request_id", "instance", "prediction", "latency_ms", "status", "vari
 def _row(prediction: str | None, latency: float | None, status: int | None) -> dict[str, Any]:
     code = 200 if status is None else int(status)
     return {
-        "prediction": _parse(prediction), "latency_ms": latency, "error": code >= _ERROR_STATUS,
+        "prediction": parse_json(prediction), "latency_ms": latency, "error": code >= _ERROR_STATUS,
         "answered": code < 400 and prediction is not None,
     }
 
@@ -118,7 +94,7 @@ def _feedback(table: pa.Table | None) -> dict[tuple[str, int], tuple[Any, float 
         _column(table, "request_id"), _column(table, "instance", 0), _column(table, "label"), _column(table, "value")
     ):
         if rid is not None:
-            out[(rid, int(inst or 0))] = (_parse(label), value)
+            out[(rid, int(inst or 0))] = (parse_json(label), value)
     return out
 
 
@@ -131,15 +107,15 @@ def _quality(task: Task, pairs: list[tuple[tuple[str, int], tuple[dict, dict]]],
             if label is None or not (p["answered"] and s["answered"]):
                 continue
             n += 1
-            hits_p += _same(p["prediction"], label)
-            hits_s += _same(s["prediction"], label)
+            hits_p += same_label(p["prediction"], label)
+            hits_s += same_label(s["prediction"], label)
         return {"metric": "accuracy", "n_labelled": n,
                 "primary": {"accuracy": _rate(hits_p, n)}, "shadow": {"accuracy": _rate(hits_s, n)}}
     err_p: list[float] = []
     err_s: list[float] = []
     for key, (p, s) in pairs:
         value = labels.get(key, (None, None))[1]
-        yp, ys = _number(p["prediction"]), _number(s["prediction"])
+        yp, ys = as_number(p["prediction"]), as_number(s["prediction"])
         if value is None or yp is None or ys is None or not (p["answered"] and s["answered"]):
             continue
         err_p.append(yp - value)
@@ -180,10 +156,10 @@ def shadow_report(
         rows = by_shadow[label]
         pairs = [(key, (prim[key], s)) for key, s in rows.items() if key in prim]
         both = [(p, s) for _, (p, s) in pairs if p["answered"] and s["answered"]]
-        agree = sum(_same(p["prediction"], s["prediction"]) for p, s in both)
+        agree = sum(same_label(p["prediction"], s["prediction"]) for p, s in both)
         diffs = [
             abs(x - y)
-            for x, y in ((_number(p["prediction"]), _number(s["prediction"])) for p, s in both)
+            for x, y in ((as_number(p["prediction"]), as_number(s["prediction"])) for p, s in both)
             if x is not None and y is not None
         ]
         n = len(pairs)
