@@ -165,6 +165,35 @@ def summarize(runs: list[WrkResult]) -> dict[str, Any]:
             "rps": requests / seconds if seconds else 0.0}
 
 
+def run_rounds(urls: dict[str, str], keys: list[str], levels: tuple[int, ...], args, headers: dict[str, str],
+               body: dict[str, Any], workdir: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every target of ``keys`` at every level, in ``args.rounds`` interleaved rounds (level by
+    level, the order rotating), after an ``args.warmup`` s warm-up each at c=8; prints each run
+    and the summary table; returns target -> "c<level>" -> :func:`summarize`."""
+    for key in keys:  # warm-up
+        measure(urls[key], body, headers, 8, args.warmup, workdir)
+    runs: dict[tuple[str, int], list[WrkResult]] = {(k, c): [] for k in keys for c in levels}
+    print(f"measuring: {args.rounds} rounds x levels {levels} x {len(keys)} targets x {args.duration:g} s, "
+          "interleaved, order rotating", flush=True)
+    for rnd in range(args.rounds):
+        order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
+        for c in levels:
+            for key in order:
+                res = measure(urls[key], body, headers, c, args.duration, workdir)
+                if res.errors:
+                    raise RuntimeError(f"{key} c={c} round {rnd + 1}: {res.errors} errors")
+                runs[(key, c)].append(res)
+                print(f"  round {rnd + 1} c={c:<2} {key:<10} p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:7.2f} ms  "
+                      f"{res.rps:7.0f} req/s", flush=True)
+    results = {k: {f"c{c}": summarize(runs[(k, c)]) for c in levels} for k in keys}
+    print(f"\n{'target':<12}{'c':>4}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}")
+    for c in levels:
+        for k in keys:
+            r = results[k][f"c{c}"]
+            print(f"{k:<12}{c:>4}{r['requests']:>10}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['rps']:>9.0f}")
+    return results
+
+
 def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per level: each fan-out's p50 over its member's (same placement) and fused over fan-out."""
     pairs = {"fanout_gw_vs_member": ("fanout-gw", "member-gw", TARGET_FANOUT),
@@ -205,29 +234,8 @@ def serving(args) -> dict[str, Any]:
         urls = create_targets(base, token, est)
         keys = [k for k in TARGETS if k in urls and (not args.targets or k in args.targets.split(","))]
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-        body = {"instances": [ROW]}
-        for key in keys:  # warm-up
-            measure(urls[key], body, headers, 8, args.warmup, workdir)
-        runs: dict[tuple[str, int], list[WrkResult]] = {(k, c): [] for k in keys for c in LEVELS}
-        print(f"measuring: {args.rounds} rounds x levels {LEVELS} x {len(keys)} targets x {args.duration:g} s, "
-              "interleaved, order rotating", flush=True)
-        for rnd in range(args.rounds):
-            order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
-            for c in LEVELS:
-                for key in order:
-                    res = measure(urls[key], body, headers, c, args.duration, workdir)
-                    if res.errors:
-                        raise RuntimeError(f"{key} c={c} round {rnd + 1}: {res.errors} errors")
-                    runs[(key, c)].append(res)
-                    print(f"  round {rnd + 1} c={c:<2} {key:<10} p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:7.2f} ms  "
-                          f"{res.rps:7.0f} req/s", flush=True)
-        results = {k: {f"c{c}": summarize(runs[(k, c)]) for c in LEVELS} for k in keys}
+        results = run_rounds(urls, keys, LEVELS, args, headers, {"instances": [ROW]}, workdir)
         rat = ratios(results)
-        print(f"\n{'target':<12}{'c':>4}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}")
-        for c in LEVELS:
-            for k in keys:
-                r = results[k][f"c{c}"]
-                print(f"{k:<12}{c:>4}{r['requests']:>10}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['rps']:>9.0f}")
         print("\nratios of p50 (target in brackets):")
         for name, v in rat.items():
             print(f"  {name:<28} {v['p50_ratio']:.2f}x (<= {v['target']:g}x) {'MET' if v['met'] else 'NOT MET'}; "

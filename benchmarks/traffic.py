@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import peer_serving as ps
-from benchmarks.ensembles import measure, summarize
-from benchmarks.peer_serving import ROW, WrkResult, commit, fit_iris, machine_info, platform_overrides, start_platform, stop_platform
+from benchmarks.ensembles import run_rounds
+from benchmarks.peer_serving import ROW, commit, fit_iris, machine_info, platform_overrides, start_platform, stop_platform
 
 LEVELS = (1, 8)
 TARGETS = ("single", "split", "shadow")
@@ -142,30 +142,9 @@ def serving(args) -> dict[str, Any]:
         urls = create_targets(base, token, est)
         keys = [k for k in TARGETS if k in urls and (not args.targets or k in args.targets.split(","))]
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-        body = {"instances": [ROW]}
-        for key in keys:  # warm-up
-            measure(urls[key], body, headers, 8, args.warmup, workdir)
-        runs: dict[tuple[str, int], list[WrkResult]] = {(k, c): [] for k in keys for c in LEVELS}
-        print(f"measuring: {args.rounds} rounds x levels {LEVELS} x {len(keys)} targets x {args.duration:g} s, "
-              "interleaved, order rotating", flush=True)
-        for rnd in range(args.rounds):
-            order = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
-            for c in LEVELS:
-                for key in order:
-                    res = measure(urls[key], body, headers, c, args.duration, workdir)
-                    if res.errors:
-                        raise RuntimeError(f"{key} c={c} round {rnd + 1}: {res.errors} errors")
-                    runs[(key, c)].append(res)
-                    print(f"  round {rnd + 1} c={c:<2} {key:<8} p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:7.2f} ms  "
-                          f"{res.rps:7.0f} req/s", flush=True)
-        results = {k: {f"c{c}": summarize(runs[(k, c)]) for c in LEVELS} for k in keys}
+        results = run_rounds(urls, keys, LEVELS, args, headers, {"instances": [ROW]}, workdir)
         rat = ratios(results)
         shadowed = shadow_counts(base, token) if "shadow" in keys else None
-        print(f"\n{'target':<10}{'c':>4}{'requests':>10}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}")
-        for c in LEVELS:
-            for k in keys:
-                r = results[k][f"c{c}"]
-                print(f"{k:<10}{c:>4}{r['requests']:>10}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['rps']:>9.0f}")
         print("\nratios of p50 (target in brackets):")
         for name, v in rat.items():
             print(f"  {name:<24} {v['p50_ratio']:.2f}x (<= {v['target']:g}x) {'MET' if v['met'] else 'NOT MET'}; "
