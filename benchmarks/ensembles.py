@@ -49,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -212,13 +213,17 @@ def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
     return out
 
 
-def serving(args) -> dict[str, Any]:
+@contextmanager
+def served_platform(args, prefix: str):
+    """The platform on a local Ray cluster for one benchmark (peer_serving's helpers), the iris
+    estimator registered as endpoint ``iris``; yields (base URL, admin token, estimator,
+    cluster env, a scratch folder). Serve and Ray go down and the folders go on the way out."""
     ps.WRK = ps.WRK if Path(ps.WRK).exists() else shutil.which("wrk")
     print(f"driver: {'wrk ' + ps.WRK if ps.WRK else 'httpx (asyncio, this process; wrk is not installed)'}",
           flush=True)
     est, _ = fit_iris()
-    home = tempfile.mkdtemp(prefix="matih-ens-")
-    workdir = Path(tempfile.mkdtemp(prefix="matih-ens-wrk-"))
+    home = tempfile.mkdtemp(prefix=f"{prefix}-")
+    workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-wrk-"))
     os.environ["MATIH_HOME"] = home
     from app.serving.ingress import apply_cluster_env
     from app.settings import load_settings
@@ -231,24 +236,33 @@ def serving(args) -> dict[str, Any]:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         signal.signal(signal.SIGTERM, lambda signum, _f: (_ for _ in ()).throw(SystemExit(128 + signum)))
         base, token = start_platform(home, overrides, est)
-        urls = create_targets(base, token, est)
-        keys = [k for k in TARGETS if k in urls and (not args.targets or k in args.targets.split(","))]
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-        results = run_rounds(urls, keys, LEVELS, args, headers, {"instances": [ROW]}, workdir)
-        rat = ratios(results)
-        print("\nratios of p50 (target in brackets):")
-        for name, v in rat.items():
-            print(f"  {name:<28} {v['p50_ratio']:.2f}x (<= {v['target']:g}x) {'MET' if v['met'] else 'NOT MET'}; "
-                  f"throughput ratio {v['rps_ratio']:.2f}")
-        return {"config": {"ingress": args.ingress, "cluster_env": env, "duration_s": args.duration,
-                           "rounds": args.rounds, "levels": list(LEVELS), "driver": ps.WRK or "httpx"},
-                "results": results, "ratios": rat}
+        yield base, token, est, env, workdir
     finally:
         try:
             stop_platform()
         finally:
             shutil.rmtree(home, ignore_errors=True)
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_ratios(rat: dict[str, dict[str, Any]]) -> None:
+    print("\nratios of p50 (target in brackets):")
+    for name, v in rat.items():
+        print(f"  {name:<28} {v['p50_ratio']:.2f}x (<= {v['target']:g}x) {'MET' if v['met'] else 'NOT MET'}; "
+              f"throughput ratio {v['rps_ratio']:.2f}")
+
+
+def serving(args) -> dict[str, Any]:
+    with served_platform(args, "matih-ens") as (base, token, est, env, workdir):
+        urls = create_targets(base, token, est)
+        keys = [k for k in TARGETS if k in urls and (not args.targets or k in args.targets.split(","))]
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        results = run_rounds(urls, keys, LEVELS, args, headers, {"instances": [ROW]}, workdir)
+        rat = ratios(results)
+        print_ratios(rat)
+        return {"config": {"ingress": args.ingress, "cluster_env": env, "duration_s": args.duration,
+                           "rounds": args.rounds, "levels": list(LEVELS), "driver": ps.WRK or "httpx"},
+                "results": results, "ratios": rat}
 
 
 def bagging(argv: list[str]) -> Any:

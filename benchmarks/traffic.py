@@ -33,18 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks import peer_serving as ps
-from benchmarks.ensembles import run_rounds
-from benchmarks.peer_serving import ROW, commit, fit_iris, machine_info, platform_overrides, start_platform, stop_platform
+from benchmarks.ensembles import print_ratios, run_rounds, served_platform
+from benchmarks.peer_serving import ROW, commit, machine_info
 
 LEVELS = (1, 8)
 TARGETS = ("single", "split", "shadow")
@@ -121,43 +117,17 @@ def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
 
 
 def serving(args) -> dict[str, Any]:
-    ps.WRK = ps.WRK if Path(ps.WRK).exists() else shutil.which("wrk")
-    print(f"driver: {'wrk ' + ps.WRK if ps.WRK else 'httpx (asyncio, this process; wrk is not installed)'}",
-          flush=True)
-    est, _ = fit_iris()
-    home = tempfile.mkdtemp(prefix="matih-traffic-")
-    workdir = Path(tempfile.mkdtemp(prefix="matih-traffic-wrk-"))
-    os.environ["MATIH_HOME"] = home
-    from app.serving.ingress import apply_cluster_env
-    from app.settings import load_settings
-
-    overrides = platform_overrides(home, args.ingress)
-    env = apply_cluster_env(load_settings("local", **overrides))
-    import ray
-
-    try:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        signal.signal(signal.SIGTERM, lambda signum, _f: (_ for _ in ()).throw(SystemExit(128 + signum)))
-        base, token = start_platform(home, overrides, est)
+    with served_platform(args, "matih-traffic") as (base, token, est, env, workdir):
         urls = create_targets(base, token, est)
         keys = [k for k in TARGETS if k in urls and (not args.targets or k in args.targets.split(","))]
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         results = run_rounds(urls, keys, LEVELS, args, headers, {"instances": [ROW]}, workdir)
         rat = ratios(results)
         shadowed = shadow_counts(base, token) if "shadow" in keys else None
-        print("\nratios of p50 (target in brackets):")
-        for name, v in rat.items():
-            print(f"  {name:<24} {v['p50_ratio']:.2f}x (<= {v['target']:g}x) {'MET' if v['met'] else 'NOT MET'}; "
-                  f"throughput ratio {v['rps_ratio']:.2f}")
+        print_ratios(rat)
         return {"config": {"ingress": args.ingress, "cluster_env": env, "duration_s": args.duration,
                            "rounds": args.rounds, "levels": list(LEVELS), "driver": ps.WRK or "httpx"},
                 "results": results, "ratios": rat, "shadow_log": shadowed}
-    finally:
-        try:
-            stop_platform()
-        finally:
-            shutil.rmtree(home, ignore_errors=True)
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def msprt_bench(n: int = 1_000_000, looks: int = 100) -> dict[str, Any]:
