@@ -319,8 +319,8 @@ class EndpointRouter:
     # -- running a plan --------------------------------------------------------------------------
     async def predict(self, plan: Plan, payload: dict[str, Any], info: RequestInfo, explain: bool = False) -> Routed:
         """Run ``plan`` on ``payload``; record the prediction (sampled, with the fields the
-        endpoint keeps; one that failed with a 5xx with its status and no outputs) and the request's metrics,
-        and copy the request to the plan's shadows. Logging and shadows never fail or delay the
+        endpoint keeps; one that failed with a 5xx with its status and no outputs) and the
+        request's metrics, and copy the request to the plan's shadows. Logging and shadows never fail or delay the
         answer. ``explain``: an ensemble's answer also holds its members' (``members``)."""
         leg = plan.primary
         code = 200
@@ -336,12 +336,18 @@ class EndpointRouter:
         finally:
             seconds = time.perf_counter() - info.started
             metrics.request(plan.name, leg.model.name, leg.model.version, leg.variant, info.protocol, code, seconds)
-            # A refused request (4xx: the caller's mistake) is not logged; a failed one (5xx: the
-            # model's or the platform's) is, with its status: the error rate of a variant.
-            if self.buffer is not None and plan.logging.enabled and (out is not None or code >= 500):
-                self._record(plan.name, plan.logging, leg, payload, out, info, seconds, code)
-            if plan.shadows:
-                self._shadow(plan, payload, info)
+            # A refused request (4xx: the caller's mistake) is neither logged nor copied to the
+            # shadows; a failed one (5xx: the model's or the platform's) is, with its status: the
+            # error rate of a variant. A sampled-out request's shadows are not logged either, so
+            # the shadow log pairs with the primary's.
+            if not 400 <= code < 500:
+                spec = plan.logging
+                logged = self.buffer is not None and spec.enabled and (
+                    spec.sample_rate >= 1.0 or random.random() < spec.sample_rate)
+                if logged:
+                    self._record(plan.name, spec, leg, payload, out, info, seconds, code)
+                if plan.shadows:
+                    self._shadow(plan, payload, info, logged)
         return Routed(out, leg, info.request_id)
 
     async def _call(self, leg: Leg, payload: dict[str, Any], explain: bool) -> dict[str, Any]:
@@ -352,8 +358,9 @@ class EndpointRouter:
         return await self.predictor.predict(leg.model, payload, leg.runtime, leg.config)
 
     # -- shadows -------------------------------------------------------------------------------
-    def _shadow(self, plan: Plan, payload: dict[str, Any], info: RequestInfo) -> None:
-        """Start the sampled shadows' calls; none is awaited by the request."""
+    def _shadow(self, plan: Plan, payload: dict[str, Any], info: RequestInfo, logged: bool) -> None:
+        """Start the sampled shadows' calls; none is awaited by the request. ``logged``: the
+        primary's record went to the log, and so will the shadows' answers."""
         for shadow in plan.shadows:
             if shadow.sample < 1.0 and self._rng.random() >= shadow.sample:
                 continue
@@ -363,9 +370,11 @@ class EndpointRouter:
                 metrics.shadow(plan.name, shadow.label, "dropped", 0.0)
                 continue
             self._shadows_in_flight[key] = running + 1
-            self._spawn(self._run_shadow(plan, shadow, payload, info))
+            self._spawn(self._run_shadow(plan, shadow, payload, info, logged))
 
-    async def _run_shadow(self, plan: Plan, shadow: ShadowSpec, payload: dict[str, Any], info: RequestInfo) -> None:
+    async def _run_shadow(
+        self, plan: Plan, shadow: ShadowSpec, payload: dict[str, Any], info: RequestInfo, logged: bool
+    ) -> None:
         started = time.perf_counter()
         code, out, leg = 200, None, None
         try:
@@ -386,7 +395,7 @@ class EndpointRouter:
                 self._shadows_in_flight.pop(key, None)
         seconds = time.perf_counter() - started
         metrics.shadow(plan.name, shadow.label, "ok" if code < 400 else "error", seconds)
-        if leg is not None and self.buffer is not None and plan.logging.enabled:
+        if leg is not None and logged:
             shadow_info = RequestInfo(info.request_id, info.client_request_id, info.caller, info.protocol,
                                       started, info.arrived)
             self._record(shadow_log(plan.name), plan.logging, leg, payload, out, shadow_info, seconds, code,
@@ -397,8 +406,7 @@ class EndpointRouter:
         self, log_name: str, spec: LoggingSpec, leg: Leg, payload: dict[str, Any], out: dict[str, Any] | None,
         info: RequestInfo, seconds: float, status: int, *, inputs: bool = True,
     ) -> None:
-        if spec.sample_rate < 1.0 and random.random() >= spec.sample_rate:
-            return
+        """Hand the buffer one record (the caller has decided it is sampled in)."""
         keep = spec.fields
         inputs = inputs and "inputs" in keep
         try:

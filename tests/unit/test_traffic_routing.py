@@ -227,3 +227,23 @@ def test_a_triton_endpoint_calls_the_remote_models_own_name(api):
     finally:
         client.delete("/v1/endpoints/petals-v2")
         server.close()
+
+
+def test_refused_or_sampled_out_requests_leave_no_shadow_record(api):
+    """A 4xx is the caller's: no shadow copy. A request the log samples out has its shadows'
+    answers left out too, so the shadow log pairs with the primary's."""
+    client, sink, _ = api
+    _plan(client, {"variants": [{"name": "a", "target": "petals/1", "weight": 1}],
+                   "shadows": [{"target": "petals/2"}]})
+    sink.records.clear()
+    assert client.post("/v1/endpoints/petals/predict", json={"instances": [[1.0, 2.0]]}).status_code == 422
+    spec = client.get("/v1/endpoints/petals").json()["spec"]
+    assert client.put("/v1/endpoints/petals", json={"spec": {**spec, "logging": {"sample_rate": 0.0}}}).status_code == 200
+    for _ in range(5):
+        assert _predict(client).status_code == 200
+    time.sleep(0.5)  # time for the shadows' tasks
+    assert sink.records == []
+    assert client.put("/v1/endpoints/petals", json={"spec": {**spec, "logging": {"sample_rate": 1.0}}}).status_code == 200
+    _predict(client)
+    _wait(lambda: [x for x in sink.records if x.endpoint == shadow_log("petals")])
+    _plan(client, None)
