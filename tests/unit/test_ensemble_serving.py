@@ -277,10 +277,10 @@ def test_v2_infer_on_an_ensemble_name(api):
 
 
 def test_a_plain_load_of_an_ensemble_without_fused_graph_is_409(api):
-    from app.serving.routing import Leg, _combine_of
+    from app.serving.routing import _combine_of
 
     model = _ensemble_model(_definition("e", _members()))
     with pytest.raises(Conflict) as err:
-        _combine_of(Leg("", model, "onnx", {"ensemble": "fused"}))
+        _combine_of(model, {"ensemble": "fused"})
     assert "fanout" in err.value.message
-    assert _combine_of(Leg("", model, "onnx", None)) == "ensemble"
+    assert _combine_of(model, None) == "ensemble"
