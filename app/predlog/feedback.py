@@ -349,7 +349,7 @@ class FeedbackStore:
             return 0
         bandits = _bandits(self.store) if arms else None
         filled = 0
-        deltas: dict[str, list] = {}
+        moves: list[tuple[str | None, float | None, str | None, float | None]] = []
         later = aliased(Feedback)  # a row superseded meanwhile is left alone: its successor counts
         with self._tx() as s:
             for row, variant in fills:
@@ -368,13 +368,9 @@ class FeedbackStore:
                 if done != 1:
                     continue  # another replica settled it
                 filled += 1
-                if row.reward is not None and variant in arms:
-                    acc = deltas.setdefault(variant, [0, 0.0, 0.0])
-                    acc[0] += 1
-                    acc[1] += row.reward
-                    acc[2] += row.reward * row.reward
+                moves.append((None, None, variant, row.reward))  # counted nowhere until now
             if bandits is not None:
-                for variant, delta in deltas.items():
+                for variant, delta in _arm_deltas(moves, arms).items():
                     bandits.add(s, endpoint, variant, *delta)
         return filled
 

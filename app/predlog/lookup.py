@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 
 from app.errors import DependencyUnavailable
 from app.predlog.ids import request_id_time
-from app.predlog.layout import hour_of, partition_dir
+from app.predlog.layout import SHADOW_SUFFIX, hour_of, partition_dir
 from app.storage.s3 import resolve_uri
 
 __all__ = ["known_request_ids", "partition_files", "log_root", "request_variants"]
@@ -29,7 +29,7 @@ __all__ = ["known_request_ids", "partition_files", "log_root", "request_variants
 # A record's hour comes from its timestamp, taken when the request arrived, a moment before or
 # after its id: an id this close to an hour's edge is looked for on both sides of it.
 _EDGE = timedelta(seconds=60)
-_ENDPOINT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(~shadow)?")
+_ENDPOINT_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}({re.escape(SHADOW_SUFFIX)})?")
 _RETRIES = 3  # a file compacted or rewritten away between listing and reading: list again
 
 
