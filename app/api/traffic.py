@@ -10,7 +10,6 @@ endpoint does, so a plan never names a model that is not there."""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -22,7 +21,7 @@ from app.auth import Principal
 from app.ensembles.serving import check_ensemble_target
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, MatihError, NotFound
 from app.predlog.feedback import FEEDBACK_SCHEMA, FeedbackStore
-from app.predlog.join import read_window
+from app.predlog.join import read_window, window_feedback
 from app.predlog.layout import shadow_log
 from app.registry.mlflow_registry import model_metadata
 from app.rollouts.store import ACTIVE, RolloutStore
@@ -33,9 +32,6 @@ from app.traffic.choice import bandit_weights
 from app.traffic.shadow import shadow_report
 from app.traffic.spec import BANDITS, TrafficSpec
 
-# Feedback is read for a window this much wider than the predictions' (a prediction's timestamp
-# and the time in its request id are a moment apart), as app.predlog.join.labeled does.
-_ID_MARGIN = timedelta(minutes=5)
 
 
 def _plan_of(endpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -198,7 +194,7 @@ def router(ctx: ApiContext) -> APIRouter:
             primary = read_window(ctx.settings, name, start, end)
             shadows = read_window(ctx.settings, shadow_log(name), start, end)
             labels = (
-                feedback.latest(name, since=start - _ID_MARGIN, until=end + _ID_MARGIN)
+                window_feedback(feedback, name, start, end)
                 if primary.num_rows and shadows.num_rows else FEEDBACK_SCHEMA.empty_table()
             )
             return shadow_report(primary, shadows, task=task, feedback=labels)
@@ -209,8 +205,8 @@ def router(ctx: ApiContext) -> APIRouter:
             raise DependencyUnavailable(
                 f"the prediction log's storage is not readable: {type(exc).__name__}: {exc}"[:500]
             ) from None
-        plan = _plan_of(endpoint) or {}
-        configured = [s.get("name") or s.get("target") for s in plan.get("shadows") or () if isinstance(s, dict)]
+        plan = _plan_of(endpoint)
+        configured = [s.label for s in TrafficSpec.model_validate(plan).shadows] if plan is not None else []
         return {"endpoint": name, "since": start.isoformat(), "until": end.isoformat(),
                 "configured_shadows": configured, **report}
 

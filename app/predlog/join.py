@@ -20,7 +20,7 @@ from app.predlog.feedback import FEEDBACK_SCHEMA, FeedbackStore
 from app.predlog.layout import SCHEMA, hours_between
 from app.predlog.lookup import log_root, partition_files
 
-__all__ = ["KEYS", "PREFIX", "join_feedback", "labeled", "join_dataset", "read_window"]
+__all__ = ["KEYS", "PREFIX", "join_feedback", "labeled", "join_dataset", "read_window", "window_feedback"]
 
 KEYS = ("request_id", "instance")
 PREFIX = "feedback_"
@@ -127,14 +127,19 @@ def labeled(
     feedback (:func:`join_feedback`); ``how="inner"`` (the default) keeps the labeled ones, the
     training and evaluation set; ``"left"`` every prediction. ``store`` is the MetadataStore (or
     a FeedbackStore over it)."""
-    feedback_store = store if isinstance(store, FeedbackStore) else FeedbackStore(store)
     predictions = read_window(settings, endpoint, since, until)
-    if predictions.num_rows == 0:
-        feedback = FEEDBACK_SCHEMA.empty_table()
-    else:
-        since, until = _utc(since, "since"), _utc(until, "until")
-        feedback = feedback_store.latest(endpoint, since=since - _ID_MARGIN, until=until + _ID_MARGIN)
+    feedback = window_feedback(store, endpoint, since, until) if predictions.num_rows else FEEDBACK_SCHEMA.empty_table()
     return join_feedback(predictions, feedback, how=how)
+
+
+def window_feedback(store, endpoint: str, since: datetime, until: datetime) -> pa.Table:
+    """The current feedback (``FEEDBACK_SCHEMA``) of the predictions ``endpoint`` made in
+    ``[since, until)``: read by request-id time with a margin on both sides (an id is issued a
+    moment before or after its record's timestamp). ``store``: the MetadataStore or a
+    FeedbackStore over it."""
+    feedback_store = store if isinstance(store, FeedbackStore) else FeedbackStore(store)
+    since, until = _utc(since, "since"), _utc(until, "until")
+    return feedback_store.latest(endpoint, since=since - _ID_MARGIN, until=until + _ID_MARGIN)
 
 
 def _join_batch(batch: pa.Table, feedback: pa.Table, how: Literal["left", "inner"]) -> pa.Table:
