@@ -32,12 +32,21 @@ def prepare(settings: Settings) -> Prepared:
     finally:
         store.dispose()
     _prepare_mlflow(settings)
+    _prepare_features(settings)
     token, path = (None, None)
     if settings.auth.enabled:
         token, path = ensure_admin_token(settings)
         if path is not None:
             print(f"matih-ml: admin token in {path} (mode 0600); `matih-ml` commands read it from there", flush=True)
     return Prepared(token, path)
+
+
+def _prepare_features(settings: Settings) -> None:
+    """Render the managed Feast repo (feature_store.yaml) and create Feast's registry tables,
+    here, once, rather than racing in several replicas."""
+    from app.features.repo import open_store
+
+    open_store(settings, fresh=True)
 
 
 def _prepare_mlflow(settings: Settings) -> None:

@@ -621,6 +621,62 @@ class RolloutSettings(_Section):
     )
 
 
+class FeatureSettings(_Section):
+    """The Feast feature store (``app/features``): the managed repo at ``FEAST_REPO_PATH``, its
+    registry, online and offline stores and materialization engine, online reads at predict
+    time, and the StreamIngestor actor's micro-batches."""
+
+    project: str = Field(
+        "matih", pattern=r"^[a-z][a-z0-9_]{0,62}$",
+        description="Feast project of every definition the API makes (part of each online-store key).",
+    )
+    registry: str = Field(
+        "", description="SQLAlchemy URL of Feast's SQL registry; empty = derived from DATABASE_URL: a SQLite file "
+        "FEAST_REPO_PATH/registry.db beside a SQLite metadata store, the schema `registry_schema` of the same "
+        "PostgreSQL database beside a PostgreSQL one.",
+    )
+    registry_schema: str = Field(
+        "feast", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="PostgreSQL schema of the derived registry (created at start); Feast's tables live apart "
+        "from the platform's own.",
+    )
+    registry_cache_ttl_s: int = Field(
+        5, ge=0, description="How long each process trusts its copy of the registry (Feast's cache_ttl_seconds); "
+        "definitions changed through the API refresh the Gateway replica that made them at once.",
+    )
+    online_store: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="Where online features live: a SQLite file FEAST_REPO_PATH/online.db, or Redis "
+        "(REDIS_URL).",
+    )
+    offline_store: Literal["file", "ray"] = Field(
+        "file", description="Feast's offline store over the sources' parquet files: file (pandas/dask in the "
+        "process) or ray (Feast's Ray offline store, reading with Ray Data).",
+    )
+    engine: Literal["ray", "local"] = Field(
+        "ray", description="Feast's batch engine for materialization: ray (Feast's Ray compute engine in the "
+        "platform's cluster) or local (in the job's process).",
+    )
+    engine_max_workers: int | None = Field(
+        None, ge=1, description="Ray compute engine: most Ray workers of one materialization (None: Ray decides).",
+    )
+    engine_write_concurrency: int | None = Field(
+        None, ge=1, description="Ray compute engine: parallel online-store writers (None: 1 on SQLite, 4 on Redis).",
+    )
+    online_timeout_s: float = Field(
+        1.0, gt=0, description="Longest an online read at predict time may take before the request fails with 503.",
+    )
+    stream_poll_s: float = Field(
+        0.2, gt=0, description="StreamIngestor: longest wait for new messages before a partial micro-batch is written.",
+    )
+    stream_batch_rows: int = Field(
+        2000, ge=1, description="StreamIngestor: most rows written through the push API in one micro-batch.",
+    )
+    stream_rescan_s: float = Field(
+        5.0, gt=0, description="StreamIngestor: how often it re-reads the push sources' stream declarations.",
+    )
+    ingestor_num_cpus: float = Field(0.05, ge=0, description="CPUs the StreamIngestor actor reserves.")
+
+
 class DatabaseSettings(_Section):
     """Bounds on every metadata-store call, so a stalled database fails a call instead of
     hanging the scheduler or a request (PostgreSQL; SQLite waits on its own busy timeout)."""
@@ -683,7 +739,9 @@ class Settings(BaseSettings):
         description="Address of an existing Ray cluster; unset = a local cluster.",
     )
     feast_repo_path: str = Field(
-        "", validation_alias=AliasChoices("FEAST_REPO_PATH", "feast_repo_path"), description="Feast repository."
+        "", validation_alias=AliasChoices("FEAST_REPO_PATH", "feast_repo_path"),
+        description="The managed Feast repository (feature_store.yaml, rendered from configs/feast/ at start); "
+        "empty = MATIH_HOME/feature_repo.",
     )
     s3_endpoint: str = Field(
         "", validation_alias=AliasChoices("S3_ENDPOINT", "s3_endpoint"), description="S3 / MinIO endpoint URL."
@@ -750,6 +808,9 @@ class Settings(BaseSettings):
     events: EventSettings = Field(
         default_factory=EventSettings, validation_alias=AliasChoices("MATIH_EVENTS", "events")
     )
+    features: FeatureSettings = Field(
+        default_factory=FeatureSettings, validation_alias=AliasChoices("MATIH_FEATURES", "features")
+    )
     rollouts: RolloutSettings = Field(
         default_factory=RolloutSettings, validation_alias=AliasChoices("MATIH_ROLLOUTS", "rollouts")
     )
@@ -767,6 +828,10 @@ class Settings(BaseSettings):
             self.storage.data_roots = [str(self.matih_home / "data"), self.artifact_root]
         if not self.storage.allowed_buckets and self.artifact_root.startswith(("s3://", "s3a://")):
             self.storage.allowed_buckets = [self.artifact_root.split("://", 1)[1].split("/", 1)[0]]
+        if not self.feast_repo_path:
+            self.feast_repo_path = str(self.matih_home / "feature_repo")
+        if self.features.online_store == "redis" and not self.redis_url:
+            raise ValueError("features.online_store redis needs REDIS_URL (redis://host:port/db)")
         if not self.predlog.root:
             self.predlog.root = self.artifact_root.rstrip("/") + "/prediction-log"
         if self.events.sink == "kafka" and not self.kafka_bootstrap_servers:

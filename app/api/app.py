@@ -281,7 +281,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 "metadata_store": ctx.store.engine.dialect.name,
                 "ray": {"address": redact(s.ray_address) if s.ray_address else "local"},
                 "runtimes": sorted(RUNTIMES),
-                "feast": bool(s.feast_repo_path),
+                "feast": {"repo_path": s.feast_repo_path, "project": s.features.project,
+                          "online_store": s.features.online_store, "engine": s.features.engine},
                 "s3": bool(s.s3_endpoint),
                 "redis": bool(s.redis_url),
             },
@@ -547,6 +548,10 @@ ROUTERS: list[str] = [
     "app.api.traffic:router",
     "app.api.abtests:router",
     "app.api.rollouts:router",
+    "app.api.features:router",
+    "app.api.features_online:router",
+    "app.api.features_jobs:router",
+    "app.api.features_push:router",
 ]
 
 

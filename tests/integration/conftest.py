@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from app.cli import DEMO_JOB
 from tests.support import MlflowServer, free_port
 
+REDIS_URL = os.environ.get("MATIH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IRIS_JOB = DEMO_JOB  # the README's first job, one definition in app/cli.py
 
 
@@ -111,6 +113,10 @@ def platform(tmp_path_factory) -> Platform:
                  # job specs read and write under MATIH_HOME/data (the default data root) and in this bucket
                  "storage": {"allowed_buckets": ["matih-batch"]},
                  "kafka_bootstrap_servers": kafka.bootstrap,
+                 # online features on the machine's Redis, under a Feast project of this session's own
+                 # (every online-store key carries it), the registry a SQLite file in MATIH_HOME
+                 "redis_url": REDIS_URL,
+                 "features": {"online_store": "redis", "project": f"it_{uuid.uuid4().hex[:10]}"},
                  "events": {"sink": "kafka", "publish_timeout_s": 3.0, "retry_max_s": 2.0}}
     port = free_port()
     # Jobs run as Ray Jobs, which need the dashboard's job API. The Ray Jobs' entry points run

@@ -1,0 +1,11 @@
+"""Feature store routes: definitions: entities, sources, views, services (app/features). Being built."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.app import ApiContext
+
+
+def router(ctx: ApiContext) -> APIRouter:
+    return APIRouter(prefix="/v1/features", tags=["features"])
