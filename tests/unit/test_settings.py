@@ -11,6 +11,15 @@ def clean_env(monkeypatch):
     for name in ("DATABASE_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MATIH_HOME", "MATIH_PROFILE",
                  "MATIH_ADMIN_TOKEN", "S3_ENDPOINT", "REDIS_URL", "FEAST_REPO_PATH"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")  # the production profile's online features
+
+
+def test_production_profile_needs_redis_for_online_features(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_URL")
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        load_settings("production", matih_home=str(tmp_path), admin_token="t0ken")
+    s = load_settings("local", matih_home=str(tmp_path))
+    assert s.features.online_store == "sqlite" and s.feast_repo_path == str(tmp_path.resolve() / "feature_repo")
 
 
 def write_profile(tmp_path: Path, name: str, text: str) -> Path:
@@ -33,6 +42,7 @@ def test_environment_names_override_the_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     monkeypatch.setenv("MATIH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("REDIS_URL")
     s = load_settings("local", config_dir=cfg)
     assert s.database_url == "postgresql+psycopg://u:p@db:5432/matih_ml"
     assert s.mlflow_tracking_uri == "http://mlflow:5000"
