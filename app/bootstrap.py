@@ -46,7 +46,7 @@ def _prepare_features(settings: Settings) -> None:
     here, once, rather than racing in several replicas."""
     from app.features.repo import open_store
 
-    open_store(settings, fresh=True)
+    open_store(settings, fresh=True).registry  # Feast creates its SQL registry's tables on first use
 
 
 def _prepare_mlflow(settings: Settings) -> None:
