@@ -1,0 +1,604 @@
+"""Feature definitions: entities, sources, views and services, applied to the managed Feast repo
+(``app.features.repo``) through Feast's own ``FeatureStore.apply``, so what the API makes is a
+normal Feast registry that ``feast -c $FEAST_REPO_PATH feature-views list`` and Feast's SDK read.
+
+Semantics are ``feast apply``'s: applying a definition creates it or replaces the one of that
+name. Everything is checked before Feast is called (names, dtypes, paths inside the data roots,
+the parquet's columns, references to other objects), so a refused definition leaves the
+registry as it was: ``InvalidInput`` (422) names the request field (``schema[1].dtype``,
+``features[0]``); ``Conflict`` (409) names the objects a change would break (an entity's join
+key changed under its views, a source, entity or view deleted while something uses it).
+Applies are serialized in this process by one lock.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound
+from app.features.repo import STREAM_KIND_TAG, STREAM_TOPIC_TAG, open_store
+from app.settings import Settings
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Tag keys under this prefix are the platform's (stream declarations, the push batch source's owner).
+RESERVED_TAG_PREFIX = "matih."
+# A push source's batch FileSource is a data source of its own in Feast's registry, named
+# ``<push name>__batch`` and tagged with its owner; the API shows it only inside its push source.
+BATCH_SUFFIX = "__batch"
+_BATCH_OF_TAG = "matih.batch_of"
+_DUMMY_ENTITY = "__dummy"
+_apply_lock = threading.Lock()
+
+
+def _dtypes() -> dict[str, Any]:
+    from feast import types as t
+
+    scalars = [t.Float32, t.Float64, t.Int32, t.Int64, t.String, t.Bool, t.Bytes, t.UnixTimestamp]
+    table = {str(s): s for s in scalars}
+    for s in scalars:
+        table[str(t.Array(s))] = t.Array(s)
+    return table
+
+
+# The dtypes a view's schema may name (Feast's own type names): the scalars and their arrays.
+DTYPES: tuple[str, ...] = (
+    "Float32", "Float64", "Int32", "Int64", "String", "Bool", "Bytes", "UnixTimestamp",
+    "Array(Float32)", "Array(Float64)", "Array(Int32)", "Array(Int64)", "Array(String)", "Array(Bool)",
+    "Array(Bytes)", "Array(UnixTimestamp)",
+)
+
+_Name = Field(..., pattern=NAME_PATTERN, description="Letters, digits and '_', starting with a letter; at most 63.")
+
+
+class EntityDef(BaseModel):
+    """An entity: what features are about, and the column that identifies it in every source."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = _Name
+    join_keys: list[str] = Field(
+        default_factory=list, max_length=1,
+        description="The column naming the entity in sources and in online reads (Feast takes one); "
+        "default: the entity's name.",
+    )
+    description: str = Field("", max_length=2000)
+    tags: dict[str, str] = Field(default_factory=dict, description="Free metadata; keys 'matih.*' are reserved.")
+
+
+class StreamDef(BaseModel):
+    """Where a push source's events arrive; the StreamIngestor reads them and pushes them."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["kafka", "redis"] = Field(..., description="kafka (a topic) or redis (a Redis stream key).")
+    topic: str = Field(..., min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._:\-]+$",
+                       description="The Kafka topic or Redis stream key.")
+
+
+class SourceDef(BaseModel):
+    """A data source: a parquet file (or folder of them) under the data roots, or a push source
+    whose rows arrive through the push API (and optionally a stream) and land, when pushed
+    offline, in the parquet at ``path``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = _Name
+    kind: Literal["file", "push"] = Field("file", description="file: batch data at `path`; push: rows pushed "
+                                          "through the API or a stream, with `path` as its batch (offline) data.")
+    path: str = Field(..., min_length=1, max_length=2048,
+                      description="The parquet file or folder, inside the data roots (relative: under the first).")
+    timestamp_field: str = Field(..., min_length=1, max_length=128, description="The event-time column.")
+    created_timestamp_field: str | None = Field(
+        None, max_length=128, description="Optional row-creation time column, to break ties between rows of one time.")
+    description: str = Field("", max_length=2000)
+    stream: StreamDef | None = Field(None, description="Push sources only: a stream the StreamIngestor reads.")
+
+
+class FieldDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., max_length=128, description="A column of the source.")
+    dtype: str = Field(..., max_length=32, description="One of " + ", ".join(DTYPES) + ".")
+
+
+class ViewDef(BaseModel):
+    """A feature view: features of some entities, read from a source, kept online for ``ttl_s``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = _Name
+    entities: list[str] = Field(..., max_length=16, description="Entity names (their join keys must be columns).")
+    source: str = Field(..., max_length=63, description="A source's name.")
+    ttl_s: int = Field(..., ge=0, le=10 * 365 * 86400,
+                       description="How old a feature value may be and still be served; 0 = forever.")
+    fields: list[FieldDef] = Field(
+        default_factory=list, alias="schema", max_length=1000,
+        description="The features: columns of the source with their dtypes; empty = every other column, "
+        "dtypes inferred by Feast.",
+    )
+    online: bool = Field(True, description="Whether materialization writes the view to the online store.")
+    description: str = Field("", max_length=2000)
+    tags: dict[str, str] = Field(default_factory=dict, description="Free metadata; keys 'matih.*' are reserved.")
+
+
+class ServiceDef(BaseModel):
+    """A feature service: a named set of features, what a model reads."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = _Name
+    features: list[str] = Field(..., min_length=1, max_length=1000,
+                                description="'view' (all its features) or 'view:feature'.")
+    description: str = Field("", max_length=2000)
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # Feast stores UTC and returns some timestamps naive
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat()
+
+
+def _bad(field: str, message: str) -> InvalidInput:
+    return InvalidInput(f"{field}: {message}", details={"field": field})
+
+
+def _check_tags(tags: dict[str, str]) -> None:
+    for key in tags:
+        if key.startswith(RESERVED_TAG_PREFIX):
+            raise _bad(f"tags.{key}", f"tag keys starting with {RESERVED_TAG_PREFIX!r} are reserved")
+
+
+def _check_name(name: str, field: str) -> None:
+    if BATCH_SUFFIX in name:
+        raise _bad(field, f"{name!r} holds {BATCH_SUFFIX!r}, reserved for the platform's own names")
+
+
+def _check_column(value: str, field: str) -> None:
+    if not _COLUMN_RE.match(value):
+        raise _bad(field, f"{value!r} is not a column name (letters, digits and '_', at most 128)")
+
+
+class FeatureDefinitions:
+    """Apply, list, get and delete feature definitions in the managed repo of ``settings``
+    (``open_store``). Every method is blocking (Feast, the registry database, file reads): the
+    API runs them in threads. Objects come back as JSON-able dicts; ``apply_*`` returns
+    ``(object, previous)``, ``previous`` None when the name was new."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    # -- store access --------------------------------------------------------------------------
+    def _store(self):
+        return open_store(self.settings)
+
+    def _call(self, fn, *args, **kwargs):
+        """A registry or store call, with its connection failures as DependencyUnavailable."""
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return fn(*args, **kwargs)
+        except OperationalError as exc:
+            raise DependencyUnavailable(f"the Feast registry database is unreachable: {exc.orig}") from exc
+        except ConnectionError as exc:  # redis-py's ConnectionError subclasses it
+            raise DependencyUnavailable(f"the Feast online store is unreachable: {exc}") from exc
+
+    def _apply(self, objects: list, delete: list | None = None) -> None:
+        store = self._store()
+        try:
+            if delete:
+                self._call(store.apply, objects, objects_to_delete=delete, partial=False)
+            else:
+                self._call(store.apply, objects)
+        except ValueError as exc:  # Feast's own validation, after ours (inference, type checks)
+            raise InvalidInput(f"Feast refused the definition: {exc}", details={"field": "body"}) from exc
+        self._call(store.refresh_registry)
+
+    def _entities(self) -> dict[str, Any]:
+        return {e.name: e for e in self._call(self._store().list_entities)}
+
+    def _all_sources(self) -> dict[str, Any]:
+        return {s.name: s for s in self._call(self._store().list_data_sources)}
+
+    def _sources(self) -> dict[str, Any]:
+        return {n: s for n, s in self._all_sources().items() if _BATCH_OF_TAG not in (s.tags or {})}
+
+    def _views(self) -> dict[str, Any]:
+        return {v.name: v for v in self._call(self._store().list_feature_views)}
+
+    def _services(self) -> dict[str, Any]:
+        return {s.name: s for s in self._call(self._store().list_feature_services)}
+
+    # -- parquet ----------------------------------------------------------------------------------
+    def _location(self, path: str, field: str) -> str:
+        from app.storage.paths import check_job_location
+
+        try:
+            return check_job_location(path, self.settings, field, must_exist=True)
+        except NotFound as exc:
+            raise _bad(field, f"{path!r} does not exist: write the parquet there first") from exc
+
+    def _columns(self, location: str) -> dict[str, Any] | None:
+        """The parquet's columns and arrow types (from its footers, not its data); None when it
+        cannot be read now."""
+        import pyarrow.dataset as ds
+
+        from app.storage.s3 import resolve_uri
+
+        try:
+            path, fs = resolve_uri(location, self.settings)
+            schema = ds.dataset(path, filesystem=fs, format="parquet").schema
+        except Exception:  # noqa: BLE001 - unreadable now: the caller decides what that means
+            return None
+        return {f.name: f.type for f in schema}
+
+    def _source_columns(self, source) -> dict[str, Any] | None:
+        batch = getattr(source, "batch_source", None) or source
+        return self._columns(batch.path) if hasattr(batch, "path") else None
+
+    # -- entities -----------------------------------------------------------------------------
+    def apply_entity(self, spec: EntityDef) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        from feast import Entity
+
+        _check_name(spec.name, "name")
+        _check_tags(spec.tags)
+        join_keys = spec.join_keys or [spec.name]
+        _check_column(join_keys[0], "join_keys[0]")
+        with _apply_lock:
+            old = self._entities().get(spec.name)
+            if old is not None and old.join_key != join_keys[0]:
+                users = sorted(v.name for v in self._views().values() if spec.name in v.entities)
+                if users:
+                    raise Conflict(
+                        f"entity {spec.name!r} is used by the views {', '.join(users)}: its join key cannot change "
+                        f"from {old.join_key!r} to {join_keys[0]!r}; delete or change those views first",
+                        details={"field": "join_keys", "used_by": users},
+                    )
+            entity = Entity(name=spec.name, join_keys=join_keys, description=spec.description, tags=spec.tags,
+                            value_type=old.value_type if old is not None else None)
+            before = self._entity_dict(old) if old is not None else None
+            self._apply([entity])
+            return self.get_entity(spec.name), before
+
+    def list_entities(self) -> list[dict[str, Any]]:
+        views = list(self._views().values())
+        return [self._entity_dict(e, views) for e in sorted(self._entities().values(), key=lambda e: e.name)]
+
+    def get_entity(self, name: str) -> dict[str, Any]:
+        entity = self._entities().get(name)
+        if entity is None:
+            raise NotFound(f"no feature entity {name!r}; GET /v1/features/entities lists them")
+        return self._entity_dict(entity, list(self._views().values()))
+
+    def delete_entity(self, name: str) -> dict[str, Any]:
+        with _apply_lock:
+            entity = self._entities().get(name)
+            if entity is None:
+                raise NotFound(f"no feature entity {name!r}")
+            users = sorted(v.name for v in self._views().values() if name in v.entities)
+            if users:
+                raise Conflict(f"entity {name!r} is used by the views {', '.join(users)}; delete them first",
+                               details={"used_by": users})
+            before = self._entity_dict(entity, [])
+            self._apply([], delete=[entity])
+            return before
+
+    @staticmethod
+    def _entity_dict(entity, views: list | None = None) -> dict[str, Any]:
+        from feast.value_type import ValueType
+
+        out = {
+            "name": entity.name, "join_keys": [entity.join_key], "description": entity.description,
+            "tags": dict(entity.tags),
+            "value_type": None if entity.value_type == ValueType.UNKNOWN else entity.value_type.name,
+            "created_at": _iso(entity.created_timestamp), "updated_at": _iso(entity.last_updated_timestamp),
+        }
+        if views is not None:
+            out["used_by"] = sorted(v.name for v in views if entity.name in v.entities)
+        return out
+
+    # -- sources ------------------------------------------------------------------------------
+    def apply_source(self, spec: SourceDef) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        _check_name(spec.name, "name")
+        if spec.stream is not None and spec.kind != "push":
+            raise _bad("stream", "only push sources read a stream; use kind 'push' or drop 'stream'")
+        location = self._location(spec.path, "path")
+        columns = self._columns(location)
+        if columns is None:
+            raise _bad("path", f"{spec.path!r} is not readable as parquet")
+        for field, col in (("timestamp_field", spec.timestamp_field),
+                           ("created_timestamp_field", spec.created_timestamp_field)):
+            if col is None:
+                continue
+            if col not in columns:
+                raise _bad(field, f"{col!r} is not a column of {spec.path!r} (it has {', '.join(sorted(columns))})")
+            import pyarrow as pa
+
+            if not pa.types.is_timestamp(columns[col]) and not pa.types.is_date(columns[col]):
+                raise _bad(field, f"column {col!r} is {columns[col]}, not a timestamp")
+        source = self._feast_source(spec, location)
+        with _apply_lock:
+            sources = self._all_sources()
+            if spec.name not in self._sources() and spec.name in sources:
+                raise Conflict(f"{spec.name!r} is the name of a push source's batch data", details={"field": "name"})
+            old = sources.get(spec.name)
+            objects: list = [source]
+            if old is not None:
+                objects += self._rebind_views(spec.name, old, source, columns)
+            before = self._source_dict(old) if old is not None else None
+            delete = []
+            old_batch = sources.get(spec.name + BATCH_SUFFIX)
+            if old_batch is not None and spec.kind == "file":
+                delete.append(old_batch)
+            self._apply(objects, delete or None)
+            return self.get_source(spec.name), before
+
+    def _feast_source(self, spec: SourceDef, location: str):
+        from feast import FileSource, PushSource
+
+        kwargs: dict[str, Any] = {"timestamp_field": spec.timestamp_field,
+                                  "created_timestamp_column": spec.created_timestamp_field or ""}
+        if location.startswith(("s3://", "s3a://")) and self.settings.s3_endpoint:
+            kwargs["s3_endpoint_override"] = self.settings.s3_endpoint
+        if spec.kind == "file":
+            return FileSource(name=spec.name, path=location, description=spec.description, **kwargs)
+        batch = FileSource(name=spec.name + BATCH_SUFFIX, path=location, tags={_BATCH_OF_TAG: spec.name}, **kwargs)
+        tags = {STREAM_KIND_TAG: spec.stream.kind, STREAM_TOPIC_TAG: spec.stream.topic} if spec.stream else {}
+        return PushSource(name=spec.name, batch_source=batch, description=spec.description, tags=tags)
+
+    def _rebind_views(self, name: str, old, source, columns: dict[str, Any]) -> list:
+        """The views reading source ``name``, bound to its replacement: ``feast apply`` of a repo
+        re-applies them with it; 409 when the kind changes or a view's columns would be missing."""
+        users = [v for v in self._views().values() if self._view_source_name(v) == name]
+        if not users:
+            return []
+        names = sorted(v.name for v in users)
+        if type(old) is not type(source):
+            raise Conflict(f"source {name!r} is used by the views {', '.join(names)}: its kind cannot change; "
+                           "delete those views first", details={"field": "kind", "used_by": names})
+        entities = self._entities()
+        rebound = []
+        for view in users:
+            needed = [f.name for f in view.features] + [entities[e].join_key for e in view.entities if e in entities]
+            missing = sorted(c for c in needed if c not in columns)
+            if missing:
+                raise Conflict(f"view {view.name!r} reads the columns {', '.join(missing)}, which the new parquet "
+                               "lacks", details={"field": "path", "used_by": names})
+            rebound.append(_copy_view(view, source))
+        return rebound
+
+    def list_sources(self) -> list[dict[str, Any]]:
+        views = list(self._views().values())
+        return [self._source_dict(s, views) for s in sorted(self._sources().values(), key=lambda s: s.name)]
+
+    def get_source(self, name: str) -> dict[str, Any]:
+        source = self._sources().get(name)
+        if source is None:
+            raise NotFound(f"no feature source {name!r}; GET /v1/features/sources lists them")
+        return self._source_dict(source, list(self._views().values()))
+
+    def delete_source(self, name: str) -> dict[str, Any]:
+        with _apply_lock:
+            source = self._sources().get(name)
+            if source is None:
+                raise NotFound(f"no feature source {name!r}")
+            users = sorted(v.name for v in self._views().values() if self._view_source_name(v) == name)
+            if users:
+                raise Conflict(f"source {name!r} is used by the views {', '.join(users)}; delete them first",
+                               details={"used_by": users})
+            before = self._source_dict(source, [])
+            delete = [source]
+            batch = self._all_sources().get(name + BATCH_SUFFIX)
+            if batch is not None:
+                delete.append(batch)
+            self._apply([], delete=delete)
+            return before
+
+    @staticmethod
+    def _view_source_name(view) -> str | None:
+        source = view.stream_source or view.batch_source
+        return source.name if source is not None else None
+
+    def _source_dict(self, source, views: list | None = None) -> dict[str, Any]:
+        from feast import PushSource
+
+        push = isinstance(source, PushSource)
+        batch = source.batch_source if push else source
+        tags = source.tags or {}
+        stream = ({"kind": tags[STREAM_KIND_TAG], "topic": tags.get(STREAM_TOPIC_TAG, "")}
+                  if push and STREAM_KIND_TAG in tags else None)
+        out = {
+            "name": source.name, "kind": "push" if push else "file", "path": getattr(batch, "path", None),
+            "timestamp_field": batch.timestamp_field if batch is not None else None,
+            "created_timestamp_field": (batch.created_timestamp_column or None) if batch is not None else None,
+            "description": source.description, "stream": stream,
+            "created_at": _iso(source.created_timestamp), "updated_at": _iso(source.last_updated_timestamp),
+        }
+        if views is not None:
+            out["used_by"] = sorted(v.name for v in views if self._view_source_name(v) == source.name)
+        return out
+
+    # -- views --------------------------------------------------------------------------------
+    def apply_view(self, spec: ViewDef) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        from feast import FeatureView
+        from feast import Field as FeastField
+
+        _check_name(spec.name, "name")
+        _check_tags(spec.tags)
+        types = _dtypes()
+        seen: set[str] = set()
+        for i, f in enumerate(spec.fields):
+            _check_column(f.name, f"schema[{i}].name")
+            if f.name in seen:
+                raise _bad(f"schema[{i}].name", f"{f.name!r} is named twice")
+            seen.add(f.name)
+            if f.dtype not in types:
+                raise _bad(f"schema[{i}].dtype", f"{f.dtype!r} is not a dtype; use one of {', '.join(DTYPES)}")
+        if len(set(spec.entities)) < len(spec.entities):
+            raise _bad("entities", "an entity is named twice")
+        with _apply_lock:
+            entities = self._entities()
+            chosen = []
+            for i, name in enumerate(spec.entities):
+                if name not in entities:
+                    raise _bad(f"entities[{i}]", f"no entity {name!r}; POST /v1/features/entities first")
+                chosen.append(entities[name])
+            keys = [e.join_key for e in chosen]
+            if len(set(keys)) < len(keys):
+                raise _bad("entities", "two of the entities share a join key")
+            source = self._sources().get(spec.source)
+            if source is None:
+                raise _bad("source", f"no source {spec.source!r}; POST /v1/features/sources first")
+            columns = self._source_columns(source)
+            batch = getattr(source, "batch_source", None) or source
+            if columns is not None:
+                for i, key in enumerate(keys):
+                    if key not in columns:
+                        raise _bad(f"entities[{i}]", f"the join key {key!r} is not a column of source {spec.source!r}")
+                for i, f in enumerate(spec.fields):
+                    if f.name not in columns:
+                        raise _bad(f"schema[{i}].name", f"{f.name!r} is not a column of source {spec.source!r} "
+                                   f"(it has {', '.join(sorted(columns))})")
+            for i, f in enumerate(spec.fields):
+                if f.name in (batch.timestamp_field, batch.created_timestamp_column):
+                    raise _bad(f"schema[{i}].name", f"{f.name!r} is the source's timestamp, not a feature")
+            old = self._views().get(spec.name)
+            if spec.fields:
+                features = {f.name for f in spec.fields if f.name not in keys}
+            else:  # Feast infers the features: every column but the keys and timestamps
+                stamps = {batch.timestamp_field, batch.created_timestamp_column}
+                features = set(columns or ()) - set(keys) - stamps
+            if old is not None and (spec.fields or columns is not None):
+                self._check_services_keep(spec.name, features)
+            view = FeatureView(
+                name=spec.name, entities=chosen, source=source, ttl=timedelta(seconds=spec.ttl_s),
+                schema=[FeastField(name=f.name, dtype=types[f.dtype]) for f in spec.fields],
+                online=spec.online, description=spec.description, tags=spec.tags,
+            )
+            before = self._view_dict(old) if old is not None else None
+            self._apply([view])
+            return self.get_view(spec.name), before
+
+    def _check_services_keep(self, view: str, features: set[str]) -> None:
+        broken = sorted({s.name for s in self._services().values()
+                         for p in s.feature_view_projections if p.name == view
+                         for f in p.features if f.name not in features})
+        if broken:
+            raise Conflict(f"the feature services {', '.join(broken)} read features of {view!r} that the new "
+                           "definition drops; change or delete those services first",
+                           details={"field": "schema", "used_by": broken})
+
+    def list_views(self) -> list[dict[str, Any]]:
+        services = list(self._services().values())
+        return [self._view_dict(v, services) for v in sorted(self._views().values(), key=lambda v: v.name)]
+
+    def get_view(self, name: str) -> dict[str, Any]:
+        view = self._views().get(name)
+        if view is None:
+            raise NotFound(f"no feature view {name!r}; GET /v1/features/views lists them")
+        return self._view_dict(view, list(self._services().values()))
+
+    def delete_view(self, name: str) -> dict[str, Any]:
+        with _apply_lock:
+            view = self._views().get(name)
+            if view is None:
+                raise NotFound(f"no feature view {name!r}")
+            users = sorted(s.name for s in self._services().values()
+                           if any(p.name == name for p in s.feature_view_projections))
+            if users:
+                raise Conflict(f"view {name!r} is used by the feature services {', '.join(users)}; delete them first",
+                               details={"used_by": users})
+            before = self._view_dict(view, [])
+            self._apply([], delete=[view])
+            return before
+
+    def _view_dict(self, view, services: list | None = None) -> dict[str, Any]:
+        out = {
+            "name": view.name, "entities": [e for e in view.entities if e != _DUMMY_ENTITY],
+            "source": self._view_source_name(view), "ttl_s": int(view.ttl.total_seconds()) if view.ttl else 0,
+            "schema": [{"name": f.name, "dtype": str(f.dtype)} for f in view.features],
+            "entity_columns": [{"name": f.name, "dtype": str(f.dtype)} for f in view.entity_columns],
+            "online": view.online, "description": view.description, "tags": dict(view.tags),
+            "created_at": _iso(view.created_timestamp), "updated_at": _iso(view.last_updated_timestamp),
+        }
+        if services is not None:
+            out["used_by"] = sorted(s.name for s in services
+                                    if any(p.name == view.name for p in s.feature_view_projections))
+        return out
+
+    # -- services -----------------------------------------------------------------------------
+    def apply_service(self, spec: ServiceDef) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        from feast import FeatureService
+
+        _check_name(spec.name, "name")
+        with _apply_lock:
+            views = self._views()
+            wanted: dict[str, list[str] | None] = {}  # view -> features (None: all of them)
+            for i, ref in enumerate(spec.features):
+                view_name, _, feature = ref.partition(":")
+                view = views.get(view_name)
+                if view is None:
+                    raise _bad(f"features[{i}]", f"no feature view {view_name!r} (refs are 'view' or 'view:feature')")
+                names = [f.name for f in view.features]
+                if not feature:
+                    wanted[view_name] = None
+                    continue
+                if feature not in names:
+                    raise _bad(f"features[{i}]", f"view {view_name!r} has no feature {feature!r} "
+                               f"(it has {', '.join(names)})")
+                current = wanted.get(view_name, [])
+                if current is not None and feature not in current:
+                    wanted[view_name] = current + [feature]
+                elif view_name not in wanted:
+                    wanted[view_name] = [feature]
+            projections = [views[v] if fs is None else views[v][fs] for v, fs in wanted.items()]
+            service = FeatureService(name=spec.name, features=projections, description=spec.description)
+            old = self._services().get(spec.name)
+            before = self._service_dict(old) if old is not None else None
+            self._apply([service])
+            return self.get_service(spec.name), before
+
+    def list_services(self) -> list[dict[str, Any]]:
+        return [self._service_dict(s) for s in sorted(self._services().values(), key=lambda s: s.name)]
+
+    def get_service(self, name: str) -> dict[str, Any]:
+        service = self._services().get(name)
+        if service is None:
+            raise NotFound(f"no feature service {name!r}; GET /v1/features/services lists them")
+        return self._service_dict(service)
+
+    def delete_service(self, name: str) -> dict[str, Any]:
+        with _apply_lock:
+            service = self._services().get(name)
+            if service is None:
+                raise NotFound(f"no feature service {name!r}")
+            before = self._service_dict(service)
+            self._apply([], delete=[service])
+            return before
+
+    @staticmethod
+    def _service_dict(service) -> dict[str, Any]:
+        return {
+            "name": service.name,
+            "features": [f"{p.name_to_use()}:{f.name}" for p in service.feature_view_projections for f in p.features],
+            "views": [p.name for p in service.feature_view_projections],
+            "description": service.description,
+            "created_at": _iso(service.created_timestamp), "updated_at": _iso(service.last_updated_timestamp),
+        }
+
+
+def _copy_view(view, source):
+    """A copy of registry view ``view`` reading ``source`` (a push or file source)."""
+    import copy
+
+    from feast import PushSource
+
+    new = copy.copy(view)
+    new.data_source = source
+    if isinstance(source, PushSource):
+        new.stream_source, new.batch_source = source, source.batch_source
+    else:
+        new.stream_source, new.batch_source = None, source
+    return new
