@@ -36,6 +36,14 @@ _BATCH_OF_TAG = "matih.batch_of"
 _DUMMY_ENTITY = "__dummy"
 _apply_lock = threading.Lock()
 
+try:  # redis-py's connection errors are not the builtin ones
+    from redis.exceptions import ConnectionError as _RedisConnectionError
+    from redis.exceptions import TimeoutError as _RedisTimeoutError
+
+    _RedisUnreachable: tuple[type[Exception], ...] = (_RedisConnectionError, _RedisTimeoutError)
+except ImportError:  # pragma: no cover - redis is a dependency of the platform
+    _RedisUnreachable = ()
+
 
 def _dtypes() -> dict[str, Any]:
     from feast import types as t
@@ -66,6 +74,10 @@ class EntityDef(BaseModel):
         default_factory=list, max_length=1,
         description="The column naming the entity in sources and in online reads (Feast takes one); "
         "default: the entity's name.",
+    )
+    dtype: str | None = Field(
+        None, max_length=32, description="The join key's type, one of the scalar dtypes (Int64, String, ...); "
+        "default: taken from the first view that uses the entity.",
     )
     description: str = Field("", max_length=2000)
     tags: dict[str, str] = Field(default_factory=dict, description="Free metadata; keys 'matih.*' are reserved.")
@@ -182,7 +194,7 @@ class FeatureDefinitions:
             return fn(*args, **kwargs)
         except OperationalError as exc:
             raise DependencyUnavailable(f"the Feast registry database is unreachable: {exc.orig}") from exc
-        except ConnectionError as exc:  # redis-py's ConnectionError subclasses it
+        except (ConnectionError, TimeoutError, *_RedisUnreachable) as exc:
             raise DependencyUnavailable(f"the Feast online store is unreachable: {exc}") from exc
 
     def _apply(self, objects: list, delete: list | None = None) -> None:
@@ -241,11 +253,18 @@ class FeatureDefinitions:
     # -- entities -----------------------------------------------------------------------------
     def apply_entity(self, spec: EntityDef) -> tuple[dict[str, Any], dict[str, Any] | None]:
         from feast import Entity
+        from feast.value_type import ValueType
 
         _check_name(spec.name, "name")
         _check_tags(spec.tags)
         join_keys = spec.join_keys or [spec.name]
         _check_column(join_keys[0], "join_keys[0]")
+        value_type = None
+        if spec.dtype is not None:
+            if spec.dtype not in DTYPES or spec.dtype.startswith("Array"):
+                raise _bad("dtype", f"{spec.dtype!r} is not a scalar dtype; use one of "
+                           + ", ".join(d for d in DTYPES if not d.startswith("Array")))
+            value_type = _dtypes()[spec.dtype].to_value_type()
         with _apply_lock:
             old = self._entities().get(spec.name)
             if old is not None and old.join_key != join_keys[0]:
@@ -256,8 +275,10 @@ class FeatureDefinitions:
                         f"from {old.join_key!r} to {join_keys[0]!r}; delete or change those views first",
                         details={"field": "join_keys", "used_by": users},
                     )
+            if value_type is None:
+                value_type = old.value_type if old is not None else ValueType.UNKNOWN
             entity = Entity(name=spec.name, join_keys=join_keys, description=spec.description, tags=spec.tags,
-                            value_type=old.value_type if old is not None else None)
+                            value_type=value_type)
             before = self._entity_dict(old) if old is not None else None
             self._apply([entity])
             return self.get_entity(spec.name), before
@@ -304,6 +325,8 @@ class FeatureDefinitions:
         _check_name(spec.name, "name")
         if spec.stream is not None and spec.kind != "push":
             raise _bad("stream", "only push sources read a stream; use kind 'push' or drop 'stream'")
+        import pyarrow as pa
+
         location = self._location(spec.path, "path")
         columns = self._columns(location)
         if columns is None:
@@ -314,7 +337,6 @@ class FeatureDefinitions:
                 continue
             if col not in columns:
                 raise _bad(field, f"{col!r} is not a column of {spec.path!r} (it has {', '.join(sorted(columns))})")
-            import pyarrow as pa
 
             if not pa.types.is_timestamp(columns[col]) and not pa.types.is_date(columns[col]):
                 raise _bad(field, f"column {col!r} is {columns[col]}, not a timestamp")
@@ -479,7 +501,28 @@ class FeatureDefinitions:
             )
             before = self._view_dict(old) if old is not None else None
             self._apply([view])
+            self._type_entities(spec.name, chosen)
             return self.get_view(spec.name), before
+
+    def _type_entities(self, view_name: str, entities: list) -> None:
+        """Entities declared without a dtype take their join key's type from the first view
+        that uses them (Feast infers it from the source), so the registry and CLI show it."""
+        import copy
+
+        from feast.value_type import ValueType
+
+        untyped = [e for e in entities if e.value_type == ValueType.UNKNOWN]
+        if not untyped:
+            return
+        columns = {f.name: f.dtype for f in self._views()[view_name].entity_columns}
+        typed = []
+        for entity in untyped:
+            if entity.join_key in columns:
+                new = copy.copy(entity)
+                new.value_type = columns[entity.join_key].to_value_type()
+                typed.append(new)
+        if typed:
+            self._apply(typed)
 
     def _check_services_keep(self, view: str, features: set[str]) -> None:
         broken = sorted({s.name for s in self._services().values()

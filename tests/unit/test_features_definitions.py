@@ -96,6 +96,10 @@ def test_create_list_get_replace_and_delete_each_kind(api):
     assert view["schema"] == VIEW["schema"] and view["entities"] == ["driver"] and view["source"] == "driver_stats"
     assert view["ttl_s"] == 86400 and view["online"] is True and view["created_at"]
     assert view["entity_columns"] == [{"name": "driver_id", "dtype": "Int64"}]
+    assert api.viewer.get(f"{E}/driver").json()["value_type"] == "INT64"  # typed from the view's column
+    r = api.dev.post(V, json={**VIEW, "online": False})
+    assert r.status_code == 200 and r.json()["online"] is False, r.text
+    assert api.dev.post(V, json=VIEW).json()["online"] is True
 
     r = api.dev.post(F, json={"name": "driver_model", "features": ["driver_hourly:conv_rate"]})
     assert r.status_code == 201, r.text
@@ -135,6 +139,7 @@ def test_422s_name_the_field_and_leave_the_registry_unchanged(api):
         (E, {"name": "x", "join_keys": ["a", "b"]}, "join_keys"),
         (E, {"name": "x", "tags": {"matih.stream.kind": "kafka"}}, "tags.matih.stream.kind"),
         (E, {"name": "x" + BATCH_SUFFIX}, "name"),
+        (E, {"name": "x", "dtype": "Array(Int64)"}, "dtype"),
         (S, {**SOURCE, "name": "s1", "path": "/etc/passwd"}, "path"),
         (S, {**SOURCE, "name": "s1", "path": "missing.parquet"}, "path"),
         (S, {**SOURCE, "name": "s1", "timestamp_field": "nope"}, "timestamp_field"),
@@ -233,6 +238,13 @@ def test_viewers_cannot_write(api):
         assert api.viewer.delete(f"{url}/x").status_code == 403
     assert api.viewer.get(E).status_code == 200
     assert TestClient(api.ctx and create_app(api.ctx)).get(E).status_code == 401
+
+
+def test_openapi_documents_the_routes(api):
+    paths = api.viewer.get("/openapi.json").json()["paths"]
+    for url in (E, S, V, F):
+        assert {"get", "post"} <= set(paths[url]) and {"get", "delete"} <= set(paths[url + "/{name}"])
+    assert "Create or replace" in paths[V]["post"]["summary"]
 
 
 def test_dtypes_map_to_feast_types():
