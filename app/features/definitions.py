@@ -343,8 +343,6 @@ class FeatureDefinitions:
         source = self._feast_source(spec, location)
         with _apply_lock:
             sources = self._all_sources()
-            if spec.name not in self._sources() and spec.name in sources:
-                raise Conflict(f"{spec.name!r} is the name of a push source's batch data", details={"field": "name"})
             old = sources.get(spec.name)
             objects: list = [source]
             if old is not None:

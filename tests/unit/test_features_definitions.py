@@ -228,6 +228,11 @@ def test_push_source_with_a_stream_declaration(api):
     assert {f["name"] for f in r.json()["schema"]} == {"conv_rate", "trips"} and r.json()["source"] == "clicks"
     assert store.get_feature_view("clicks_view").stream_source.name == "clicks"
     assert api.dev.delete(f"{V}/clicks_view").status_code == 200
+    # unused, a source may change kind both ways; the push source's batch source goes with it
+    r = api.dev.post(S, json={**body, "kind": "file", "stream": None})
+    assert r.status_code == 200 and r.json()["kind"] == "file", r.text
+    assert "clicks" + BATCH_SUFFIX not in [s.name for s in store.list_data_sources()]
+    assert api.dev.post(S, json=body).json()["kind"] == "push"
     assert api.dev.delete(f"{S}/clicks").status_code == 200
     assert "clicks" + BATCH_SUFFIX not in [s.name for s in store.list_data_sources()]
 
