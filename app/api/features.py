@@ -15,7 +15,8 @@ from pydantic import BaseModel
 
 from app.api.app import ApiContext, role_dependencies
 from app.auth import Principal
-from app.features.definitions import DTYPES, EntityDef, FeatureDefinitions, ServiceDef, SourceDef, ViewDef
+from app.features.definitions import FeatureDefinitions
+from app.features.specs import DTYPES, EntityDef, ServiceDef, SourceDef, ViewDef
 
 _APPLY = ("Apply semantics are `feast apply`'s: 201 when the name is new, 200 when it replaces the definition of "
           "that name. Everything is checked before Feast is called, so a refused definition (422 naming the field, "

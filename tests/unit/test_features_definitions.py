@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 
 from app.api.app import create_app
 from app.bootstrap import prepare
-from app.features.definitions import BATCH_SUFFIX, DTYPES, FeatureDefinitions
+from app.features.definitions import BATCH_SUFFIX, FeatureDefinitions
 from app.features.repo import STREAM_KIND_TAG, STREAM_TOPIC_TAG, open_store
+from app.features.specs import DTYPES
 from app.settings import load_settings
 from tests.support import NoJobs, in_process_context
 
@@ -253,7 +254,7 @@ def test_openapi_documents_the_routes(api):
 
 
 def test_dtypes_map_to_feast_types():
-    from app.features.definitions import _dtypes
+    from app.features.specs import feast_dtypes
 
-    assert set(_dtypes()) == set(DTYPES)
+    assert set(feast_dtypes()) == set(DTYPES)
     assert FeatureDefinitions  # the service is importable without a store

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from app.features.definitions import EntityDef, FeatureDefinitions, ServiceDef, SourceDef, ViewDef
+from app.features.definitions import FeatureDefinitions
 from app.features.repo import open_store
+from app.features.specs import EntityDef, ServiceDef, SourceDef, ViewDef
 from app.settings import load_settings
 from tests.unit.test_features_definitions import write_driver_stats
 
