@@ -108,8 +108,14 @@ class FeatureDefinitions:
                 self._call(store.apply, objects, objects_to_delete=delete, partial=False)
             else:
                 self._call(store.apply, objects)
-        except ValueError as exc:  # Feast's own validation, after ours (inference, type checks)
+        except (ValueError, TypeError) as exc:  # Feast's own validation, after ours (inference, type checks)
             raise InvalidInput(f"Feast refused the definition: {exc}", details={"field": "body"}) from exc
+        except Exception as exc:
+            from feast.errors import FeastError
+
+            if isinstance(exc, FeastError):  # a registry conflict or an object gone meanwhile
+                raise Conflict(f"Feast refused the change: {exc}") from exc
+            raise
         self._call(store.refresh_registry)
 
     def _entities(self) -> dict[str, Any]:
@@ -385,6 +391,9 @@ class FeatureDefinitions:
                     if f.name not in columns:
                         raise _bad(f"schema[{i}].name", f"{f.name!r} is not a column of source {spec.source!r} "
                                    f"(it has {', '.join(sorted(columns))})")
+                    if not _fits(f.dtype, columns[f.name]):
+                        raise _bad(f"schema[{i}].dtype", f"column {f.name!r} of source {spec.source!r} holds "
+                                   f"{columns[f.name]}, which is not {f.dtype}")
             for i, f in enumerate(spec.fields):
                 if f.name in (batch.timestamp_field, batch.created_timestamp_column):
                     raise _bad(f"schema[{i}].name", f"{f.name!r} is the source's timestamp, not a feature")
@@ -532,6 +541,28 @@ class FeatureDefinitions:
             "description": service.description,
             "created_at": _iso(service.created_timestamp), "updated_at": _iso(service.last_updated_timestamp),
         }
+
+
+def _fits(dtype: str, arrow_type) -> bool:
+    """Whether a parquet column of ``arrow_type`` can be read as ``dtype`` (integers may be read
+    as floats; the widths within a family are Feast's to convert)."""
+    import pyarrow as pa
+
+    if dtype.startswith("Array("):
+        if not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)):
+            return False
+        return _fits(dtype[len("Array("):-1], arrow_type.value_type)
+    family = {
+        "Float32": lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t),
+        "Int32": pa.types.is_integer,
+        "String": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t),
+        "Bool": pa.types.is_boolean,
+        "Bytes": lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t),
+        "UnixTimestamp": lambda t: pa.types.is_timestamp(t) or pa.types.is_date(t),
+    }
+    family["Float64"], family["Int64"] = family["Float32"], family["Int32"]
+    check = family.get(dtype)
+    return check is None or bool(check(arrow_type))
 
 
 def _copy_view(view, source):

@@ -157,6 +157,10 @@ def test_422s_name_the_field_and_leave_the_registry_unchanged(api):
              "schema": [{"name": "conv_rate", "dtype": "Float64"}, {"name": "speed", "dtype": "Float64"}]},
          "schema[1].name"),
         (V, {**VIEW, "name": "v1", "source": "rides", "entities": [], "ttl_s": -1}, "ttl_s"),
+        (V, {**VIEW, "name": "v1", "source": "rides", "entities": [],
+             "schema": [{"name": "conv_rate", "dtype": "Int64"}]}, "schema[0].dtype"),  # a float column
+        (V, {**VIEW, "name": "v1", "source": "rides", "entities": [],
+             "schema": [{"name": "trips", "dtype": "Array(Int64)"}]}, "schema[0].dtype"),
         (F, {"name": "svc", "features": ["no_view"]}, "features[0]"),
         (F, {"name": "svc", "features": []}, "features"),
     ]
