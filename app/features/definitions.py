@@ -177,13 +177,16 @@ class FeatureDefinitions:
             value_type = feast_dtypes()[spec.dtype].to_value_type()
         with _apply_lock:
             old = self._entities().get(spec.name)
-            if old is not None and old.join_key != join_keys[0]:
+            retyped = (old is not None and value_type is not None and old.value_type != ValueType.UNKNOWN
+                       and old.value_type != value_type)
+            if old is not None and (old.join_key != join_keys[0] or retyped):
                 users = sorted(v.name for v in self._views().values() if spec.name in v.entities)
+                field, what = ("dtype", "type") if old.join_key == join_keys[0] else ("join_keys", "join key")
                 if users:
                     raise Conflict(
-                        f"entity {spec.name!r} is used by the views {', '.join(users)}: its join key cannot change "
-                        f"from {old.join_key!r} to {join_keys[0]!r}; delete or change those views first",
-                        details={"field": "join_keys", "used_by": users},
+                        f"entity {spec.name!r} is used by the views {', '.join(users)}: its {what} cannot change; "
+                        "delete or change those views first",
+                        details={"field": field, "used_by": users},
                     )
             if value_type is None:
                 value_type = old.value_type if old is not None else ValueType.UNKNOWN

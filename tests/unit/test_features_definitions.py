@@ -192,6 +192,8 @@ def test_409s_name_the_users(api):
 
     r = api.dev.post(E, json={"name": "car", "join_keys": ["car_id"]})
     assert r.status_code == 409 and r.json()["details"]["used_by"] == ["car_view"], r.text
+    r = api.dev.post(E, json={"name": "car", "join_keys": ["driver_id"], "dtype": "String"})
+    assert r.status_code == 409 and r.json()["details"]["field"] == "dtype", r.text
     r = api.dev.delete(f"{E}/car")
     assert r.status_code == 409 and "car_view" in r.json()["error"]
     r = api.dev.delete(f"{S}/cars")
