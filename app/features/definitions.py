@@ -20,14 +20,7 @@ from typing import Any
 
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound
 from app.features.repo import STREAM_KIND_TAG, STREAM_TOPIC_TAG, open_store
-from app.features.specs import (
-    DTYPES,
-    EntityDef,
-    ServiceDef,
-    SourceDef,
-    ViewDef,
-    feast_dtypes,
-)
+from app.features.specs import DTYPES, EntityDef, ServiceDef, SourceDef, ViewDef, feast_dtypes
 from app.settings import Settings
 
 _COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
