@@ -54,8 +54,31 @@ def store(tmp_path_factory):
                              features={"project": f"t_{uuid.uuid4().hex[:10]}", "engine": "local"})
     store = open_store(settings)
     store.data_dir = home  # where declare() puts the parquet files
+    store.settings = settings
     declare(store, home, "trips")
     return store
+
+
+@pytest.fixture(scope="module")
+def api(store):
+    """The API in-process: developer and viewer clients, and the context (``streams`` unset)."""
+    from fastapi.testclient import TestClient
+
+    from app.api.app import create_app
+    from app.bootstrap import prepare
+    from tests.support import NoJobs, in_process_context
+
+    prepared = prepare(store.settings)
+    ctx = in_process_context(store.settings, prepared.admin_token, NoJobs())
+    app = create_app(ctx)
+    clients = {}
+    for role in ("developer", "viewer"):
+        c = TestClient(app)
+        _, token = ctx.store.create_token(f"{role}-user", role, "admin")
+        c.headers["Authorization"] = f"Bearer {token}"
+        clients[role] = c
+    yield ctx, clients
+    ctx.store.dispose()
 
 
 def test_push_online_converts_timestamps_and_types(store):
@@ -137,3 +160,45 @@ def test_spec_and_timestamps(store):
     assert to_timestamp("1714557600") == to_timestamp(1714557600.0) == datetime(2024, 5, 1, 10, tzinfo=timezone.utc)
     with pytest.raises(ValueError):
         to_timestamp(True)
+
+
+def test_push_route(api, store):
+    _, c = api
+    rows = [{"driver_id": 31, "conv_rate": 0.3, "trips": 31, "city": "Lima", "event_ts": "2026-01-01T00:00:00Z"}]
+    r = c["developer"].post("/v1/features/push", json={"push_source": "trips", "rows": rows})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"push_source": "trips", "rows": 1, "to": "online", "views": ["trips_fv"]}
+    assert online(store, "trips", [31])[0]["trips"] == 31
+    r = c["developer"].post("/v1/features/push", json={"push_source": "trips", "rows": [{"driver_id": 1}]})
+    assert r.status_code == 422 and "rows[0].event_ts" in r.text
+    r = c["developer"].post("/v1/features/push", json={"push_source": "nope", "rows": rows, "to": "offline"})
+    assert r.status_code == 422 and "push_source" in r.text
+    assert c["viewer"].post("/v1/features/push", json={"push_source": "trips", "rows": rows}).status_code == 403
+
+
+def test_streams_route_lists_declarations_and_the_ingestor_state(api, store):
+    from app.features.streams import Ingestor
+
+    ctx, c = api
+    declare(store, store.data_dir, "clicks", ("kafka", "clicks-topic"))
+    r = c["viewer"].get("/v1/features/streams")
+    assert r.status_code == 200, r.text
+    item = {i["push_source"]: i for i in r.json()["items"]}["clicks"]
+    assert item["state"] == "not_running" and item["kind"] == "kafka" and item["topic"] == "clicks-topic"
+
+    # An in-process ingestor: without KAFKA_BOOTSTRAP_SERVERS the source cannot be consumed.
+    ing = Ingestor(store.settings, store)
+    ing.rescan()
+
+    async def status():
+        return ing.status()
+
+    ctx.streams = status
+    try:
+        body = c["viewer"].get("/v1/features/streams").json()
+    finally:
+        ctx.streams = None
+        ing.close()
+    item = {i["push_source"]: i for i in body["items"]}["clicks"]
+    assert item["state"] == "failed" and "KAFKA_BOOTSTRAP_SERVERS" in item["last_error"]
+    assert "started_at" in body["ingestor"]
