@@ -368,6 +368,10 @@ class Ingestor:
                     del self._failed[name]
             for name, (kind, topic) in declared.items():
                 if name in self._sources:
+                    try:  # the views may have changed (a feature added)
+                        self._sources[name].spec = push_spec(self.store, name)
+                    except Exception:  # noqa: BLE001 - keep the last one
+                        pass
                     continue
                 stats = SourceStats(name, kind, topic)
                 try:
