@@ -86,6 +86,9 @@ class StreamConsumer(ABC):
             raise ValueError("not a JSON object")
         return row
 
+    def refresh(self) -> None:
+        """Called at each rescan: pick up what changed on the broker (Kafka: new partitions)."""
+
     def close(self) -> None:
         """Release the connection without committing anything more."""
 
@@ -130,6 +133,9 @@ class KafkaStreamConsumer(StreamConsumer):
             assign.append(TopicPartition(self.topic, tp.partition, start))
         self._consumer.assign(assign)
         self._partitions = parts
+
+    def refresh(self) -> None:
+        self._assign()  # re-assigns (from the committed offsets) only when the partitions changed
 
     def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
         from confluent_kafka import KafkaError
@@ -368,9 +374,12 @@ class Ingestor:
                     del self._failed[name]
             for name, (kind, topic) in declared.items():
                 if name in self._sources:
-                    try:  # the views may have changed (a feature added)
-                        self._sources[name].spec = push_spec(self.store, name)
-                    except Exception:  # noqa: BLE001 - keep the last one
+                    src = self._sources[name]
+                    try:  # the views may have changed (a feature added), the topic its partitions
+                        src.spec = push_spec(self.store, name)
+                        if not src.held:
+                            src.consumer.refresh()
+                    except Exception:  # noqa: BLE001 - keep what we have; retried at the next scan
                         pass
                     continue
                 stats = SourceStats(name, kind, topic)

@@ -70,6 +70,7 @@ def test_stream_to_online_kill_and_resume(platform, kafka):
 
     # Mid-stream kill: a second round of newer values, paced, the actor killed while it flows.
     handle = ray.get_actor("StreamIngestor", namespace="matih")
+    started = ray.get(handle.status.remote(), timeout=30)["started_at"]
     done = {}
     producer = threading.Thread(target=lambda: done.setdefault(
         "last", _produce(kafka, topic, start_ts=1_800_000_000, offset=N, pace_s=0.05)))
@@ -86,4 +87,5 @@ def test_stream_to_online_kill_and_resume(platform, kafka):
             break
         time.sleep(0.5)
     assert s["lag"] == 0 and s["kind"] == "kafka" and s["topic"] == topic, s
+    assert ray.get(handle.status.remote(), timeout=30)["started_at"] != started  # it did restart
     assert s["rows"] > 0 and s["dead_letters"] == 0 and s["last_event_time"].startswith("2027-01-15"), s
