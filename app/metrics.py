@@ -92,6 +92,16 @@ _SPECS = (
                "Events in the outbox not yet published."),
     MetricSpec("matih_events_published_total", "counter", ("sink",),
                "Events the relay published, by sink (kafka | redis)."),
+    MetricSpec("matih_feature_stream_rows_total", "counter", ("source",),
+               "Rows the StreamIngestor wrote into a push source from its stream."),
+    MetricSpec("matih_feature_stream_dead_letters_total", "counter", ("source",),
+               "Stream messages the StreamIngestor skipped (not a JSON object, a missing or bad column)."),
+    MetricSpec("matih_feature_stream_lag", "gauge", ("source",),
+               "Messages of a push source's stream not yet written and committed (Kafka: high watermark - "
+               "committed offset, summed over partitions; Redis: the group's lag + pending)."),
+    MetricSpec("matih_feature_stream_freshness_seconds", "histogram", ("source",),
+               "Seconds from the newest event time of a micro-batch to its write into the online store.",
+               SECONDS_BUCKETS),
 )
 METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
 
@@ -275,3 +285,14 @@ def outbox_depth(count: int) -> None:
 def events_published(sink: str, count: int) -> None:
     """Events the relay published to ``sink``."""
     _inc("matih_events_published_total", (sink,), count)
+
+
+def feature_stream_batch(source: str, rows: int, dead: int, lag: int | None, freshness_s: float | None) -> None:
+    """One micro-batch of the StreamIngestor written and committed for push source ``source``."""
+    _inc("matih_feature_stream_rows_total", (source,), rows)
+    _inc("matih_feature_stream_dead_letters_total", (source,), dead)
+    if freshness_s is not None:
+        _observe("matih_feature_stream_freshness_seconds", (source,), max(freshness_s, 0.0))
+    reg = _registry or _get()
+    if reg is not None and lag is not None:
+        reg.set_gauge("matih_feature_stream_lag", (source,), lag)

@@ -34,6 +34,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     from actors.prediction_log import get_prediction_log
     from actors.registry_cache import get_registry_cache
     from actors.rollout_controller import get_rollout_controller
+    from actors.stream_ingestor import get_stream_ingestor
     from app.bootstrap import prepare
     from app.serving.ingress import LOG_TO_STDERR
     from app.settings import load_settings
@@ -55,6 +56,8 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     get_event_relay(kwargs, settings.actors.num_cpus, settings.credential_env("event_relay"))
     get_prediction_log(kwargs, settings)
     get_rollout_controller(kwargs, settings.actors.num_cpus, settings.credential_env("rollout_controller"))
+    # the registry (database URL) and the Redis online store / streams: the event relay's credentials
+    get_stream_ingestor(kwargs, settings.features.ingestor_num_cpus, settings.credential_env("event_relay"))
     _announce_ray_auth()
 
     # The replicas' Serve logs (access lines included) stay in their files unless

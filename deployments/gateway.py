@@ -260,6 +260,21 @@ class _GpuControl:
         await bounded(self.actor.ping.remote(), self.timeout_s, "the GPU manager")
 
 
+def _stream_status(timeout_s: float) -> Callable[[], Any]:
+    """The StreamIngestor's status, found by name at each call (a restarted actor keeps its
+    name; an absent one is a 503 the route turns into "not_running")."""
+
+    async def status() -> dict[str, Any]:
+        from actors.stream_ingestor import find_stream_ingestor
+
+        actor = await asyncio.to_thread(find_stream_ingestor)
+        if actor is None:
+            raise DependencyUnavailable("the StreamIngestor actor is not running")
+        return await bounded(actor.status.remote(), timeout_s, "the StreamIngestor")
+
+    return status
+
+
 @ray.remote(max_retries=0)
 def _registry_task(settings_kwargs: dict[str, Any], method: str, args: tuple, kwargs: dict[str, Any]) -> Any:
     """One RegistryService call (a registration that converts a model file) in a worker
@@ -424,6 +439,7 @@ class Gateway(_GrpcMethods):
             ),
             prediction_buffer=self._buffer,
             predlog=predlog,
+            streams=_stream_status(timeout_s),
         )
 
         resolver.on_endpoint = self.ctx.forget_endpoint

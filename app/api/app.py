@@ -113,6 +113,10 @@ class ApiContext:
     # cached row now: the Gateway pushes ``endpoint:<name>`` through the RegistryCache's change
     # feed, as alias changes go; None = only this process's cache.
     endpoint_changed: Callable[[str], Awaitable[None]] | None = None
+    # The StreamIngestor's status (``await streams()`` -> app.features.streams.Ingestor.status()):
+    # the actor in the Gateway, an in-process Ingestor in unit tests; None = no ingestor here
+    # (GET /v1/features/streams then lists the declarations alone).
+    streams: Callable[[], Awaitable[dict[str, Any]]] | None = None
     # Endpoint rows by name, trusted for serving.resolve_ttl_s (only this replica's event loop uses it).
     _endpoints: TTLCache = field(init=False, repr=False)
     # The one predict path (app.serving.routing), built from the services above.
