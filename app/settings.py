@@ -675,6 +675,9 @@ class FeatureSettings(_Section):
         5.0, gt=0, description="StreamIngestor: how often it re-reads the push sources' stream declarations.",
     )
     ingestor_num_cpus: float = Field(0.05, ge=0, description="CPUs the StreamIngestor actor reserves.")
+    push_max_rows: int = Field(
+        10_000, ge=1, description="Most rows one POST /v1/features/push may carry (more: 422; stream them instead).",
+    )
 
 
 class DatabaseSettings(_Section):
@@ -927,15 +930,17 @@ CREDENTIAL_URL_FIELDS = ("database_url", "mlflow_tracking_uri", "redis_url")
 # the application builder sets them for the deployments and actors, the JobScheduler for
 # each job it submits. The ModelServer gets none: models reach it through the RegistryCache.
 CREDENTIALS_BY_PROCESS: dict[str, tuple[str, ...]] = {
-    "gateway": ("admin_token", "database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
+    # online features and pushes (Redis), the Feast registry (beside the metadata store)
+    "gateway": ("admin_token", "database_url", "mlflow_tracking_uri", "redis_url", "s3_access_key", "s3_secret_key"),
     "model_server": (),
     "registry_cache": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),  # trust records, outbox
-    "job_scheduler": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
-    "job": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
+    "job_scheduler": ("database_url", "mlflow_tracking_uri", "redis_url", "s3_access_key", "s3_secret_key"),
+    "job": ("database_url", "mlflow_tracking_uri", "redis_url", "s3_access_key", "s3_secret_key"),  # + materialization
     "event_relay": ("database_url", "redis_url"),  # reads the outbox, publishes to the sink
     "prediction_log": ("database_url", "s3_access_key", "s3_secret_key"),  # endpoints' retention; the files
     # rollouts in the store, aliases in MLflow, the prediction log's files
     "rollout_controller": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
+    "stream_ingestor": ("database_url", "redis_url"),  # the Feast registry; online features, Redis Streams
 }
 
 

@@ -57,7 +57,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     get_prediction_log(kwargs, settings)
     get_rollout_controller(kwargs, settings.actors.num_cpus, settings.credential_env("rollout_controller"))
     # the registry (database URL) and the Redis online store / streams: the event relay's credentials
-    get_stream_ingestor(kwargs, settings.features.ingestor_num_cpus, settings.credential_env("event_relay"))
+    get_stream_ingestor(kwargs, settings.features.ingestor_num_cpus, settings.credential_env("stream_ingestor"))
     _announce_ray_auth()
 
     # The replicas' Serve logs (access lines included) stay in their files unless

@@ -72,13 +72,14 @@ def router(ctx: ApiContext) -> APIRouter:
         "/push", response_model=PushResult, summary="Push rows into a push source",
         description="Writes rows through Feast's push API to the online store, the offline store (the batch "
         "source's parquet file, rows appended) or both. All or none: 422 names the first bad field "
-        "(`push_source`, `to`, `rows`, `rows[i].column`). At most app.features.push.MAX_PUSH_ROWS rows. "
+        "(`push_source`, `to`, `rows`, `rows[i].column`). At most `features.push_max_rows` rows (10,000 by default). "
         "Per entity key the online store keeps the latest event time. Role developer.",
     )
     async def push(body: PushRequest, _: Principal = developer) -> dict[str, Any]:
         from app.features.push import push_rows
 
-        return await asyncio.to_thread(lambda: push_rows(store(), body.push_source, body.rows, body.to))
+        return await asyncio.to_thread(lambda: push_rows(store(), body.push_source, body.rows, body.to,
+                                                          max_rows=ctx.settings.features.push_max_rows))
 
     @api.get(
         "/streams", response_model=StreamsPage, summary="Declared streams and their ingestion",

@@ -21,8 +21,7 @@ import pandas as pd
 from app.errors import InvalidInput
 
 # Most rows of one POST /v1/features/push (a larger upload belongs in the batch source's file).
-# TODO(settings): features.push_max_rows once app/settings.py gains it.
-MAX_PUSH_ROWS = 10_000
+MAX_PUSH_ROWS = 10_000  # the default of settings.features.push_max_rows
 PUSH_TARGETS = ("online", "offline", "online_and_offline")
 
 

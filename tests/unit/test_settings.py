@@ -173,7 +173,7 @@ def test_a_process_rebuilds_its_settings_from_shared_ones_and_its_environment(tm
         monkeypatch.setenv(name, value)
     job = Settings.from_shared(s.shared_kwargs())  # production profile, no admin token: no error
     assert job.admin_token is None
-    assert job.redis_url == "redis://cache:6379/0"  # a job is not given Redis credentials
+    assert job.redis_url == "redis://:red-pa55@cache:6379/0"  # materialization writes online features to Redis
     assert job.model_copy(update={"admin_token": s.admin_token, "redis_url": s.redis_url}) == s
     # without the environment, URLs stand without password and there are no keys
     for name in s.credential_env("job"):
