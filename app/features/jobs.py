@@ -123,7 +123,7 @@ def check_historical_paths(spec: HistoricalSpec, settings: Settings) -> Historic
     """``entities`` and ``output`` inside the data roots (422 naming the field), made canonical."""
     from app.storage.paths import check_job_location
 
-    update = {"entities": check_job_location(spec.entities, settings, "entities")}
+    update = {"entities": check_job_location(spec.entities, settings, "entities", must_exist=True)}
     if spec.output is not None:
         if spec.output.startswith(("s3://", "s3a://")):
             raise InvalidInput("output: a local parquet path (object stores are not written yet)",
@@ -391,5 +391,17 @@ def load_feast_dataset(uri: str, settings: Settings, keep: list[str] | None = No
     return frame.reset_index(drop=True), service_lineage(store, service)
 
 
-def lineage_json(record: dict[str, Any]) -> str:
-    return json.dumps(record, separators=(",", ":"), sort_keys=True)
+def lineage_json(record: dict[str, Any], limit: int = 4900) -> str:
+    """The lineage record as a tag value (MLflow keeps 5000 characters): past ``limit``, the
+    view versions go first, then the feature list is cut (``features_total`` says how many)."""
+    text = json.dumps(record, separators=(",", ":"), sort_keys=True)
+    if len(text) <= limit:
+        return text
+    record = {**record, "view_versions": None, "features_total": len(record.get("features") or [])}
+    features = list(record.get("features") or [])
+    while features:
+        text = json.dumps({**record, "features": features}, separators=(",", ":"), sort_keys=True)
+        if len(text) <= limit:
+            return text
+        features = features[: len(features) * 3 // 4]
+    return json.dumps({**record, "features": []}, separators=(",", ":"), sort_keys=True)[:limit]

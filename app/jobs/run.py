@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("app.jobs.run")
-KINDS = ("training", "batch_prediction", "ensemble")
+KINDS = ("training", "batch_prediction", "ensemble", "feature_materialize", "feature_historical")
 
 
 def _submission_id() -> str | None:
@@ -84,6 +84,10 @@ def _load_spec(path: str, kind: str) -> dict[str, Any]:
         from app.training.spec import TrainingJobSpec as Model
     elif kind == "ensemble":
         from app.ensembles.spec import EnsembleSpec as Model
+    elif kind == "feature_materialize":
+        from app.features.jobs import MaterializeSpec as Model
+    elif kind == "feature_historical":
+        from app.features.jobs import HistoricalSpec as Model
     else:
         from app.batch.spec import BatchJobSpec as Model
     try:

@@ -93,7 +93,7 @@ def test_historical_spec_paths(env, tmp_path):
         check_historical_paths(HistoricalSpec(feature_service="s", entities=str(tmp_path / "x.parquet")), settings)
     assert err.value.details["field"] == "entities"
     with pytest.raises(InvalidInput) as err:
-        check_historical_paths(HistoricalSpec(feature_service="s", entities=str(data / "e.parquet"),
+        check_historical_paths(HistoricalSpec(feature_service="s", entities=str(data / "entities.parquet"),
                                               output="/etc/out.parquet"), settings)
     assert err.value.details["field"] == "output"
     with pytest.raises(InvalidInput) as err:
@@ -154,3 +154,88 @@ def test_materialize_local_engine_counts_rows(env):
                             settings, "job-m2", lambda *a: None)
     assert again["views"]["driver_stats"]["start"] == (T + timedelta(hours=2)).isoformat()
     assert again["rows_written"] == 0
+
+
+def test_routes_submit_jobs(env):
+    """POST /v1/features/{materialize,historical}: 422 naming the field, 404 for an unknown
+    service, 202 with a job of the right kind (developer role)."""
+    from fastapi.testclient import TestClient
+
+    from app.api.app import create_app
+    from app.bootstrap import prepare
+    from tests.support import NoJobs, in_process_context
+
+    settings, _, data = env
+    prepared = prepare(settings)
+    ctx = in_process_context(settings, prepared.admin_token, NoJobs())
+    try:
+        with TestClient(create_app(ctx)) as c:
+            _, token = ctx.store.create_token("dev-user", "developer", "admin")
+            _, viewer = ctx.store.create_token("viewer-user", "viewer", "admin")
+            c.headers["Authorization"] = f"Bearer {token}"
+            r = c.post("/v1/features/materialize", json={"views": ["nope"], "incremental": True})
+            assert r.status_code == 422 and "nope" in r.text and "views" in r.text, r.text
+            r = c.post("/v1/features/materialize", json={"start": "2026-01-02T00:00:00Z", "end": "2026-01-01T00:00:00Z"})
+            assert r.status_code == 422 and "start" in r.text, r.text
+            r = c.post("/v1/features/materialize", json={"incremental": True},
+                       headers={"Authorization": f"Bearer {viewer}"})
+            assert r.status_code == 403, r.text
+            r = c.post("/v1/features/materialize", json={"views": ["driver_stats"], "incremental": True})
+            assert r.status_code == 202, r.text
+            job = ctx.store.get_job(r.json()["job_id"])
+            assert job["kind"] == "feature_materialize" and job["spec"]["views"] == ["driver_stats"]
+            r = c.post("/v1/features/historical", json={"feature_service": "nope",
+                                                       "entities": str(data / "entities.parquet")})
+            assert r.status_code == 404, r.text
+            r = c.post("/v1/features/historical", json={"feature_service": "driver_svc", "entities": "/etc/passwd"})
+            assert r.status_code == 422 and "entities" in r.text, r.text
+            r = c.post("/v1/features/historical", json={"feature_service": "driver_svc",
+                                                       "entities": str(data / "entities.parquet")})
+            assert r.status_code == 202, r.text
+            job = ctx.store.get_job(r.json()["job_id"])
+            assert job["kind"] == "feature_historical" and job["spec"]["feature_service"] == "driver_svc"
+    finally:
+        ctx.store.dispose()
+
+
+def test_training_on_a_feast_dataset_records_the_service(env):
+    """A sklearn job on feast://driver_svc?entities=...: lineage and card name the service,
+    its version and its features; entity keys and timestamps are no model inputs."""
+    from fastapi.testclient import TestClient
+
+    from app.api.app import create_app
+    from app.bootstrap import prepare
+    from app.schemas import TrainingJobSpec
+    from app.training.pipeline import train_sklearn
+    from app.training.spec import check_spec_paths
+    from tests.support import NoJobs, in_process_context
+
+    settings, _, data = env
+    rows = 40
+    entities = pd.DataFrame({"driver_id": [1 + i % 3 for i in range(rows)],
+                             "event_timestamp": [T + timedelta(minutes=i) for i in range(rows)],
+                             "label": [i % 2 for i in range(rows)]})
+    entities.loc[entities.driver_id == 2, "driver_id"] = 3  # driver 2 has no value within the ttl
+    entities.to_parquet(data / "train_entities.parquet", index=False)
+    spec = TrainingJobSpec.model_validate({
+        "name": "fs-train", "register_as": "fs-model", "estimator": "sklearn.tree.DecisionTreeClassifier",
+        "dataset": {"uri": f"feast://driver_svc?entities={data / 'train_entities.parquet'}", "target": "label"}})
+    spec = check_spec_paths(spec, settings)
+    result = train_sklearn(spec, settings, "job-fs", lambda *a, **k: None)
+    prepared = prepare(settings)
+    ctx = in_process_context(settings, prepared.admin_token, NoJobs())
+    try:
+        with TestClient(create_app(ctx)) as c:
+            c.headers["Authorization"] = f"Bearer {prepared.admin_token}"
+            version = c.get(f"/v1/models/fs-model/versions/{result['model_version']}").json()
+            assert version["feature_names"] == ["rate", "trips"], version
+            service = version["lineage"]["feature_service"]
+            assert service["name"] == "driver_svc"
+            assert service["features"] == ["driver_stats:rate", "driver_stats:trips"]
+            assert service["version"].startswith("sha256:")
+            card = c.get(f"/v1/models/fs-model/versions/{result['model_version']}/card").json()
+            assert card["data"]["feature_service"]["features"] == service["features"]
+            md = c.get(f"/v1/models/fs-model/versions/{result['model_version']}/card?format=markdown").text
+            assert "## Features" in md and "- driver_stats:trips" in md and "feature service: driver_svc" in md
+    finally:
+        ctx.store.dispose()
