@@ -10,7 +10,8 @@ Rows written: Feast's ``materialize`` returns no counts. Before each view is mat
 source is read for the window (the join keys and the event timestamp only, for a parquet
 ``FileSource``; through the offline store's ``pull_latest_from_table_or_query`` otherwise): the
 job reports ``source_rows`` (rows in the window) and ``rows_written`` (distinct entity keys in
-the window: Feast writes the latest row of each one to the online store).
+the window: Feast writes the latest row of each one to the online store). With the Ray compute engine the
+counted window starts no earlier than now - ttl: that engine drops older rows when it writes.
 """
 
 from __future__ import annotations
@@ -218,6 +219,14 @@ def _window_counts(store, fv, start: datetime, end: datetime) -> tuple[int, int]
     return n, n
 
 
+def _written_from(engine: str, fv, start: datetime) -> datetime:
+    """Where the rows the engine writes begin: Feast's Ray compute engine also drops rows older
+    than now - ttl (its filter node, at write time); the local engine writes the whole window."""
+    if engine == "ray" and fv.ttl and fv.ttl.total_seconds() > 0:
+        return max(start, datetime.now(timezone.utc) - fv.ttl)
+    return start
+
+
 def run_materialize(spec: MaterializeSpec, settings: Settings, job_id: str, report: Reporter) -> dict[str, Any]:
     """Materialize each view (one Feast call per view, so progress is per view) with the
     configured engine; the result: ``{engine, window, views: {name: {start, end, source_rows,
@@ -248,7 +257,7 @@ def run_materialize(spec: MaterializeSpec, settings: Settings, job_id: str, repo
         if start >= end:
             rows = written = 0
         else:
-            rows, written = _window_counts(store, fv, start, end)
+            rows, written = _window_counts(store, fv, _written_from(engine, fv, start), end)
             if spec.incremental:
                 store.materialize_incremental(end_date=end, feature_views=[name])
             else:
