@@ -42,6 +42,10 @@ def load_dataset(uri: str, settings=None) -> pd.DataFrame:
         return frame
     if uri.startswith("s3://"):
         return _load_s3(uri, settings)
+    if uri.startswith("feast://"):  # a point-in-time set of a Feast feature service (app.features.jobs)
+        from app.features.jobs import load_feast_dataset
+
+        return load_feast_dataset(uri, settings)[0]
     path_str = uri[len("file://") :] if uri.startswith("file://") else uri
     if "://" in path_str:
         raise InvalidInput(

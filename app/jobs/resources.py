@@ -49,6 +49,11 @@ def job_needs(kind: str, spec: dict[str, Any], settings: Settings) -> JobNeeds:
             per = e.resources.cpus_per_member
             return JobNeeds(0.0, max(per, min(e.n_estimators * per, settings.jobs.num_cpus)), 0.0)
         # stacking refits, blending and boosting fit, in the driver process
+    if kind == "feature_materialize" and settings.features.engine == "ray":
+        # The driver mostly waits: Feast's Ray compute engine runs Ray Data tasks (1 CPU each, as
+        # Feast asks no other amount) in the room the scheduler admitted the job with; Ray Data's
+        # resource limit (app.features.jobs) keeps them to jobs.num_cpus (at least one task's CPU).
+        return JobNeeds(0.0, max(1.0, settings.jobs.num_cpus), 0.0)
     return JobNeeds(settings.jobs.num_cpus, settings.jobs.num_cpus, 0.0)
 
 

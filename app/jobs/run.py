@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("app.jobs.run")
-KINDS = ("training", "batch_prediction", "ensemble")
+KINDS = ("training", "batch_prediction", "ensemble", "feature_materialize", "feature_historical")
 
 
 def _submission_id() -> str | None:
@@ -76,6 +76,8 @@ def _load_spec(path: str, kind: str) -> dict[str, Any]:
     import yaml
     from pydantic import ValidationError
 
+    from app.errors import MatihError
+
     text = Path(path).read_text()
     data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
     if not isinstance(data, dict):
@@ -84,6 +86,10 @@ def _load_spec(path: str, kind: str) -> dict[str, Any]:
         from app.training.spec import TrainingJobSpec as Model
     elif kind == "ensemble":
         from app.ensembles.spec import EnsembleSpec as Model
+    elif kind == "feature_materialize":
+        from app.features.jobs import MaterializeSpec as Model
+    elif kind == "feature_historical":
+        from app.features.jobs import HistoricalSpec as Model
     else:
         from app.batch.spec import BatchJobSpec as Model
     try:
@@ -94,6 +100,9 @@ def _load_spec(path: str, kind: str) -> dict[str, Any]:
             loc = ".".join(str(p) for p in err["loc"]) or "(spec)"
             lines.append(f"  {loc}: {err['msg']}")
         print("\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None
+    except MatihError as exc:  # a spec's own checks raise the platform's errors (app.features.jobs)
+        print(f"{path}: the {kind} spec is not valid: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -36,6 +36,15 @@ def execute(kind: str, spec: dict[str, Any], settings: Settings, job_id: str, re
 
         ensemble = check_ensemble_spec(EnsembleSpec.model_validate(spec), settings)
         return run_ensemble_job(ensemble, settings, job_id, report)
+    if kind == "feature_materialize":
+        from app.features.jobs import MaterializeSpec, parse_spec, run_materialize
+
+        return run_materialize(parse_spec(MaterializeSpec, spec), settings, job_id, report)
+    if kind == "feature_historical":
+        from app.features.jobs import HistoricalSpec, check_historical_paths, parse_spec, run_historical
+
+        historical = check_historical_paths(parse_spec(HistoricalSpec, spec), settings)
+        return run_historical(historical, settings, job_id, report)
     raise MatihError(f"no runner for job kind {kind!r}", code="unknown_job_kind")
 
 

@@ -72,6 +72,8 @@ class CardsMixin(RegistryBase):
                 "dataset_sha256": v["lineage"]["dataset_sha256"],
                 "feature_names": v["feature_names"],
                 "classes": v["classes"],
+                # a feast:// dataset: {name, project, version, features: ["view:feature", ...], view_versions}
+                "feature_service": v["lineage"].get("feature_service"),
             },
             "signature": v["signature"],
             "lineage": v["lineage"],
@@ -138,8 +140,12 @@ def card_markdown(card: dict[str, Any]) -> str:
     data = card["data"]
     lines += ["", "## Data", "", f"- dataset: {data['dataset_uri'] or 'unknown'}",
               f"- sha256: {data['dataset_sha256'] or 'unknown'}"]
+    service = data.get("feature_service")
+    if service:
+        lines += ["", "## Features", "", f"- feature service: {service.get('name')} (project {service.get('project')}, "
+                  f"version {service.get('version')})"] + [f"- {ref}" for ref in service.get("features") or []]
     lin = card["lineage"]
-    lines += ["", "## Lineage", ""] + [f"- {k}: {v}" for k, v in lin.items() if v]
+    lines += ["", "## Lineage", ""] + [f"- {k}: {v}" for k, v in lin.items() if v and k != "feature_service"]
     parity = card["parity"]
     lines += ["", "## Format and validation", "", f"- format: {card['format']} (artifacts: {', '.join(card['formats'])})",
               f"- validation: {parity['validation']}" + (f" ({parity['detail']})" if parity["detail"] else "")]

@@ -37,6 +37,7 @@ TAG_VALIDATION_REPORT = "matih.validation_report"  # JSON: holdout metrics, cham
 TAG_APPROVED_BY = "matih.approved_by"  # the admin who approved the version for production
 TAG_DATASET_URI = "matih.dataset_uri"
 TAG_DATASET_SHA256 = "matih.dataset_sha256"  # sha256 of the training frame
+TAG_FEATURE_SERVICE = "matih.feature_service"  # JSON: the Feast feature service of a feast:// dataset (app.features.jobs)
 TAG_CODE_VERSION = "matih.code_version"  # git commit of the code that trained it, else the package version
 
 

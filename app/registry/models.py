@@ -20,7 +20,13 @@ from app.registry.base import (
     _token,
 )
 from app.registry.checks import check_model_name, check_user_tags
-from app.registry.mlflow_registry import TAG_CODE_VERSION, TAG_DATASET_SHA256, TAG_DATASET_URI, TAG_JOB
+from app.registry.mlflow_registry import (
+    TAG_CODE_VERSION,
+    TAG_DATASET_SHA256,
+    TAG_DATASET_URI,
+    TAG_FEATURE_SERVICE,
+    TAG_JOB,
+)
 from app.registry.outbox import OP_DELETE
 
 
@@ -158,6 +164,7 @@ class ModelsMixin(RegistryBase):
             "artifact_sha256": tags.get(TAG_SHA256),
             "converted_from": tags.get(TAG_CONVERTED_FROM),
             "registered_by": tags.get(TAG_REGISTERED_BY),
+            "feature_service": _json_tag(tags.get(TAG_FEATURE_SERVICE)),
         }
 
 
@@ -195,3 +202,15 @@ def endpoints_using(store, name: str) -> list[str]:
                 found.append(ep["name"])
         if not token:
             return found
+
+
+def _json_tag(value: str | None) -> Any:
+    """A JSON tag's value (None when absent or not JSON)."""
+    import json
+
+    if not value:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return None

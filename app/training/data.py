@@ -29,6 +29,8 @@ class PreparedData:
     classes: list = field(default_factory=list)  # original labels; y_* hold their indices 0..k-1 for torch
     dataset_uri: str = ""
     dataset_sha256: str = ""
+    # A feast:// dataset's feature service: {name, project, version, features, view_versions}
+    feature_service: dict | None = None
 
     @property
     def n_features(self) -> int:
@@ -56,7 +58,13 @@ def prepare_data(uri: str, target: str, features: list[str] | None, test_size: f
     ``encode_labels``, turn class labels into indices 0..k-1 (what a torch loss needs)."""
     from sklearn.model_selection import train_test_split
 
-    frame = load_dataset(uri, settings)
+    service = None
+    if uri.startswith("feast://"):
+        from app.features.jobs import load_feast_dataset
+
+        frame, service = load_feast_dataset(uri, settings, keep=[*(features or []), target])
+    else:
+        frame = load_dataset(uri, settings)
     X, y = split_features(frame, target, features)
     task = infer_task(y, task)
     if task == "regression" and not pd.api.types.is_numeric_dtype(y):
@@ -82,5 +90,5 @@ def prepare_data(uri: str, target: str, features: list[str] | None, test_size: f
         X_train=X_train.to_numpy(dtype=np.float32), y_train=ytr,
         X_holdout=X_hold.to_numpy(dtype=np.float32), y_holdout=yho,
         feature_names=[str(c) for c in X.columns], task=task, classes=classes,
-        dataset_uri=uri, dataset_sha256=frame_sha256(frame),
+        dataset_uri=uri, dataset_sha256=frame_sha256(frame), feature_service=service,
     )

@@ -30,6 +30,7 @@ from app.registry.mlflow_registry import (
     TAG_CLASSES,
     TAG_CODE_VERSION,
     TAG_DATASET_SHA256,
+    TAG_FEATURE_SERVICE,
     TAG_DATASET_URI,
     TAG_FEATURES,
     TAG_FORMAT,
@@ -275,6 +276,10 @@ def _register(client, spec: TrainingJobSpec, data: PreparedData, job_id: str, di
     }
     if data.task == "classification":
         tags[TAG_CLASSES] = json.dumps(data.classes)
+    if data.feature_service:
+        from app.features.jobs import lineage_json
+
+        tags[TAG_FEATURE_SERVICE] = lineage_json(data.feature_service)
     version, alias = register_version(
         client, spec.register_as, job_id, source=f"models:/{model_id}", run_id=run_id, model_id=model_id, tags=tags,
         alias_on_pass=spec.validation.alias_on_pass,

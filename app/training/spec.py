@@ -40,7 +40,8 @@ class DatasetSpec(_Strict):
     uri: str = Field(
         ...,
         description="builtin://<name> for a dataset shipped with scikit-learn (iris, wine, breast_cancer, "
-        "diabetes, digits), a .parquet / .csv path (file:// accepted) or an s3:// URI.",
+        "diabetes, digits), a .parquet / .csv path (file:// accepted), an s3:// URI, or "
+        "feast://<feature_service>?entities=<parquet> for a point-in-time set of a Feast feature service.",
         examples=["builtin://iris"],
     )
     target: str = Field(..., description="Column holding the label.", examples=["target"])
@@ -352,7 +353,11 @@ def check_spec_paths(spec: TrainingJobSpec, settings) -> TrainingJobSpec:
 
     dataset, checkpoint = spec.dataset, spec.checkpoint
     updates: dict[str, Any] = {}
-    if not dataset.uri.startswith("builtin://"):
+    if dataset.uri.startswith("feast://"):
+        from app.features.jobs import check_feast_uri
+
+        updates["dataset"] = dataset.model_copy(update={"uri": check_feast_uri(dataset.uri, settings)})
+    elif not dataset.uri.startswith("builtin://"):
         uri = check_job_location(dataset.uri, settings, "dataset.uri")
         updates["dataset"] = dataset.model_copy(update={"uri": uri})
     paths = {
