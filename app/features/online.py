@@ -177,8 +177,9 @@ class OnlineReader:
                                    details={"field": "features"})
         try:
             ctx = _get_online_request_context(registry, project, target, self.full_feature_names)
-        except (FeastObjectNotFoundException, FeatureViewNotFoundException) as exc:
-            raise InvalidInput(f"unknown feature view or feature: {exc}", details={"field": "features"}) from None
+        except (FeastObjectNotFoundException, FeatureViewNotFoundException, KeyError) as exc:
+            raise InvalidInput(f"unknown feature view or feature: {str(exc).strip(chr(39))}",
+                               details={"field": "features"}) from None
         except ValueError as exc:  # Feast's collision check of short names
             raise InvalidInput(str(exc), details={"field": "features"}) from None
         refs, odfvs, name_to_key, type_map, _, grouped, _, _, _ = ctx
