@@ -86,6 +86,8 @@ def _entity_proto(value: Any, value_type: Any) -> Any:
     from feast.type_map import python_values_to_proto_values
     from feast.value_type import ValueType
 
+    if isinstance(value, float) and value.is_integer() and value_type in (ValueType.INT64, ValueType.INT32):
+        value = int(value)  # a key sent as a number of a float tensor (V2 inputs are float32)
     if value_type == ValueType.INT64 and isinstance(value, int) and not isinstance(value, bool):
         return ValueProto(int64_val=value)
     if value_type == ValueType.STRING and isinstance(value, str):

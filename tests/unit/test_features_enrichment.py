@@ -4,6 +4,7 @@ spec's checks at endpoint creation, and an enriched endpoint in process (SQLite 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -187,6 +188,18 @@ def test_enriched_predictions(api):
         {"values": {"a": 0.0, "b": 0.0}, "missing": ["a", "b"]},
     ]
     assert first[0]["inputs"] == {"a": 1.5, "b": -0.5, "extra": 2.0}
+
+
+def test_v2_named_inputs_are_enriched(api):
+    tensors = [{"name": "customer_id", "shape": [2], "datatype": "INT64", "data": [1, 2]},
+               {"name": "extra", "shape": [2], "datatype": "FP32", "data": [2.0, 1.0]}]
+    r = api.post(f"/v2/models/{EP}/infer", json={"inputs": tensors})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert json.loads(body["parameters"]["features"]) == {"stale": ["b"], "missing": []}
+    plain = api.post(f"/v1/endpoints/{PLAIN}/predict", json={"instances": [{"a": 1.5, "b": -0.5, "extra": 2.0},
+                                                                          {"a": 0.3, "b": 0.0, "extra": 1.0}]})
+    assert body["outputs"][0]["data"] == pytest.approx(plain.json()["predictions"], abs=1e-5)
 
 
 def test_on_missing_error_is_422(api):
