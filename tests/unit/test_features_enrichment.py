@@ -16,7 +16,7 @@ from app.errors import InvalidInput
 from app.features.enrichment import FeatureEnrichment, check_spec, merge
 from app.features.online import OnlineReader, OnlineResult
 from app.features.repo import open_store
-from tests.unit.test_features_online import define, feature_settings, write
+from tests.unit.test_features_online import define, feature_settings
 
 NOW = 1_800_000_000.0
 
