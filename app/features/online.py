@@ -107,6 +107,28 @@ def _timestamp(raw: bytes | None) -> datetime | None:
     return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=timezone.utc)
 
 
+async def _pipelined_hmget(client: Any, commands: list[tuple[bytes, tuple[bytes, ...]]]) -> list[Any]:
+    """The HMGETs as one pipelined write and its replies, on one pooled connection: what
+    ``client.pipeline(transaction=False)`` sends, without its per-command bookkeeping (a third of
+    a read's time). A connection left mid-reply (an error, a timeout's cancellation) is closed
+    rather than returned with unread replies."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    done = False
+    try:
+        await conn.send_packed_command(conn.pack_commands([("HMGET", key, *fields) for key, fields in commands]))
+        replies = [await conn.read_response() for _ in commands]
+        done = True
+    finally:
+        if not done:
+            await conn.disconnect()
+        await pool.release(conn)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 class OnlineReader:
     """Reads one feature service (``features`` a str) or list of refs (``"view:feature"``) from
     ``store``'s online store (see the module docstring). ``full_feature_names``: results are named
@@ -341,16 +363,14 @@ class OnlineReader:
         out = self._empty(resolved, n, entities)
         try:
             if not self._redis:
-                await asyncio.wait_for(asyncio.to_thread(self._read_store, resolved, per_view, out), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    await asyncio.to_thread(self._read_store, resolved, per_view, out)
                 return out
             import redis
 
-            client = self._async_client()
             try:
-                async with client.pipeline(transaction=False) as pipe:
-                    for key, fields in self._redis_commands(resolved, per_view):
-                        pipe.hmget(key, fields)
-                    replies = await asyncio.wait_for(pipe.execute(), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    replies = await _pipelined_hmget(self._async_client(), self._redis_commands(resolved, per_view))
             except redis.RedisError as exc:
                 raise DependencyUnavailable(f"online store (Redis) read failed: {exc}") from exc
         except asyncio.TimeoutError:
