@@ -164,6 +164,10 @@ class PredictResponse(BaseModel):
         "`failed` names the members that did not answer and why."
     )
     failed: list[dict[str, Any]] | None = Field(None, description="An ensemble's members that did not answer.")
+    features: dict[str, list[str]] | None = Field(
+        None, description="Only from an endpoint with spec.features: {stale: [...], missing: [...]}, the stored "
+        "features (over all rows) that were older than max_age_s or absent, handled by on_missing."
+    )
     members: list[dict[str, Any]] | None = Field(
         None, description="With explain=members: each member's {model, weight, output, latency_ms, error?}."
     )

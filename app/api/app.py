@@ -21,6 +21,7 @@ from app.api.deadline import RequestDeadline
 from app.api.errors import error_response, install_error_handlers
 from app.auth import Authenticator, Principal, Role
 from app.errors import InvalidInput, MatihError, NotFound, PayloadTooLarge, PermissionDenied
+from app.features.enrichment import Enricher
 from app.redaction import redact
 from app.registry.mlflow_registry import ModelRegistry, ResolvedModel, check_servable
 from app.registry.targets import ModelRef, parse_target
@@ -136,6 +137,7 @@ class ApiContext:
             arms=self._bandit_arms,
             bandit_refresh_s=self.settings.serving.bandit_refresh_s,
             shadow_max_in_flight=self.settings.serving.shadow_max_in_flight,
+            enricher=Enricher(self.settings),
         )
 
     async def _bandit_arms(self, name: str, variants: list[str]) -> dict[str, Any]:
@@ -350,6 +352,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @api.post("/v1/endpoints", status_code=201, tags=["serving"], summary="Create an endpoint")
     async def create_endpoint(body: EndpointCreate, who: Principal = developer) -> dict[str, Any]:
         _check_device(ctx, body.config)
+        if body.spec.features is not None:  # the feature service exists and the spec fits it (422)
+            await asyncio.to_thread(ctx.router.enricher.check, body.spec.features)
         check_endpoint_config(body.runtime, body.config, ctx.settings)
         resolved = await _resolve(ctx, body.target, use_cache=False)
         check_ensemble_target(resolved, body.config)
@@ -404,6 +408,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
                      "verify": lambda: ctx.registry.resolve(target, use_cache=False)}
         changes = body.model_dump(exclude_unset=True)
         if body.spec is not None:
+            if body.spec.features is not None:
+                await asyncio.to_thread(ctx.router.enricher.check, body.spec.features)
             changes["spec"] = body.spec.model_dump(mode="json")
         row = await asyncio.to_thread(ctx.store.update_endpoint, name, changes, who.name, **guard)
         await ctx.notify_endpoint_changed(name)
@@ -465,6 +471,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         for key in ("degraded", "failed", "members"):  # an ensemble's (app.ensembles.serving)
             if key in done.output:
                 content[key] = done.output[key]
+        if done.features is not None:  # an enriching endpoint's stale and missing stored features
+            content["features"] = done.features
         # Serve's ingress echoes the request's x-request-id, which the request-id middleware set
         # to ours; without the middleware the header is set here.
         headers = {"X-Request-Id": request_id} if issued_here else {}

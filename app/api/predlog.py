@@ -42,6 +42,10 @@ class PredictionItem(BaseModel):
     probabilities: list[float] | None = Field(None, description="Class probabilities, when the caller asked for them.")
     latency_ms: float = Field(..., description="The request's time in the Gateway, model call included.")
     caller: str | None = Field(None, description="The principal that called; null when not kept.")
+    features: dict[str, Any] | None = Field(
+        None, description="An enriching endpoint's stored features joined to the row: {values: {feature: value}, "
+        "stale?: [...], missing?: [...]}; null when the endpoint does not enrich.",
+    )
 
 
 class PredictionPage(BaseModel):

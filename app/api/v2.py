@@ -13,6 +13,7 @@ protocol as well (``app/api/v2_grpc.py``): one code path, two transports.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,7 +160,8 @@ async def infer(
         task != "regression" if req.outputs is None else any(o.name == "probabilities" for o in req.outputs)
     )
     try:
-        result = (await ctx.router.predict(plan, payload, info, explain)).output
+        done = await ctx.router.predict(plan, payload, info, explain)
+        result = done.output
     except InvalidInput as exc:  # the protocol answers every bad request with 400
         cause = getattr(exc, "cause", None)  # raised in a replica: Ray's wrapper holds the original
         original = cause if isinstance(cause, InvalidInput) else exc
@@ -173,6 +175,8 @@ async def infer(
         parameters["failed"] = members_json(result.get("failed", []))
     if "members" in result:
         parameters["members"] = members_json(result["members"])
+    if done.features is not None:  # an enriching endpoint's stale and missing stored features (JSON)
+        parameters["features"] = json.dumps(done.features, separators=(",", ":"))
     return Inference(served.model.version, outputs, parameters)
 
 

@@ -28,6 +28,8 @@ def _json_default(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, (bytes, bytearray)):
         return value.decode("utf-8", "replace")
+    if hasattr(value, "isoformat"):  # a stored feature's timestamp
+        return value.isoformat()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -103,6 +105,9 @@ class _Columns:
         c["latency_ms"].extend([float(rec.latency_ms)] * n)
         c["caller"].extend([rec.caller] * n)
         c["status"].extend([int(rec.status)] * n)
+        used = rec.features
+        c["features"].extend([None] * n if used is None else
+                             [_dumps(used[i]) if i < len(used) else None for i in range(n)])
 
     def table(self) -> pa.Table:
         arrays = [pa.array(self.cols[f.name], type=f.type) for f in SCHEMA]

@@ -39,6 +39,10 @@ SCHEMA = pa.schema(
         # The HTTP status of the answer (200; 4xx/5xx for a request that failed, logged without
         # outputs); null in files written before the column existed, which held only successes.
         pa.field("status", pa.int16()),
+        # JSON {"values": {feature: value}, "stale"?: [...], "missing"?: [...]}: the stored features an
+        # enriching endpoint joined to the row (app.features.enrichment); null otherwise and in files
+        # written before the column existed.
+        pa.field("features", pa.string()),
     ]
 )
 

@@ -79,8 +79,8 @@ def _read_partition(fs, directory: str, expr) -> pa.Table:
 
 
 def _item(row: dict[str, Any]) -> dict[str, Any]:
-    for key in ("inputs", "prediction"):
-        if row[key] is not None:
+    for key in ("inputs", "prediction", "features"):
+        if row.get(key) is not None:
             row[key] = json.loads(row[key])
     row["timestamp"] = row["timestamp"].isoformat()
     return row

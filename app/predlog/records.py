@@ -31,3 +31,6 @@ class PredictionRecord:
     client_request_id: str | None = None  # the client's own X-Request-Id (or V2 "id"), kept beside ours
     protocol: str = "rest"  # rest | v2 | grpc
     status: int = 200  # the HTTP status of the answer; a failed request is logged without outputs
+    # An enriching endpoint's stored features, per row: {"values": {feature: value}, "stale"?: [...],
+    # "missing"?: [...]} (app.features.enrichment); None when the endpoint does not enrich.
+    features: list[dict[str, Any]] | None = None

@@ -4,14 +4,15 @@ runtime ``config``.
 The runtime config (device, batching, the runtime's options) is part of the multiplexed model
 id, so changing it reloads models; the spec is read on every request and changing it reloads
 nothing. Each change of the spec counts up the endpoint's ``spec_version``. Today the spec
-holds the prediction-log settings and the traffic plan (:mod:`app.traffic.spec`); feature
-enrichment (issue: feature store) joins it as a field of its own.
+holds the prediction-log settings, the traffic plan (:mod:`app.traffic.spec`) and feature
+enrichment (:mod:`app.features.enrichment`).
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.features.enrichment import FeatureEnrichment
 from app.predlog.records import OPTIONAL_FIELDS
 from app.traffic.spec import TrafficSpec
 
@@ -53,6 +54,10 @@ class EndpointSpec(BaseModel):
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="What the prediction log records.")
     traffic: TrafficSpec | None = Field(
         None, description="The traffic plan (PUT /v1/endpoints/{name}/traffic); unset = the target serves every request."
+    )
+    features: FeatureEnrichment | None = Field(
+        None, description="Feature enrichment: stored features of a feature service joined to each request by its "
+        "entity keys before the model call (docs/features-online.md); unset = requests carry every feature.",
     )
 
 

@@ -40,7 +40,8 @@ from typing import Any, Awaitable, Callable
 from cachetools import LRUCache
 
 from app import metrics
-from app.errors import Conflict, InvalidInput, MatihError, NotFound
+from app.errors import Conflict, DependencyUnavailable, InvalidInput, MatihError, NotFound
+from app.features.enrichment import FeatureEnrichment
 from app.names import parse_version
 from app.predlog.layout import shadow_log
 from app.predlog.records import PredictionRecord
@@ -106,6 +107,8 @@ class Plan:
     # The endpoint's runtime and config: what a shadow without a runtime of its own runs with.
     runtime: str = "onnx"
     config: dict[str, Any] | None = None
+    # The endpoint's feature enrichment (spec.features): stored features joined before the model call.
+    features: FeatureEnrichment | None = None
 
     @property
     def primary(self) -> Leg:
@@ -135,6 +138,8 @@ class Routed:
     output: dict[str, Any]  # the model's answer: {"predictions": [...], "probabilities"?: [...]}
     leg: Leg
     request_id: str
+    # An enriching endpoint's {"stale": [...], "missing": [...]}; None when it does not enrich.
+    features: dict[str, list[str]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +175,7 @@ class EndpointRouter:
         arms: Callable[[str, list[str]], Awaitable[dict[str, Any]]] | None = None,
         bandit_refresh_s: float = 1.0,
         shadow_max_in_flight: int = 8,
+        enricher: Any = None,
     ):
         """``ensembles``: runs an ensemble leg (:class:`app.ensembles.serving.EnsembleDispatch`:
         ``predict(model, payload, config, explain)``); None = ensembles are refused (409).
@@ -178,7 +184,9 @@ class EndpointRouter:
         first; None = bandit plans keep their configured weights.
         ``bandit_refresh_s``: how often a bandit plan is re-weighed from them;
         ``shadow_max_in_flight``: calls of one shadow (of one endpoint) this router runs at once
-        (more are dropped): a slow shadow cannot starve another."""
+        (more are dropped): a slow shadow cannot starve another.
+        ``enricher``: joins stored features to the requests of endpoints with ``spec.features``
+        (:class:`app.features.enrichment.Enricher`); None = such endpoints answer 503."""
         self._endpoint = endpoint
         self._resolve = resolve
         self.predictor = predictor
@@ -194,6 +202,7 @@ class EndpointRouter:
         self._shadows_in_flight: dict[tuple[str, str], int] = {}  # (endpoint, shadow) -> calls running
         self._background: set[asyncio.Task] = set()  # shadow calls and bandit refreshes in flight
         self._rng = random.Random()
+        self.enricher = enricher
 
     # -- plans ---------------------------------------------------------------------------------
     def spec_of(self, row: dict[str, Any]) -> EndpointSpec:
@@ -221,7 +230,8 @@ class EndpointRouter:
         version = row.get("spec_version", 0)
         if traffic is None:
             leg = _leg("", await self._resolve(row["target"]), runtime, config)
-            return Plan(row["name"], True, (leg,), spec.logging, version, runtime=runtime, config=config)
+            return Plan(row["name"], True, (leg,), spec.logging, version, runtime=runtime, config=config,
+                        features=spec.features)
         choice = self._choice(row["name"], version, traffic)
         key = sticky(traffic.sticky.key) if sticky is not None and traffic.sticky is not None else None
         variant = choice.by_name[choice.chooser.choose(key, self._rng)]
@@ -229,7 +239,7 @@ class EndpointRouter:
             runtime, config = variant.runtime, variant.config or None
         leg = _leg(variant.name, await self._resolve(variant.target), runtime, config)
         return Plan(row["name"], True, (leg,), spec.logging, version, tuple(traffic.shadows),
-                    row["runtime"], row["config"] or None)
+                    row["runtime"], row["config"] or None, spec.features)
 
     def _choice(self, name: str, version: int, traffic: TrafficSpec) -> _Choice:
         key = (name, version)
@@ -325,7 +335,10 @@ class EndpointRouter:
         leg = plan.primary
         code = 200
         out: dict[str, Any] | None = None
+        enriched = None
         try:
+            if plan.features is not None:
+                payload, enriched = await self._enrich(plan.features, leg, payload)
             out = await self._call(leg, payload, explain)
         except MatihError as exc:
             code = self._status_for(exc)
@@ -345,10 +358,17 @@ class EndpointRouter:
                 logged = self.buffer is not None and spec.enabled and (
                     spec.sample_rate >= 1.0 or random.random() < spec.sample_rate)
                 if logged:
-                    self._record(plan.name, spec, leg, payload, out, info, seconds, code)
+                    self._record(plan.name, spec, leg, payload, out, info, seconds, code,
+                                 features=enriched.used if enriched is not None else None)
                 if plan.shadows:
                     self._shadow(plan, payload, info, logged)
-        return Routed(out, leg, info.request_id)
+        return Routed(out, leg, info.request_id, enriched.report if enriched is not None else None)
+
+    async def _enrich(self, spec: FeatureEnrichment, leg: Leg, payload: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The payload with the endpoint's stored features merged in (app.features.enrichment)."""
+        if self.enricher is None:
+            raise DependencyUnavailable("this endpoint joins stored features, and this Gateway has no feature store")
+        return await self.enricher.enrich(spec, payload, self.task_and_features(leg.model)[1])
 
     async def _call(self, leg: Leg, payload: dict[str, Any], explain: bool) -> dict[str, Any]:
         if leg.combine == "ensemble":
@@ -405,6 +425,7 @@ class EndpointRouter:
     def _record(
         self, log_name: str, spec: LoggingSpec, leg: Leg, payload: dict[str, Any], out: dict[str, Any] | None,
         info: RequestInfo, seconds: float, status: int, *, inputs: bool = True,
+        features: list[dict[str, Any]] | None = None,
     ) -> None:
         """Hand the buffer one record (the caller has decided it is sampled in)."""
         keep = spec.fields
@@ -425,6 +446,7 @@ class EndpointRouter:
                 client_request_id=info.client_request_id if "client_request_id" in keep else None,
                 protocol=info.protocol,
                 status=status,
+                features=features,
             )
             self.buffer.add(record)
         except Exception:  # noqa: BLE001 - a log record is never worth a failed prediction
