@@ -2,7 +2,7 @@
 topics, Redis stream keys) into Feast through the push API. A driver over
 ``app.features.streams.Ingestor``, whose loop runs in a thread of the actor; ``status()`` answers
 from the actor's event loop meanwhile. Killed or restarted, it goes on from the committed
-positions (at least once: docs/features-streams.md)."""
+positions (at least once: docs/features.md)."""
 
 from __future__ import annotations
 

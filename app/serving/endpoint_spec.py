@@ -57,7 +57,7 @@ class EndpointSpec(BaseModel):
     )
     features: FeatureEnrichment | None = Field(
         None, description="Feature enrichment: stored features of a feature service joined to each request by its "
-        "entity keys before the model call (docs/features-online.md); unset = requests carry every feature.",
+        "entity keys before the model call (docs/features.md); unset = requests carry every feature.",
     )
 
 
