@@ -149,7 +149,7 @@ def bench_streams(rows: int = 20_000, batch_rows: int = 2000, partitions: int = 
     finally:
         broker.stop()
         r = redis.Redis.from_url(REDIS_URL)
-        for key in r.scan_iter(f"{project}*"):
+        for key in r.scan_iter(match=f"*{project}", count=1000):
             r.delete(key)
 
 

@@ -87,6 +87,18 @@ def _wait_ready(url: str, timeout: float = 120) -> None:
     raise RuntimeError(f"the platform did not become ready in {timeout}s: {body}")
 
 
+def _drop_online_features(project: str) -> None:
+    """The session's online features out of the machine's Redis (Feast's keys end with the project)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for key in client.scan_iter(match=f"*{project}", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory) -> Platform:
     import ray
@@ -163,6 +175,7 @@ def platform(tmp_path_factory) -> Platform:
     yield p
     serve.shutdown()
     ray.shutdown()
+    _drop_online_features(p.settings.features.project)
     mlflow_server.stop()
     s3.stop()
     kafka.stop()

@@ -65,7 +65,7 @@ def env(tmp_path_factory, broker):
     import redis
 
     r = redis.Redis.from_url(REDIS_URL)
-    for key in r.scan_iter(f"{project}*"):
+    for key in r.scan_iter(match=f"*{project}", count=1000):
         r.delete(key)
 
 
