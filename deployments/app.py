@@ -56,7 +56,7 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     get_event_relay(kwargs, settings.actors.num_cpus, settings.credential_env("event_relay"))
     get_prediction_log(kwargs, settings)
     get_rollout_controller(kwargs, settings.actors.num_cpus, settings.credential_env("rollout_controller"))
-    # the registry (database URL) and the Redis online store / streams: the event relay's credentials
+    # the Feast registry (database URL), the Redis online store and Redis Streams
     get_stream_ingestor(kwargs, settings.features.ingestor_num_cpus, settings.credential_env("stream_ingestor"))
     _announce_ray_auth()
 
