@@ -10,8 +10,9 @@ decides staleness (``max_age_s`` of an enrichment).
 
 Redis: the keys and hash fields are Feast's own (``feast/infra/online_stores/redis.py``): the
 serialized entity key followed by the project, fields ``mmh3("<view>:<feature>")`` and
-``_ts:<view>``, precomputed per view, so a read is ONE pipelined round trip of HMGETs for all
-views and entities (``transaction=False``). :meth:`OnlineReader.read_async` uses redis.asyncio
+``_ts:<view>``, precomputed per view. Feast keeps every view of one entity key in the same hash,
+so a read is ONE pipelined round trip of one HMGET per entity row and entity (the fields of all
+the views on that entity together). :meth:`OnlineReader.read_async` uses redis.asyncio
 (the Gateway's event loop is not blocked); :meth:`OnlineReader.read` a blocking client.
 SQLite (the local profile): Feast's online store ``online_read`` per view, in a thread when async.
 """
@@ -52,6 +53,12 @@ class _Resolved:
     views: tuple[_View, ...]
     join_keys: tuple[str, ...]  # every entity column a request must carry
     names: tuple[str, ...]  # result feature names, in request order
+    # Views whose rows live in the same Redis hash (Feast keeps every view of one entity key in
+    # one hash, a field per feature): indices into ``views``, read by one HMGET per entity row.
+    groups: tuple[tuple[int, ...], ...] = ()
+    # Per group, the RESP encoding of its HMGET fields (what every read of the group sends after
+    # the key) and how many there are: packed once here, not per request.
+    packed_fields: tuple[tuple[int, bytes], ...] = ()
 
 
 @dataclass
@@ -68,9 +75,14 @@ class OnlineResult:
     entities: dict[str, list[Any]] = field(default_factory=dict)
 
 
+_SCALARS = frozenset(("double_val", "float_val", "int64_val", "int32_val", "string_val", "bool_val", "bytes_val"))
+
+
 def _decode(value: Any) -> Any:
     """A Feast ValueProto as a plain Python value (None when unset or null)."""
     kind = value.WhichOneof("val")
+    if kind in _SCALARS:
+        return getattr(value, kind)
     if kind is None or kind == "null_val":
         return None
     raw = getattr(value, kind)
@@ -107,26 +119,52 @@ def _timestamp(raw: bytes | None) -> datetime | None:
     return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=timezone.utc)
 
 
-async def _pipelined_hmget(client: Any, commands: list[tuple[bytes, tuple[bytes, ...]]]) -> list[Any]:
-    """The HMGETs as one pipelined write and its replies, on one pooled connection: what
-    ``client.pipeline(transaction=False)`` sends, without its per-command bookkeeping (a third of
-    a read's time). A connection left mid-reply (an error, a timeout's cancellation) is closed
-    rather than returned with unread replies."""
+def _resp_args(args: list[bytes]) -> tuple[int, bytes]:
+    """``args`` as RESP bulk strings (the Redis protocol's encoding of a command's arguments)."""
+    return len(args), b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def _checked(replies: list[Any]) -> list[Any]:
+    """The replies, or the first error among them (a reply of the wrong type, say) raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+def _pipelined_hmget_sync(client: Any, commands: list[bytes]) -> list[Any]:
+    """The HMGETs (RESP-encoded) as one write and their replies, on one pooled connection: what
+    ``client.pipeline(transaction=False)`` sends, without its per-command encoding and
+    bookkeeping (most of a read's time). A connection left mid-reply is closed, not reused."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    done = False
+    try:
+        conn.send_packed_command([b"".join(commands)])
+        replies = [conn.read_response() for _ in commands]
+        done = True
+    finally:
+        if not done:
+            conn.disconnect()
+        pool.release(conn)
+    return _checked(replies)
+
+
+async def _pipelined_hmget(client: Any, commands: list[bytes]) -> list[Any]:
+    """:func:`_pipelined_hmget_sync` on a redis.asyncio client (a cancelled read, e.g. at the
+    timeout, closes the connection rather than returning it with unread replies)."""
     pool = client.connection_pool
     conn = await pool.get_connection()
     done = False
     try:
-        await conn.send_packed_command(conn.pack_commands([("HMGET", key, *fields) for key, fields in commands]))
+        await conn.send_packed_command(b"".join(commands))
         replies = [await conn.read_response() for _ in commands]
         done = True
     finally:
         if not done:
             await conn.disconnect()
         await pool.release(conn)
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies
+    return _checked(replies)
 
 
 class OnlineReader:
@@ -232,7 +270,12 @@ class OnlineReader:
                                tuple(feats), outputs, fields))
             join_keys.extend(k for k in request_keys if k not in join_keys)
             names.extend(outputs)
-        return _Resolved(stamp, tuple(views), tuple(join_keys), tuple(names))
+        by_key: dict[tuple, list[int]] = {}
+        for i, view in enumerate(views):
+            by_key.setdefault((view.join_keys, view.request_keys), []).append(i)
+        groups = tuple(tuple(g) for g in by_key.values())
+        packed = tuple(_resp_args([f for i in g for f in views[i].fields]) for g in groups)
+        return _Resolved(stamp, tuple(views), tuple(join_keys), tuple(names), groups, packed)
 
     @property
     def names(self) -> list[str]:
@@ -244,8 +287,9 @@ class OnlineReader:
         return list(self.resolve().join_keys)
 
     # -- reads -----------------------------------------------------------------------------------
-    def _keys(self, resolved: _Resolved, entities: dict[str, list[Any]]) -> tuple[int, list[list[Any]]]:
-        """Per view, the entity key protos of each row."""
+    def _keys(self, resolved: _Resolved, entities: dict[str, list[Any]],
+              only: set[int] | None = None) -> tuple[int, list[list[Any] | None]]:
+        """Per view (of ``only``, when given; None for the others), the entity key protos of each row."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 
         missing = [k for k in resolved.join_keys if k not in entities]
@@ -257,8 +301,11 @@ class OnlineReader:
             raise InvalidInput("entities: every join key needs a non-empty list of values, all of one length",
                                details={"field": "entities"})
         n = lengths.pop() if lengths else 0
-        per_view = []
-        for view in resolved.views:
+        per_view: list[list[Any] | None] = []
+        for index, view in enumerate(resolved.views):
+            if only is not None and index not in only:
+                per_view.append(None)
+                continue
             cols = [entities[k] for k in view.request_keys]
             protos = []
             for i in range(n):
@@ -279,35 +326,43 @@ class OnlineReader:
             entities={k: list(entities[k]) for k in resolved.join_keys},
         )
 
-    def _redis_commands(self, resolved: _Resolved, per_view: list[list[Any]]) -> list[tuple[bytes, tuple[bytes, ...]]]:
+    def _redis_commands(self, resolved: _Resolved, entities: dict[str, list[Any]]) -> tuple[int, list[bytes]]:
+        """The rows' count and their HMGETs in RESP: one per entity row and group of views sharing
+        its hash, with the fields of every view of the group (each view's features, then its
+        ``_ts:`` field), group by group."""
         from feast.infra.key_encoding_utils import serialize_entity_key
 
+        n, per_view = self._keys(resolved, entities, only={group[0] for group in resolved.groups})
         project = self._project.encode()
         version = self._version
-        return [
-            (serialize_entity_key(key, entity_key_serialization_version=version) + project, view.fields)
-            for view, keys in zip(resolved.views, per_view) for key in keys
-        ]
+        commands = []
+        for group, (count, fields) in zip(resolved.groups, resolved.packed_fields):
+            head = b"*%d\r\n$5\r\nHMGET\r\n" % (count + 2)
+            for key in per_view[group[0]]:
+                raw = serialize_entity_key(key, entity_key_serialization_version=version) + project
+                commands.append(b"%s$%d\r\n%s\r\n%s" % (head, len(raw), raw, fields))
+        return n, commands
 
     def _fill_redis(self, resolved: _Resolved, n: int, replies: list[list[bytes | None]], out: OnlineResult) -> None:
         from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
+        parse = ValueProto.FromString
         at = 0
-        for view in resolved.views:
-            stamps = out.event_timestamps[view.name]
-            columns = [out.values[o] for o in view.outputs]
-            for i in range(n):
+        for group in resolved.groups:
+            for row in range(n):
                 reply = replies[at]
                 at += 1
-                ts = _timestamp(reply[-1])
-                if ts is None:
-                    continue
-                stamps[i] = ts
-                for column, raw in zip(columns, reply):
-                    if raw:
-                        value = ValueProto()
-                        value.ParseFromString(raw)
-                        column[i] = _decode(value)
+                start = 0
+                for i in group:
+                    view = resolved.views[i]
+                    end = start + len(view.fields)
+                    ts = _timestamp(reply[end - 1])
+                    if ts is not None:
+                        out.event_timestamps[view.name][row] = ts
+                        for output, raw in zip(view.outputs, reply[start:end - 1]):
+                            if raw:
+                                out.values[output][row] = _decode(parse(raw))
+                    start = end
 
     def _fill_rows(self, view: _View, rows: list[tuple[Any, Any]], out: OnlineResult) -> None:
         stamps = out.event_timestamps[view.name]
@@ -336,21 +391,19 @@ class OnlineReader:
     def read(self, entities: dict[str, list[Any]]) -> OnlineResult:
         """The features of each entity row (``entities``: join key -> values, all of one length). Blocking."""
         resolved = self.resolve()
-        n, per_view = self._keys(resolved, entities)
-        out = self._empty(resolved, n, entities)
         if not self._redis:
+            n, per_view = self._keys(resolved, entities)
+            out = self._empty(resolved, n, entities)
             self._read_store(resolved, per_view, out)
             return out
         import redis
 
-        client = self._sync_client()
+        n, commands = self._redis_commands(resolved, entities)
         try:
-            with client.pipeline(transaction=False) as pipe:
-                for key, fields in self._redis_commands(resolved, per_view):
-                    pipe.hmget(key, fields)
-                replies = pipe.execute()
+            replies = _pipelined_hmget_sync(self._sync_client(), commands)
         except redis.RedisError as exc:
             raise DependencyUnavailable(f"online store (Redis) read failed: {exc}") from exc
+        out = self._empty(resolved, n, entities)
         self._fill_redis(resolved, n, replies, out)
         return out
 
@@ -359,23 +412,25 @@ class OnlineReader:
         other stores in a thread; registry refreshes in a thread. Raises DependencyUnavailable
         when the store fails or the read takes longer than ``timeout_s``."""
         resolved = self._resolved if not self._stale() else await asyncio.to_thread(self.resolve)
-        n, per_view = self._keys(resolved, entities)
-        out = self._empty(resolved, n, entities)
         try:
             if not self._redis:
+                n, per_view = self._keys(resolved, entities)
+                out = self._empty(resolved, n, entities)
                 async with asyncio.timeout(self.timeout_s):
                     await asyncio.to_thread(self._read_store, resolved, per_view, out)
                 return out
             import redis
 
+            n, commands = self._redis_commands(resolved, entities)
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    replies = await _pipelined_hmget(self._async_client(), self._redis_commands(resolved, per_view))
+                    replies = await _pipelined_hmget(self._async_client(), commands)
             except redis.RedisError as exc:
                 raise DependencyUnavailable(f"online store (Redis) read failed: {exc}") from exc
         except asyncio.TimeoutError:
             raise DependencyUnavailable(
                 f"online store read took longer than {self.timeout_s}s (features.online_timeout_s)") from None
+        out = self._empty(resolved, n, entities)
         self._fill_redis(resolved, n, replies, out)
         return out
 
