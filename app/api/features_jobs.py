@@ -24,6 +24,12 @@ from app.features.jobs import (
 from app.schemas import JobAccepted
 
 
+def _body_schema(model) -> dict[str, Any]:
+    """The request body's schema in the OpenAPI document: the route reads the body itself
+    (parse_spec), so that a bad window or path is a 422 naming the field like every spec's."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 def router(ctx: ApiContext) -> APIRouter:
     _viewer, _predictor, developer, _admin = role_dependencies(ctx)
     api = APIRouter(prefix="/v1/features", tags=["features"])
@@ -47,6 +53,7 @@ def router(ctx: ApiContext) -> APIRouter:
         status_code=202,
         response_model=JobAccepted,
         summary="Materialize feature views into the online store (a job)",
+        openapi_extra=_body_schema(MaterializeSpec),
         description="Body: `{views?, start, end}` (a window) or `{views?, end?, incremental: true}` (from each "
         "view's last materialized end, or end - ttl). 422 naming the field for a bad window or an unknown view. "
         "The job runs Feast's configured engine (features.engine: Ray compute engine in the cluster, or local); "
@@ -63,6 +70,7 @@ def router(ctx: ApiContext) -> APIRouter:
         status_code=202,
         response_model=JobAccepted,
         summary="Build a point-in-time correct training set (a job)",
+        openapi_extra=_body_schema(HistoricalSpec),
         description="Body: `{feature_service, entities, output?, full_feature_names?}`: `entities` a parquet of "
         "entity keys, an event_timestamp column and any labels. For each entity row, each feature's latest value "
         "at or before its event_timestamp and within its view's ttl (else null). Result: output URI, rows, "
