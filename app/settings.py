@@ -674,7 +674,11 @@ class FeatureSettings(_Section):
     stream_rescan_s: float = Field(
         5.0, gt=0, description="StreamIngestor: how often it re-reads the push sources' stream declarations.",
     )
-    ingestor_num_cpus: float = Field(0.05, ge=0, description="CPUs the StreamIngestor actor reserves.")
+    ingestor_num_cpus: float = Field(
+        0.0, ge=0, description="CPUs the StreamIngestor actor reserves: none by default (it mostly waits on the "
+        "brokers, and on 2 cores every 0.05 counts: the platform's reservations leave exactly one CPU for a job "
+        "while the ModelServer runs two replicas); give it a share where streams are busy.",
+    )
     push_max_rows: int = Field(
         10_000, ge=1, description="Most rows one POST /v1/features/push may carry (more: 422; stream them instead).",
     )

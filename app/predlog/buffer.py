@@ -169,12 +169,15 @@ class PredictionLogBuffer:
         """Ship every buffered record now; the number shipped. Raises what ``ship`` raised
         (the records stay buffered), so shutdown and tests see a failure."""
         shipped = 0
-        while self._queue or self._dropped_unreported:
+        while True:
+            # Under the shipping lock: a shipment the background task has in flight ends first, so
+            # records it took (and puts back on failure) are not missed by an empty-looking queue.
             n = await self._ship_one()
             if n is None:
                 raise DependencyUnavailable(f"shipping the prediction log failed ({self._last_error}); the records stay buffered")
+            if n == 0:
+                return shipped
             shipped += n
-        return shipped
 
     async def close(self) -> int:
         """Stop the shipping task and ship what is left (the replica is shutting down)."""
