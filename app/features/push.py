@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from app.errors import InvalidInput
+from app.timestamps import parse_timestamp
 
 # Most rows of one POST /v1/features/push (a larger upload belongs in the batch source's file).
 MAX_PUSH_ROWS = 10_000  # the default of settings.features.push_max_rows
@@ -99,24 +100,9 @@ def push_spec(store, push_source: str) -> PushSpec:
 
 
 def to_timestamp(value: Any) -> datetime:
-    """An event time from an ISO-8601 string (``Z`` or an offset; none = UTC), epoch seconds
-    (a number or a numeric string), a datetime or a pandas Timestamp; ValueError otherwise."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError("expected an ISO-8601 time or epoch seconds")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ValueError("expected a finite number of epoch seconds")
-        return datetime.fromtimestamp(float(value), tz=timezone.utc)
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if isinstance(value, str):
-        try:
-            return datetime.fromtimestamp(float(value), tz=timezone.utc)
-        except ValueError:
-            pass
-        out = datetime.fromisoformat(value)
-        return out if out.tzinfo else out.replace(tzinfo=timezone.utc)
-    raise ValueError("expected an ISO-8601 time or epoch seconds")
+    """A pushed row's event time: ISO 8601 (no offset = UTC) or epoch seconds, a number or a
+    numeric string (app.timestamps, the parser feedback rows use too)."""
+    return parse_timestamp(value, numeric_strings=True)
 
 
 def _convert(kind: str, value: Any) -> Any:

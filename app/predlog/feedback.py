@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, aliased
 from app.errors import InvalidInput
 from app.predlog.ids import is_request_id, request_id_time
 from app.store.models import AuditRecord, Feedback
+from app.timestamps import parse_timestamp
 
 __all__ = ["FEEDBACK_SCHEMA", "FeedbackRow", "FeedbackStore", "id_floor"]
 
@@ -48,32 +49,8 @@ FEEDBACK_SCHEMA = pa.schema(
 _MAX_INSTANCE = 2**31 - 1  # the column is a 32-bit INTEGER on PostgreSQL
 _MAX_LABEL_CHARS = 1024
 _MAX_LABEL_INT = 2**63
-_MAX_EPOCH_S = 253402300799  # 9999-12-31T23:59:59Z
 _IN_CHUNK = 500  # ids per IN (...) list: under SQLite's and PostgreSQL's parameter limits
 _ACTOR_CHARS = 128
-
-
-def _parse_timestamp(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        ts = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value) or not 0 <= value <= _MAX_EPOCH_S:
-            raise ValueError(f"epoch seconds {value!r} must be between 0 and {_MAX_EPOCH_S}")
-        return datetime.fromtimestamp(value, tz=timezone.utc)
-    elif isinstance(value, str):
-        try:
-            ts = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(
-                f"{value[:64]!r} is neither ISO 8601 (2026-12-03T07:00:00Z) nor epoch seconds"
-            ) from None
-    else:
-        raise ValueError("must be an ISO 8601 string or epoch seconds")
-    ts = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts
-    try:
-        return ts.astimezone(timezone.utc)
-    except (OverflowError, ValueError):
-        raise ValueError(f"{value!r} is out of range") from None
 
 
 class FeedbackRow(BaseModel):
@@ -121,7 +98,7 @@ class FeedbackRow(BaseModel):
     @field_validator("timestamp", mode="before")
     @classmethod
     def _timestamp(cls, value: Any) -> datetime | None:
-        return None if value is None else _parse_timestamp(value)
+        return None if value is None else parse_timestamp(value)
 
     def outcome(self) -> tuple[Any, float | None, float | None]:
         return self.label, self.value, self.reward

@@ -135,7 +135,7 @@ def test_push_offline_appends_to_the_batch_file(store):
     ({"rows": [{"driver_id": 1, "conv_rate": 1.0, "trips": 1.5, "city": "a", "event_ts": 1}]},
      "rows[0].trips", "integer"),
     ({"rows": [{"driver_id": 1, "conv_rate": 1.0, "trips": 1, "city": "a", "event_ts": "yesterday"}]},
-     "rows[0].event_ts", "isoformat"),
+     "rows[0].event_ts", "neither ISO 8601"),
     ({"rows": ["not an object"]}, "rows[0].", "JSON object"),
 ])
 def test_push_rejects_with_the_field(store, kwargs, field, words):
