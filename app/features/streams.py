@@ -325,12 +325,13 @@ class _Source:
     held: list[Message] = field(default_factory=list)  # polled, not yet written and committed
 
 
-def declared_streams(store) -> dict[str, tuple[str, str]]:
-    """``{push source: (kind, topic)}`` of the push sources with a stream declaration."""
+def declared_streams(store, allow_cache: bool = False) -> dict[str, tuple[str, str]]:
+    """``{push source: (kind, topic)}`` of the push sources with a stream declaration (from the
+    registry itself, or with ``allow_cache`` from the store's cached copy)."""
     from feast.data_source import PushSource
 
     out = {}
-    for source in store.list_data_sources(allow_cache=False):
+    for source in store.list_data_sources(allow_cache=allow_cache):
         tags = source.tags or {}
         if isinstance(source, PushSource) and tags.get(STREAM_KIND_TAG) and tags.get(STREAM_TOPIC_TAG):
             out[source.name] = (tags[STREAM_KIND_TAG], tags[STREAM_TOPIC_TAG])
@@ -361,7 +362,10 @@ class Ingestor:
     def rescan(self) -> None:
         """Open consumers for newly declared streams, close those no longer declared."""
         self._scanned_at = time.monotonic()
-        declared = declared_streams(self.store)
+        # One snapshot of the registry for the declarations and the views they feed (push_spec
+        # reads the cached copy): a stream declared with its view is never seen without it.
+        self.store.refresh_registry()
+        declared = declared_streams(self.store, allow_cache=True)
         project = self.settings.features.project
         with self._lock:
             for name in list(self._sources):
