@@ -34,6 +34,30 @@ def wait_until(fn, timeout: float = 120, every: float = 0.3):
     raise AssertionError(f"condition not met in {timeout}s")
 
 
+def kill_and_time(name: str, ready, timeout: float = 60) -> float:
+    """Kill the named detached actor (namespace matih; Ray restarts it) and return seconds until its
+    new incarnation (a new process) answers ``ready(handle)``: ``ray.kill`` returns before the old
+    one is gone, so a call right after it may still reach the old one."""
+    import ray
+    from ray.util.state import get_actor
+
+    handle = ray.get_actor(name, namespace="matih")
+    actor_id = handle._actor_id.hex()
+    before = get_actor(id=actor_id).pid
+    ray.kill(handle, no_restart=False)
+    started = time.monotonic()
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = get_actor(id=actor_id)
+            if state.state == "ALIVE" and state.pid not in (None, 0, before) and ready(handle):
+                return time.monotonic() - started
+        except Exception:  # restarting: the call fails or times out
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"actor {name} was not back within {timeout}s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,33 +15,10 @@ import time
 import pytest
 
 from app.cli import DEMO_JOB
-from tests.support import skops_iris_model, wait_until
+from tests.support import kill_and_time, skops_iris_model, wait_until
 
 pytestmark = pytest.mark.integration
 ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
-
-
-def _kill_and_time(name: str, ready, timeout: float = 60) -> float:
-    """Kill the named actor (Ray restarts it) and return seconds until its new incarnation (a
-    new process) answers ``ready(handle)``."""
-    import ray
-    from ray.util.state import get_actor
-
-    handle = ray.get_actor(name, namespace="matih")
-    actor_id = handle._actor_id.hex()
-    before = get_actor(id=actor_id).pid
-    ray.kill(handle, no_restart=False)
-    started = time.monotonic()
-    deadline = started + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = get_actor(id=actor_id)
-            if state.state == "ALIVE" and state.pid not in (None, 0, before) and ready(handle):
-                return time.monotonic() - started
-        except Exception:  # restarting: the call fails or times out
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"actor {name} was not back within {timeout}s")
 
 
 def test_scheduler_and_gpu_manager_killed_mid_job(platform, iris):
@@ -65,13 +42,13 @@ def test_scheduler_and_gpu_manager_killed_mid_job(platform, iris):
             return job if job["status"] == "running" and (job["progress"].get("epoch") or 0) >= 1 else None
 
         wait_until(mid_epoch, timeout=240, every=0.2)
-        scheduler_s = _kill_and_time(
+        scheduler_s = kill_and_time(
             "job_scheduler", lambda a: ray.get(a.recovered.remote(), timeout=5) is not None
         )
         r = c.post("/v1/training/jobs", json={**DEMO_JOB, "name": "chaos-queued", "register_as": "chaos-queued"})
         assert r.status_code == 202, r.text
         queued = r.json()["job_id"]
-        gpu_s = _kill_and_time("gpu_manager", lambda a: ray.get(a.ping.remote(), timeout=5))
+        gpu_s = kill_and_time("gpu_manager", lambda a: ray.get(a.ping.remote(), timeout=5))
         gpus = c.get("/v1/gpus")
         assert gpus.status_code == 200 and gpus.json()["gpus_total"] == 0, gpus.text  # served by the new incarnation
         recovered = ray.get(ray.get_actor("job_scheduler", namespace="matih").recovered.remote())

@@ -9,7 +9,6 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
-import ray
 
 import app.predlog
 from actors.prediction_log import get_prediction_log
@@ -17,7 +16,7 @@ from app.predlog.buffer import PredictionLogBuffer
 from app.predlog.control import ActorPredictionLog
 from app.predlog.ids import new_request_id
 from app.predlog.records import PredictionRecord
-from tests.support import wait_until
+from tests.support import kill_and_time, wait_until
 
 
 def _record(endpoint: str, caller: str) -> PredictionRecord:
@@ -53,7 +52,7 @@ def test_actor_writes_what_replicas_ship_and_ray_data_reads_it(platform):
     assert removed["records_removed"] == 200
     assert app.predlog.read(endpoint, since, until, settings=settings).count() == 400
 
-    ray.kill(ray.get_actor("prediction_log", namespace="matih"), no_restart=False)
+    kill_and_time("prediction_log", lambda _: True, timeout=120)  # a new incarnation of the actor is up
     after = wait_until(lambda: _stats_or_none(log, endpoint), timeout=120)
     assert after["received"] == 0 and after["files"] == stats["files"]  # counters restart; files stay
 
