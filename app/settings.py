@@ -621,6 +621,64 @@ class RolloutSettings(_Section):
     )
 
 
+class MonitoringSettings(_Section):
+    """Model monitoring and the closed loop (``app/monitoring``): reference profiles made at
+    registration, the DriftMonitor actor's schedule, the drift job's parallelism, alert
+    delivery, and the data retraining jobs get."""
+
+    monitor_num_cpus: float = Field(
+        0.0, ge=0, description="CPUs the DriftMonitor actor reserves. It only schedules runs (each a monitor_run "
+        "job, admitted like any job) and moves retraining triggers on, so it takes none by default: on 2 cores the "
+        "other reservations leave exactly one CPU for a job (docs/architecture.md, 'Resources on 2 cores').",
+    )
+    tick_s: float = Field(
+        5.0, gt=0, le=3600, description="Seconds between two rounds of the DriftMonitor: each round queues the "
+        "monitors whose schedule is due and moves every open retraining trigger on (job -> gates -> rollout).",
+    )
+    task_num_cpus: float = Field(
+        0.25, gt=0, description="CPUs of each Ray task of a drift run (a group of columns tested against the "
+        "reference), inside the room the job was admitted with.",
+    )
+    columns_per_task: int = Field(
+        50, ge=1, description="Columns one drift task tests; a window of more columns is split across tasks.",
+    )
+    profile_quantiles: int = Field(
+        1000, ge=10, le=100_000, description="Quantiles kept per numeric column in a reference profile (the sketch "
+        "distances and the plots are read from).",
+    )
+    profile_exact_rows: int = Field(
+        1000, ge=0, description="A reference column with at most this many values keeps them all, so that the "
+        "statistical tests of small references (KS, chi-square) are exact.",
+    )
+    profile_max_categories: int = Field(
+        1000, ge=1, description="Most distinct values a categorical column's profile counts; the rest are "
+        "counted together as '__other__'.",
+    )
+    profile_holdout_rows: int = Field(
+        5000, ge=0, description="Holdout rows (predicted probabilities and labels) a profile keeps to calibrate "
+        "confidence-based performance estimation (CBPE).",
+    )
+    max_window_rows: int = Field(
+        1_000_000, ge=1, description="Most logged rows one drift run reads (the newest of the window).",
+    )
+    history_runs: int = Field(
+        500, ge=1, description="Runs kept per monitor (GET .../drift history); older ones are deleted.",
+    )
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts (or host:port) an alert webhook may be sent to; none by default. "
+        "A webhook channel naming another host is refused with 422.",
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Time limit of one webhook attempt.")
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="Attempts per webhook delivery (backoff between).")
+    webhook_backoff_s: float = Field(
+        0.5, gt=0, description="First wait between webhook attempts; doubles each attempt (at most 30 s).",
+    )
+    retrain_data_root: str = Field(
+        "", description="Where retraining datasets (logged inputs joined with labels) are written; empty = "
+        "MATIH_HOME/data/retraining.",
+    )
+
+
 class FeatureSettings(_Section):
     """The Feast feature store (``app/features``): the managed repo at ``FEAST_REPO_PATH``, its
     registry, online and offline stores and materialization engine, online reads at predict
@@ -821,6 +879,9 @@ class Settings(BaseSettings):
     rollouts: RolloutSettings = Field(
         default_factory=RolloutSettings, validation_alias=AliasChoices("MATIH_ROLLOUTS", "rollouts")
     )
+    monitoring: MonitoringSettings = Field(
+        default_factory=MonitoringSettings, validation_alias=AliasChoices("MATIH_MONITORING", "monitoring")
+    )
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> "Settings":
@@ -875,6 +936,11 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json", exclude={"s3_access_key", "s3_secret_key", "admin_token"})
         data["admin_token_configured"] = self.admin_token is not None
         return data
+
+    def retrain_data_root(self) -> str:
+        """Where retraining datasets are written (``monitoring.retrain_data_root``, else
+        ``MATIH_HOME/data/retraining``: under the default data root, so training jobs may read it)."""
+        return self.monitoring.retrain_data_root or str(self.matih_home / "data" / "retraining")
 
     def train_storage_path(self) -> str:
         """jobs.storage_path, or MATIH_HOME/train_results when it is empty."""
@@ -945,6 +1011,8 @@ CREDENTIALS_BY_PROCESS: dict[str, tuple[str, ...]] = {
     # rollouts in the store, aliases in MLflow, the prediction log's files
     "rollout_controller": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
     "stream_ingestor": ("database_url", "redis_url"),  # the Feast registry; online features, Redis Streams
+    # monitors, alerts and triggers in the store; versions and aliases in MLflow; the log's files
+    "drift_monitor": ("database_url", "mlflow_tracking_uri", "s3_access_key", "s3_secret_key"),
 }
 
 

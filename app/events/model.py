@@ -12,7 +12,13 @@ Catalogue (``type`` -> ``subject``):
 - ``rollout.{started,step_passed,promoted,rolled_back,paused,resumed,aborted,failed}`` ->
   ``rollouts/<id>`` (canary rollouts, ``app/rollouts``; each decision's statistics in ``data``)
 - ``abtest.{created,stopped}`` -> ``abtests/<id>`` (A/B tests, ``app/experiments``)
-- reserved prefix for later work: ``alert.*`` (drift and performance alerts).
+- ``monitor.{updated,deleted}`` -> ``monitors/<endpoint>``; ``monitor.run.{succeeded,failed}``
+  -> ``monitors/<endpoint>/runs/<id>`` (a drift and performance run, ``app/monitoring``; its
+  ``monitor_run`` job also raises ``monitor.job.*``)
+- ``alert.{fired,acknowledged,resolved}`` -> ``alerts/<id>`` (a monitor's alert rule)
+- ``retrain.{triggered,skipped,training,gated,challenger,rollout_started,promoted,rolled_back,failed}``
+  -> ``monitors/<endpoint>/triggers/<id>`` (the closed loop: a retraining trigger and each
+  step of its chain)
 
 Order is per subject: events of one subject are published in the order their changes
 committed (Kafka: the subject is the message key, so they share a partition).
@@ -56,7 +62,16 @@ ROLLOUT_ABORTED = "rollout.aborted"
 ROLLOUT_FAILED = "rollout.failed"  # it could not go on (its endpoint deleted, a version gone)
 ABTEST_CREATED = "abtest.created"
 ABTEST_STOPPED = "abtest.stopped"
-RESERVED_PREFIXES = ("alert.",)
+MONITOR_UPDATED = "monitor.updated"
+MONITOR_DELETED = "monitor.deleted"
+MONITOR_RUN_SUCCEEDED = "monitor.run.succeeded"
+MONITOR_RUN_FAILED = "monitor.run.failed"
+ALERT_FIRED = "alert.fired"
+ALERT_ACKNOWLEDGED = "alert.acknowledged"
+ALERT_RESOLVED = "alert.resolved"
+RETRAIN_STEPS = ("triggered", "skipped", "training", "gated", "challenger", "rollout_started", "promoted",
+                 "rolled_back", "failed")
+RETRAIN_EVENTS = tuple(f"retrain.{step}" for step in RETRAIN_STEPS)
 
 EVENT_TYPES: tuple[str, ...] = (
     TRAINING_JOB_QUEUED, TRAINING_JOB_STARTED, TRAINING_JOB_SUCCEEDED, TRAINING_JOB_FAILED, TRAINING_JOB_CANCELLED,
@@ -65,10 +80,12 @@ EVENT_TYPES: tuple[str, ...] = (
     ENDPOINT_CREATED, ENDPOINT_UPDATED, ENDPOINT_DELETED,
     ROLLOUT_STARTED, ROLLOUT_STEP_PASSED, ROLLOUT_PROMOTED, ROLLOUT_ROLLED_BACK, ROLLOUT_PAUSED, ROLLOUT_RESUMED,
     ROLLOUT_ABORTED, ROLLOUT_FAILED, ABTEST_CREATED, ABTEST_STOPPED,
+    MONITOR_UPDATED, MONITOR_DELETED, MONITOR_RUN_SUCCEEDED, MONITOR_RUN_FAILED,
+    ALERT_FIRED, ALERT_ACKNOWLEDGED, ALERT_RESOLVED, *RETRAIN_EVENTS,
 )
 
 # A job's kind (app.jobs.run.KINDS) -> the prefix of its events; an unknown kind uses its own name.
-_JOB_PREFIX = {"training": "training", "batch_prediction": "batch"}
+_JOB_PREFIX = {"training": "training", "batch_prediction": "batch", "monitor_run": "monitor"}
 # A job's new status -> the event it raises ("running" is "started": the job began an attempt).
 _JOB_EVENT = {"queued": JOB_QUEUED, "running": JOB_STARTED, "succeeded": JOB_SUCCEEDED, "failed": JOB_FAILED,
               "cancelled": JOB_CANCELLED}
@@ -94,6 +111,22 @@ def endpoint_subject(name: str) -> str:
 
 def rollout_subject(rollout_id: str) -> str:
     return f"rollouts/{rollout_id}"
+
+
+def monitor_subject(endpoint: str) -> str:
+    return f"monitors/{endpoint}"
+
+
+def monitor_run_subject(endpoint: str, run_id: str) -> str:
+    return f"monitors/{endpoint}/runs/{run_id}"
+
+
+def alert_subject(alert_id: str) -> str:
+    return f"alerts/{alert_id}"
+
+
+def retrain_subject(endpoint: str, trigger_id: str) -> str:
+    return f"monitors/{endpoint}/triggers/{trigger_id}"
 
 
 def new_event_id() -> str:

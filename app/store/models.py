@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -241,3 +241,107 @@ class Rollout(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (Index("ix_rollouts_endpoint", "endpoint", "status"),)
+
+
+class Monitor(Base):
+    """An endpoint's monitor (``spec``: app.monitoring.spec.MonitorSpec). ``next_run_at`` is
+    when the DriftMonitor queues its next scheduled run (null: no schedule)."""
+
+    __tablename__ = "monitors"
+
+    endpoint: Mapped[str] = mapped_column(String(128), primary_key=True)
+    spec: Mapped[dict] = mapped_column(JSON, default=dict)
+    spec_version: Mapped[int] = mapped_column(Integer, default=1)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class MonitorRun(Base):
+    """One run of a monitor over a window of the prediction log: the drift result (dataset,
+    columns, prediction, segments), performance and its estimate, and the alerts it raised."""
+
+    __tablename__ = "monitor_runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # sorts by creation time
+    endpoint: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))  # queued | running | succeeded | failed
+    trigger: Mapped[str] = mapped_column(String(16))  # schedule | manual
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    spec_version: Mapped[int] = mapped_column(Integer, default=1)
+    model: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    window_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    window_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    drift_detected: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    drift: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    performance: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (Index("ix_monitor_runs_endpoint", "endpoint", "created_at"),)
+
+
+class Alert(Base):
+    """An alert: one rule of a monitor firing. ``fingerprint`` (endpoint + rule) de-duplicates:
+    while an alert of that fingerprint is open (firing or acknowledged), a rule that fires again
+    counts on it instead of opening another."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(128))
+    rule: Mapped[str] = mapped_column(String(128))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    severity: Mapped[str] = mapped_column(String(16))  # info | warning | critical
+    status: Mapped[str] = mapped_column(String(16))  # firing | acknowledged | resolved
+    metric: Mapped[str] = mapped_column(String(256))
+    value: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"value": ..., "threshold": ..., ...}
+    message: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    fire_count: Mapped[int] = mapped_column(Integer, default=1)
+    first_fired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_fired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    deliveries: Mapped[list] = mapped_column(JSON, default=list)  # per channel: attempts, outcome, error
+    acked_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    acked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        Index("ix_alerts_endpoint", "endpoint", "status"),
+        Index("ix_alerts_fingerprint", "fingerprint", "status"),
+    )
+
+
+class RetrainTrigger(Base):
+    """One retraining trigger of a monitor's policy and the chain it set off: training job ->
+    gates -> challenger -> canary rollout -> promoted or rolled back. ``id`` is the trigger's
+    own (idempotency key: the job it submits is ``retrain-<id>``); ``steps`` the chain so far,
+    each step with its time."""
+
+    __tablename__ = "retrain_triggers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(128))
+    policy: Mapped[str] = mapped_column(String(32))  # drift | performance | schedule | labels | manual
+    reason: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16))
+    run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    champion_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    candidate_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    rollout_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    steps: Mapped[list] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (Index("ix_retrain_triggers_endpoint", "endpoint", "status"),)

@@ -274,7 +274,7 @@ def test_event_types_of_every_job_kind():
     assert m.job_event_type("training", "running") == m.TRAINING_JOB_STARTED
     assert m.job_event_type("batch_prediction", "failed") == m.BATCH_JOB_FAILED
     assert m.job_event_type("materialize", "queued") == "materialize.job.queued"
-    assert all(t.count(".") == 2 or t.startswith(("endpoint.", "rollout.", "abtest.")) for t in m.EVENT_TYPES)
+    assert all(t.count(".") == 2 or t.startswith(("endpoint.", "rollout.", "abtest.", "monitor.", "alert.", "retrain.")) for t in m.EVENT_TYPES)
 
 
 # -- the route ---------------------------------------------------------------------------------------
