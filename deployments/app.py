@@ -28,6 +28,7 @@ class Args(BaseModel):
 
 
 def build(args: dict[str, Any] | Args | None = None) -> Application:
+    from actors.drift_monitor import get_drift_monitor
     from actors.event_relay import get_event_relay
     from actors.gpu_manager import get_gpu_manager
     from actors.job_scheduler import get_job_scheduler
@@ -58,6 +59,8 @@ def build(args: dict[str, Any] | Args | None = None) -> Application:
     get_rollout_controller(kwargs, settings.actors.num_cpus, settings.credential_env("rollout_controller"))
     # the Feast registry (database URL), the Redis online store and Redis Streams
     get_stream_ingestor(kwargs, settings.features.ingestor_num_cpus, settings.credential_env("stream_ingestor"))
+    # monitor schedules, the retraining loop, alert webhooks and gauges
+    get_drift_monitor(kwargs, settings.monitoring.monitor_num_cpus, settings.credential_env("drift_monitor"))
     _announce_ray_auth()
 
     # The replicas' Serve logs (access lines included) stay in their files unless

@@ -54,6 +54,10 @@ def job_needs(kind: str, spec: dict[str, Any], settings: Settings) -> JobNeeds:
         # Feast asks no other amount) in the room the scheduler admitted the job with; Ray Data's
         # resource limit (app.features.jobs) keeps them to jobs.num_cpus (at least one task's CPU).
         return JobNeeds(0.0, max(1.0, settings.jobs.num_cpus), 0.0)
+    if kind == "monitor_run":
+        # The driver reads the log with Ray Data and waits on the drift tasks
+        # (monitoring.task_num_cpus each), which run in the room the job was admitted with.
+        return JobNeeds(0.0, max(settings.monitoring.task_num_cpus, min(1.0, settings.jobs.num_cpus)), 0.0)
     return JobNeeds(settings.jobs.num_cpus, settings.jobs.num_cpus, 0.0)
 
 

@@ -45,6 +45,14 @@ def execute(kind: str, spec: dict[str, Any], settings: Settings, job_id: str, re
 
         historical = check_historical_paths(parse_spec(HistoricalSpec, spec), settings)
         return run_historical(historical, settings, job_id, report)
+    if kind == "monitor_run":
+        from app.monitoring.service import run_monitor_job
+
+        return run_monitor_job(spec, settings, job_id, report)
+    if kind == "reference_profile":
+        from app.monitoring.reference import dataset_profile
+
+        return dataset_profile(settings, spec["model"], spec["version"], spec, report)
     raise MatihError(f"no runner for job kind {kind!r}", code="unknown_job_kind")
 
 

@@ -230,6 +230,7 @@ def run_training(spec: TrainingJobSpec, settings: Settings, job_id: str, report:
                 "validation gates failed: " + "; ".join(validation.failures()) + "; nothing was registered",
                 result=result,
             )
+        _log_reference_profile(settings, data, y_true, model_bytes, result, report)
         sample = data.X_holdout[:5]
         first_out = np.asarray(onnx_outputs_first(model_bytes, sample))
         signature = infer_signature(sample, first_out)
@@ -246,6 +247,29 @@ def run_training(spec: TrainingJobSpec, settings: Settings, job_id: str, report:
     else:
         report({"stage": "done"}, "trained; not registered (no register_as)")
     return result
+
+
+def _log_reference_profile(settings: Settings, data: PreparedData, y_true: np.ndarray, model_bytes: bytes,
+                           result: dict[str, Any], report: Reporter) -> None:
+    """The version's reference profile (``app.monitoring.reference``), logged to the job's run
+    before the version is registered, so every version a job registers has one. A profile that
+    cannot be made is noted in the result, not a failed job: the model passed its gates."""
+    import mlflow
+
+    from app.monitoring.reference import PROFILE_PATH, training_profile
+
+    try:
+        profile = training_profile(settings, X_train=data.X_train, feature_names=list(data.feature_names),
+                                   X_holdout=data.X_holdout, y_holdout=y_true, model_bytes=model_bytes,
+                                   task=data.task, classes=data.classes,
+                                   source={"dataset_uri": data.dataset_uri, "dataset_sha256": data.dataset_sha256,
+                                           "split": "train"})
+        mlflow.log_dict(profile, PROFILE_PATH)
+        result["reference_profile"] = PROFILE_PATH
+        report({"stage": "profiled"}, f"reference profile: {profile['rows']} rows x {len(profile['features'])} features")
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("no reference profile for this job's version: %s", exc)
+        result["reference_profile_error"] = f"{type(exc).__name__}: {exc}"[:500]
 
 
 def train_sklearn(spec: TrainingJobSpec, settings: Settings, job_id: str, report: Reporter) -> dict[str, Any]:
