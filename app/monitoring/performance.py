@@ -63,7 +63,7 @@ def _keys_of_json(column: pa.ChunkedArray | None, n: int) -> np.ndarray:
     distinct text is parsed once."""
     if column is None:
         return np.full(n, None, dtype=object)
-    encoded = pc.dictionary_encode(column.cast(pa.string())).combine_chunks()
+    encoded = pc.dictionary_encode(column.cast(pa.string()).combine_chunks())
     lookup = np.array([class_key(parse_json(t)) for t in encoded.dictionary.to_pylist()] + [None], dtype=object)
     idx = encoded.indices.fill_null(len(lookup) - 1).to_numpy(zero_copy_only=False)
     return lookup[idx]
@@ -72,7 +72,7 @@ def _keys_of_json(column: pa.ChunkedArray | None, n: int) -> np.ndarray:
 def _numbers_of_json(column: pa.ChunkedArray | None, n: int) -> np.ndarray:
     if column is None:
         return np.full(n, np.nan)
-    encoded = pc.dictionary_encode(column.cast(pa.string())).combine_chunks()
+    encoded = pc.dictionary_encode(column.cast(pa.string()).combine_chunks())
     lookup = np.array([_nan_if_none(as_number(parse_json(t))) for t in encoded.dictionary.to_pylist()] + [np.nan])
     return lookup[encoded.indices.fill_null(len(lookup) - 1).to_numpy(zero_copy_only=False)]
 
@@ -296,7 +296,17 @@ def _calibration_arrays(calibration: dict[str, Any], class_keys: list[str]) -> t
                            "probabilities on labelled reference rows (profile the version with a classifier that has "
                            "predict_proba)")
     k = len(class_keys)
+    own = calibration.get("classes")
+    columns = list(range(k))
+    if own:
+        own_keys = [class_key(c) for c in own]
+        missing = [c for c, key in zip(range(k), class_keys) if key not in own_keys]
+        if missing or len(own_keys) != k:
+            raise InvalidInput(f"the calibration holdout's classes {list(own)!r} are not the model's classes: profile the "
+                               "version again")
+        columns = [own_keys.index(key) for key in class_keys]  # the holdout's columns in the order of class_keys
     p = np.array([row if row is not None and len(row) == k else [np.nan] * k for row in probs], dtype=float)
+    p = p[:, columns] if p.size else p.reshape(0, k)
     true = _indices(np.array([class_key(v) for v in labels], dtype=object), class_keys)
     predictions = calibration.get("predictions")
     if predictions and len(predictions) == len(labels):
@@ -402,7 +412,10 @@ def estimate_cbpe(
     sims = []
     cum = np.cumsum(q, axis=1)
     for _ in range(simulations):
-        drawn = np.minimum((rng.random((n, 1)) > cum).sum(axis=1), k - 1)
+        if k == 2:
+            drawn = (rng.random(n) < q[:, 1]).astype(np.int64)
+        else:
+            drawn = np.minimum((rng.random((n, 1)) > cum).sum(axis=1), k - 1)
         counts = np.bincount(drawn * (k + 1) + pred, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
         sims.append(_f1_from_counts(counts.astype(float), k, k == 2))
     out["f1"] = {"value": f1, "ci": _percentile_ci(np.asarray(sims, dtype=float), confidence)}

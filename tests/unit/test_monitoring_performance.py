@@ -314,3 +314,26 @@ def test_report_is_fast_on_100k_rows():
     elapsed = time.perf_counter() - started
     assert report["rows"] > 95_000 and len(report["buckets"]) == 8
     assert elapsed < 30, elapsed
+
+
+def test_report_reads_a_table_of_many_chunks_like_one():
+    joined, *_ = _joined(1200)
+    chunked = pa.concat_tables([joined.slice(0, 500), joined.slice(500, 300), joined.slice(800)])
+    assert chunked.column("prediction").num_chunks == 3
+    kwargs = dict(task="classification", classes=["neg", "pos"], calibration=_calibration(), bootstrap=50)
+    assert performance_report(chunked, **kwargs) == performance_report(joined.combine_chunks(), **kwargs)
+
+
+def test_calibration_holdout_with_its_own_class_order():
+    rng = np.random.default_rng(8)
+    p1 = rng.beta(2, 2, 2000)
+    y = (rng.random(p1.size) < p1).astype(int)
+    probs = np.column_stack([1 - p1, p1])
+    in_order = _holdout(probs, y, probs.argmax(1), ["neg", "pos"]) | {"classes": ["neg", "pos"]}
+    swapped = _holdout(probs[:, ::-1], y, probs.argmax(1), ["neg", "pos"]) | {"classes": ["pos", "neg"]}
+    current = np.column_stack([1 - rng.beta(1, 3, 500), rng.beta(1, 3, 500)])
+    a = estimate_cbpe(current, classes=["neg", "pos"], calibration=in_order)
+    b = estimate_cbpe(current, classes=["neg", "pos"], calibration=swapped)
+    assert a["accuracy"] == b["accuracy"]
+    with pytest.raises(InvalidInput, match="not the model's classes"):
+        estimate_cbpe(current, classes=["neg", "pos"], calibration=in_order | {"classes": ["neg", "maybe"]})
