@@ -165,6 +165,14 @@ def _f1_from_counts(counts: np.ndarray, k: int, binary: bool) -> np.ndarray:
 
 
 # -- measured metrics -----------------------------------------------------------------------------
+def _check_levels(confidence: float, bootstrap: int) -> None:
+    if not 0 < confidence < 1:
+        raise InvalidInput(f"confidence={confidence}: use a level between 0 and 1, such as 0.95")
+    if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
+        raise InvalidInput(f"bootstrap={bootstrap!r}: use a number of resamples such as 500 (0: no intervals but "
+                           "accuracy's)")
+
+
 def measured_metrics(
     y_true: Sequence[Any] | np.ndarray,
     y_pred: Sequence[Any] | np.ndarray,
@@ -188,8 +196,7 @@ def measured_metrics(
     a missing (NaN) label or prediction are left out."""
     if task not in _TASKS:
         raise InvalidInput(f"task {task!r}: use 'classification' or 'regression'")
-    if not 0 < confidence < 1:
-        raise InvalidInput(f"confidence={confidence}: use a level between 0 and 1, such as 0.95")
+    _check_levels(confidence, bootstrap)
     rng = np.random.default_rng(seed)
     if task == "regression":
         return _regression_metrics(np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float), confidence,
@@ -234,7 +241,7 @@ def _classification_metrics(true, pred, correct, probs, k, confidence, bootstrap
     sums = sp.sum(axis=1, keepdims=True)
     sp = np.where(sums > 0, sp / np.where(sums > 0, sums, 1), 1.0 / k)
     loss = -np.log(np.clip(sp[np.arange(m), st], _EPS, 1.0))
-    auc = _Auc(st, sp)
+    auc = _Auc(st, probs[scored])  # the scores as logged (sklearn ranks those); log loss reads them normalized
     auc_value = auc()
     auc_reps, loss_reps = np.empty(bootstrap), np.empty(bootstrap)
     for b, idx in enumerate(_resamples(m, bootstrap, rng)):
@@ -522,6 +529,7 @@ def performance_report(
     most frequent."""
     if task not in _TASKS:
         raise InvalidInput(f"task {task!r}: use 'classification' or 'regression'")
+    _check_levels(confidence, bootstrap)
     if bucket_s is not None and not bucket_s > 0:
         raise InvalidInput(f"bucket_s={bucket_s}: use a positive number of seconds, or none for no time buckets")
     for column in segments:

@@ -125,6 +125,8 @@ def test_regression_metrics_match_sklearn():
 def test_bad_inputs_are_refused_with_the_fix():
     with pytest.raises(InvalidInput, match="task"):
         measured_metrics([1], [1], task="ranking")
+    with pytest.raises(InvalidInput, match="bootstrap"):
+        measured_metrics([1], [1], task="classification", bootstrap=-1)
     with pytest.raises(InvalidInput, match="one column per class"):
         measured_metrics([0, 1], [0, 1], task="classification", classes=[0, 1], probabilities=np.ones((2, 3)))
     assert measured_metrics([], [], task="classification", classes=[0, 1]) == {}
