@@ -168,6 +168,12 @@ def cmd_predict(args) -> int:
 
 def cmd_demo(args) -> int:
     c = _client(args)
+    if args.which == "loop":
+        from app.monitoring.demo import run_loop_demo
+
+        out = run_loop_demo(c, _settings().matih_home / "data" / "demo_loop")
+        print(f"closed loop in {out['seconds']:.0f}s: {out['trigger']['status']}")
+        return 0 if out["trigger"]["status"] == "promoted" else 1
     say = print
     say("1. platform health")
     say("  " + json.dumps(c.call("GET", "/health")))
@@ -210,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("predict", help="predict with an endpoint")
     pr.add_argument("endpoint")
     pr.add_argument("instances", help='JSON: one row [..] or rows [[..], ..]')
-    sub.add_parser("demo", help="train iris, create an endpoint, predict; prints each step")
+    demo = sub.add_parser("demo", help="quickstart: train iris, create an endpoint, predict; loop: drift -> alert -> "
+                          "retrain -> gate -> canary -> promotion end to end; each prints its steps")
+    demo.add_argument("which", nargs="?", choices=("quickstart", "loop"), default="quickstart")
     args = p.parse_args(argv)
     handler = {"init": cmd_init, "up": cmd_up, "ray-env": cmd_ray_env, "status": cmd_status, "predict": cmd_predict, "demo": cmd_demo}
     return handler[args.command](args)

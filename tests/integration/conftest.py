@@ -129,7 +129,9 @@ def platform(tmp_path_factory) -> Platform:
                  # (every online-store key carries it), the registry a SQLite file in MATIH_HOME
                  "redis_url": REDIS_URL,
                  "features": {"online_store": "redis", "project": f"it_{uuid.uuid4().hex[:10]}"},
-                 "events": {"sink": "kafka", "publish_timeout_s": 3.0, "retry_max_s": 2.0}}
+                 "events": {"sink": "kafka", "publish_timeout_s": 3.0, "retry_max_s": 2.0},
+                 # test_drift_monitor: the loop at a test's cadence, alert webhooks to a local server
+                 "monitoring": {"tick_s": 1.0, "webhook_allowed_hosts": ["127.0.0.1"], "webhook_backoff_s": 0.2}}
     port = free_port()
     # Jobs run as Ray Jobs, which need the dashboard's job API. The Ray Jobs' entry points run
     # `python` from the cluster's PATH: this environment's interpreter, as on a cluster node
