@@ -535,7 +535,8 @@ class AlertService:
                 ) -> list[dict[str, Any]]:
         """Evaluate ``spec``'s rules on a run's ``outputs`` and apply them to the table; per rule
         ``{"rule", "fired", "value", "threshold", "outcome", "alert_id"}`` with outcome one of
-        opened | repeated | reminded | suppressed | resolved | ok | absent."""
+        opened | repeated | reminded | suppressed | resolved | ok | absent; then one "resolved" entry
+        per open alert of the endpoint whose rule is no longer in ``spec`` (removed or renamed)."""
         now = self._now()
         results = []
         with self.store.transaction() as s:
@@ -544,7 +545,38 @@ class AlertService:
                 results.append({"rule": ev.rule.name, "when": ev.rule.when, "severity": ev.rule.severity,
                                 "fired": ev.fired, "value": ev.value, "threshold": ev.threshold,
                                 "outcome": outcome, "alert_id": alert_id})
+            # An open alert of a rule no longer in the spec (removed or renamed) would stay open
+            # for ever: nothing evaluates it again.
+            names = [r.name for r in spec.rules]
+            for row in s.scalars(select(Alert).where(Alert.endpoint == endpoint, Alert.status.in_(OPEN),
+                                                     Alert.rule.not_in(names)).order_by(Alert.id).with_for_update()):
+                self._resolve(s, row, spec, now, run_id, reason="rule removed")
+                results.append({"rule": row.rule, "when": None, "severity": row.severity, "fired": False,
+                                "value": None, "threshold": None, "outcome": "resolved", "alert_id": row.id})
         return results
+
+    def close_endpoint(self, endpoint: str, actor: str) -> int:
+        """Resolve every open alert of ``endpoint`` (its monitor was deleted); nothing is
+        delivered (the monitor's channels are gone). The number resolved."""
+        now = self._now()
+        with self.store.transaction() as s:
+            rows = list(s.scalars(select(Alert).where(Alert.endpoint == endpoint, Alert.status.in_(OPEN))
+                                  .order_by(Alert.id).with_for_update()))
+            for row in rows:
+                self._resolve(s, row, AlertsSpec(channels=[]), now, None, reason="monitor deleted", actor=actor)
+        return len(rows)
+
+    def _resolve(self, s: Session, row: Alert, spec: AlertsSpec, now: datetime, run_id: str | None, *,
+                 reason: str, actor: str = SYSTEM_ACTOR) -> None:
+        before = row.status
+        row.status, row.resolved_at = "resolved", now
+        row.deliveries = self._queued(row.deliveries, spec, _m.ALERT_RESOLVED, now)
+        s.flush()
+        after = alert_dict(row)
+        MetadataStore._audit(s, actor, "alert.resolve", "alert", row.id, {"status": before},
+                             {"status": "resolved", "run_id": run_id, "reason": reason})
+        self.store._event(s, (_m.ALERT_RESOLVED, _m.alert_subject(row.id),
+                              _event_data(after, resolved_by_run=run_id, reason=reason)))
 
     def _apply(self, s: Session, endpoint: str, run_id: str | None, spec: AlertsSpec, ev: Evaluation,
                now: datetime, seq: int) -> tuple[str, str | None]:
@@ -559,19 +591,11 @@ class AlertService:
         if not ev.fired:
             if current is None:
                 return "ok", None
-            before = current.status
-            current.status, current.resolved_at = "resolved", now
-            current.deliveries = self._queued(current.deliveries, spec, _m.ALERT_RESOLVED, now)
-            s.flush()
-            after = alert_dict(current)
-            MetadataStore._audit(s, SYSTEM_ACTOR, "alert.resolve", "alert", current.id, {"status": before},
-                                 {"status": "resolved", "run_id": run_id})
-            self.store._event(s, (_m.ALERT_RESOLVED, _m.alert_subject(current.id),
-                                  _event_data(after, resolved_by_run=run_id)))
+            self._resolve(s, current, spec, now, run_id, reason="rule cleared")
             return "resolved", current.id
         if current is not None:
             current.fire_count = (current.fire_count or 0) + 1
-            current.last_fired_at, current.run_id = now, run_id
+            current.last_fired_at, current.run_id, current.severity = now, run_id, rule.severity
             current.value = {**value, **({"ack_note": current.value["ack_note"]}
                                          if isinstance(current.value, dict) and "ack_note" in current.value else {})}
             current.message = _message(endpoint, ev)

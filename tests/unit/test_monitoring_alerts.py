@@ -273,16 +273,32 @@ def test_ack(store, tmp_path):
     assert ("alert.ack", "alice") in _audit(store)
 
 
+def test_removed_rules_and_deleted_monitors_resolve_their_alerts(store, tmp_path):
+    clock = Clock(T0)
+    svc = AlertService(store, _settings(tmp_path), clock)
+    f1 = AlertRule(name="f1", when="performance.f1 < 0.8")
+    out = svc.process("ep", "r1", AlertsSpec(rules=[DRIFT, f1]), OUTPUTS)
+    drift_id, f1_id = (o["alert_id"] for o in out)
+    clock.advance(1)
+    louder = f1.model_copy(update={"severity": "critical"})
+    out = svc.process("ep", "r2", AlertsSpec(rules=[louder]), OUTPUTS)  # drift's rule removed; f1 made critical
+    assert [(o["rule"], o["outcome"]) for o in out] == [("f1", "repeated"), ("drift", "resolved")]
+    assert svc.get(drift_id)["status"] == "resolved" and svc.get(f1_id)["severity"] == "critical"
+    assert _events(store)[-1][2]["reason"] == "rule removed"
+    assert svc.close_endpoint("ep", "alice") == 1 and svc.get(f1_id)["status"] == "resolved"
+    assert svc.close_endpoint("ep", "alice") == 0
+    assert _audit(store)[-1] == ("alert.resolve", "alice")
+
+
 def test_list_filters_and_pages(store, tmp_path):
     clock = Clock(T0)
     svc = AlertService(store, _settings(tmp_path), clock)
     rules = [AlertRule(when=f"rows > {i}", severity="critical" if i % 2 else "info") for i in range(7)]
     ids = []
     for ep in ("a", "b"):
-        for rule in rules:
-            clock.advance(1)
-            ids.append(svc.process(ep, "r", AlertsSpec(rules=[rule]), OUTPUTS)[0]["alert_id"])
-    assert ids == sorted(ids)
+        clock.advance(1)
+        ids += [o["alert_id"] for o in svc.process(ep, "r", AlertsSpec(rules=rules), OUTPUTS)]
+    assert ids == sorted(ids) and len(set(ids)) == 14  # in the order made, within one run too
     seen, token = [], None
     while True:
         items, token = svc.list(limit=3, page_token=token)
