@@ -665,7 +665,10 @@ class AlertService:
                 if channel is None:
                     outcome = {"status": "failed", "last_error": "the channel is no longer in the monitor's alerts"}
                 else:
-                    outcome = CHANNELS[channel.type].deliver(channel, d, self._payload(alert, d), self.settings)
+                    try:
+                        outcome = CHANNELS[channel.type].deliver(channel, d, self._payload(alert, d), self.settings)
+                    except Exception as exc:  # noqa: BLE001 - recorded; never retried for ever each tick
+                        outcome = {"status": "failed", "last_error": redact(f"{type(exc).__name__}: {exc}")[:500]}
                 outcome["at"] = self._now().isoformat()
                 delivered += outcome["status"] == "delivered"
                 self._record(alert["id"], d["id"], outcome)

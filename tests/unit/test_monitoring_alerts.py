@@ -288,6 +288,12 @@ def test_removed_rules_and_deleted_monitors_resolve_their_alerts(store, tmp_path
     assert svc.close_endpoint("ep", "alice") == 1 and svc.get(f1_id)["status"] == "resolved"
     assert svc.close_endpoint("ep", "alice") == 0
     assert _audit(store)[-1] == ("alert.resolve", "alice")
+    # no rules left at all: every open alert of the endpoint resolves, other endpoints' stay
+    clock.advance(4000)
+    other = svc.process("other", "r", AlertsSpec(rules=[f1]), OUTPUTS)[0]["alert_id"]
+    again = svc.process("ep", "r3", AlertsSpec(rules=[f1]), OUTPUTS)[0]["alert_id"]
+    assert [o["outcome"] for o in svc.process("ep", "r4", AlertsSpec(), OUTPUTS)] == ["resolved"]
+    assert svc.get(again)["status"] == "resolved" and svc.get(other)["status"] == "firing"
 
 
 def test_list_filters_and_pages(store, tmp_path):
