@@ -102,6 +102,9 @@ _SPECS = (
     MetricSpec("matih_feature_stream_freshness_seconds", "histogram", ("source",),
                "Seconds from the newest event time of a micro-batch to its write into the online store.",
                SECONDS_BUCKETS),
+    MetricSpec("matih_alerts_firing", "gauge", ("endpoint", "rule", "severity"),
+               "1 while a monitor's alert rule has an open alert (firing or acknowledged) on an endpoint, 0 once "
+               "it resolved (app.monitoring.alerts)."),
 )
 METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
 
@@ -296,3 +299,16 @@ def feature_stream_batch(source: str, rows: int, dead: int, lag: int | None, fre
     reg = _registry or _get()
     if reg is not None and lag is not None:
         reg.set_gauge("matih_feature_stream_lag", (source,), lag)
+
+
+def alerts_firing(open_alerts: dict[tuple[str, str, str], int]) -> None:
+    """The open alerts now, per (endpoint, rule, severity) -> 1; one set before and absent
+    from ``open_alerts`` reads 0 (resolved)."""
+    reg = _registry or _get()
+    if reg is None:
+        return
+    for key in reg.gauge_keys("matih_alerts_firing"):
+        if key not in open_alerts:
+            reg.set_gauge("matih_alerts_firing", key, 0)
+    for key, value in open_alerts.items():
+        reg.set_gauge("matih_alerts_firing", key, value)
