@@ -564,6 +564,8 @@ ROUTERS: list[str] = [
     "app.api.features_online:router",
     "app.api.features_jobs:router",
     "app.api.features_push:router",
+    "app.api.monitors:router",
+    "app.api.alerts:router",
 ]
 
 

@@ -23,16 +23,12 @@ from app.monitoring.store import MonitorStore
 from app.names import check_name
 from app.schemas import JobAccepted, Page
 
-_SECRET = "********"
-
-
 def _redacted(monitor: dict[str, Any]) -> dict[str, Any]:
-    """A monitor as the API shows it: webhook secrets masked (they stay in the store)."""
+    """A monitor as the API shows it: webhook secrets never (only whether one is set)."""
+    from app.monitoring.alerts import AlertsSpec
+
     spec = dict(monitor.get("spec") or {})
-    alerts = dict(spec.get("alerts") or {})
-    if alerts.get("channels"):
-        alerts["channels"] = [{**c, "secret": _SECRET} if c.get("secret") else c for c in alerts["channels"]]
-        spec["alerts"] = alerts
+    spec["alerts"] = AlertsSpec.model_validate(spec.get("alerts") or {}).public()
     return {**monitor, "spec": spec}
 
 
@@ -41,7 +37,7 @@ def _body_schema(model) -> dict[str, Any]:
 
 
 def router(ctx: ApiContext) -> APIRouter:
-    from app.monitoring.alerts import check_channels
+    from app.monitoring.alerts import AlertService, AlertsSpec, check_channels, merge_secrets
     from app.monitoring.loop import RetrainLoop
     from app.registry.service import RegistryService
 
@@ -65,11 +61,11 @@ def router(ctx: ApiContext) -> APIRouter:
         check_name(endpoint, "endpoint")
         spec, alerts, retraining = parse_monitor_spec(body)
         check_channels(alerts.channels, ctx.settings)
+        previous = await asyncio.to_thread(monitors.find, endpoint)
+        if previous is not None:  # a client PUTting back what it read keeps the webhook secrets
+            alerts = merge_secrets(alerts, AlertsSpec.model_validate((previous["spec"] or {}).get("alerts") or {}))
         stored = spec.model_dump(mode="json")
-        stored["alerts"] = alerts.model_dump(mode="json", context={"reveal_secrets": True})
-        for raw, channel in zip(body.get("alerts", {}).get("channels") or [], stored["alerts"].get("channels") or []):
-            if isinstance(raw, dict) and raw.get("secret"):
-                channel["secret"] = raw["secret"]  # kept for signing; masked in every answer
+        stored["alerts"] = alerts.stored()
         stored["retraining"] = retraining.model_dump(mode="json") if retraining is not None else None
         every = spec.schedule.every_s if spec.schedule else None
         monitor, created = await asyncio.to_thread(monitors.put, endpoint, stored, who.name, utc_now(), every)
@@ -92,6 +88,7 @@ def router(ctx: ApiContext) -> APIRouter:
     @api.delete("/v1/monitors/{endpoint}", status_code=204, summary="Delete a monitor (its runs and alerts stay)")
     async def delete(endpoint: str, who: Principal = developer) -> Response:
         await asyncio.to_thread(monitors.delete, endpoint, who.name)
+        await asyncio.to_thread(AlertService(ctx.store, ctx.settings).close_endpoint, endpoint, who.name)
         return Response(status_code=204)
 
     @api.post("/v1/monitors/{endpoint}/run", status_code=202, summary="Run the monitor now (a monitor_run job)",

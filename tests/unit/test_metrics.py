@@ -21,6 +21,7 @@ def _call_every_function() -> None:
     metrics.batch("iris", 12, 3)
     metrics.shadow("iris", "churn/7", "ok", 0.004)
     metrics.shadow("iris", "churn/7", "dropped", 0.0)
+    metrics.alerts_firing({("iris", "drift-dataset", "warning"): 1})
     metrics.model_loaded("iris", "3", "onnx", 0.8)
     metrics.models_resident("model_server", 2)
     metrics.predlog_dropped("iris", 5)
