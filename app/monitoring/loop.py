@@ -36,12 +36,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -564,28 +562,28 @@ class RetrainLoop:
         if t["status"] != "pending":
             return t
         spec = RetrainingSpec.model_validate(t["spec"] or {})
+        plan: dict[str, Any] = {}
+        dataset: dict[str, Any] | None = None
         try:
             endpoint = self.store.get_endpoint(t["endpoint"])
-            plan = self._plan(t, endpoint, spec)
-        except DependencyUnavailable:
-            raise
-        except MatihError as exc:
-            return self._move(trigger_id, "pending", "failed", {"error": exc.message}, error=exc.message[:4000]) \
-                or self.get(trigger_id)
-        dataset = self.build_dataset(trigger_id, t["endpoint"], spec.data, plan)
-        if dataset["window_rows"] < spec.data.min_rows:
-            why = (f"{dataset['window_rows']} labelled rows in the last {spec.data.window_days:g} days, fewer than "
-                   f"min_rows ({spec.data.min_rows}); nothing was trained")
-            return self._move(trigger_id, "pending", "skipped", {"skipped": why, "dataset": dataset},
-                              error=why, model=plan["model"], champion_version=plan["champion_version"]) \
-                or self.get(trigger_id)
-        try:
+            self._plan(endpoint, spec, plan)
+            dataset = self.build_dataset(trigger_id, t["endpoint"], spec.data, plan)
+            if dataset["window_rows"] < spec.data.min_rows:
+                why = (f"{dataset['window_rows']} labelled rows in the last {spec.data.window_days:g} days, fewer "
+                       f"than min_rows ({spec.data.min_rows}); nothing was trained")
+                return self._move(trigger_id, "pending", "skipped", {"skipped": why, "dataset": dataset},
+                                  error=why, model=plan["model"], champion_version=plan["champion_version"]) \
+                    or self.get(trigger_id)
             job_spec = build_job_spec(plan["base"], spec.training, dataset_uri=dataset["uri"], model=plan["model"],
                                       endpoint=t["endpoint"])
             job_spec = self._checked(job_spec)
-        except MatihError as exc:
-            return self._move(trigger_id, "pending", "failed", {"error": exc.message, "dataset": dataset},
-                              error=exc.message[:4000]) or self.get(trigger_id)
+        except DependencyUnavailable:
+            raise  # the store, MLflow or the log briefly away: the next round tries again
+        except MatihError as exc:  # it cannot go on as configured: the trigger ends, saying why
+            detail = {"error": exc.message, **({"dataset": dataset} if dataset else {})}
+            return self._move(trigger_id, "pending", "failed", detail, error=exc.message[:4000],
+                              model=plan.get("model"), champion_version=plan.get("champion_version")) \
+                or self.get(trigger_id)
         job_id = f"retrain-{trigger_id}"
         job = self.store.create_job("training", job_spec["name"], job_spec, LOOP_ACTOR, job_id=job_id,
                                     priority=int(job_spec.get("priority") or 0))
@@ -609,14 +607,17 @@ class RetrainLoop:
             build_estimator(spec, self.settings)  # unknown keyword arguments: the trigger fails now, saying so
         return check_spec_paths(spec, self.settings).model_dump(mode="json")
 
-    def _plan(self, t: dict[str, Any], endpoint: dict[str, Any], spec: RetrainingSpec) -> dict[str, Any]:
-        """The endpoint's model, its champion, the job spec to start from and the champion's
-        features, task and classes (from the version's tags, as the training job wrote them)."""
+    def _plan(self, endpoint: dict[str, Any], spec: RetrainingSpec, plan: dict[str, Any]) -> dict[str, Any]:
+        """Fills ``plan`` (as far as it gets before an error, so a failed trigger still names the
+        model and champion): the endpoint's model, its champion, the job spec to start from and
+        the champion's features, task and classes (its tags, as the training job wrote them)."""
         from app.registry.mlflow_registry import TAG_CLASSES, TAG_FEATURES, TAG_JOB, TAG_TASK
         from app.registry.targets import parse_target
 
         model = parse_target(endpoint["target"]).name
+        plan["model"] = model
         champion = self.registry.registry.resolve(f"{model}@champion", use_cache=False)
+        plan["champion_version"] = str(champion.version)
         tags = champion.tags or {}
         if spec.job_spec is not None:
             base, source = spec.job_spec, {"job_spec": "retraining.job_spec"}
@@ -641,9 +642,9 @@ class RetrainLoop:
                                details={"field": "retraining.job_spec"})
         features = json.loads(tags[TAG_FEATURES]) if TAG_FEATURES in tags else dataset.get("features")
         classes = json.loads(tags[TAG_CLASSES]) if TAG_CLASSES in tags else None
-        return {"model": model, "champion_version": str(champion.version), "base": base, "source": source,
-                "target": dataset["target"], "features": features, "task": tags.get(TAG_TASK),
-                "classes": classes, "training_uri": dataset.get("uri")}
+        plan.update({"base": base, "source": source, "target": dataset["target"], "features": features,
+                     "task": tags.get(TAG_TASK), "classes": classes, "training_uri": dataset.get("uri")})
+        return plan
 
     # -- the dataset --------------------------------------------------------------------------------
     def build_dataset(self, trigger_id: str, endpoint: str, data: RetrainData, plan: dict[str, Any]
@@ -682,15 +683,28 @@ class RetrainLoop:
             frame = pd.concat([window[[*features, target]], training], ignore_index=True) if len(window) else training
         else:
             frame = window[[*features, target]] if len(window) else window.reindex(columns=[*features, target])
-        root = Path(self.settings.retrain_data_root())
-        root.mkdir(parents=True, exist_ok=True)
-        path = root / f"{trigger_id}.parquet"
-        tmp = root / f".{trigger_id}.{uuid.uuid4().hex[:8]}.tmp"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-        return {"uri": str(path), "rows": int(len(frame)), "window_rows": int(len(window)),
+        uri = self._write(trigger_id, frame)
+        return {"uri": uri, "rows": int(len(frame)), "window_rows": int(len(window)),
                 "training_rows": 0 if training is None else int(len(training)), "dropped": dropped,
                 "features": list(features), "target": target}
+
+    def _write(self, trigger_id: str, frame) -> str:
+        """``frame`` as ``<retrain_data_root>/<trigger id>.parquet`` (a local folder or s3://):
+        written under a temporary name, then renamed, so a reader never sees half a file and a
+        repeated start replaces it whole. Returns its URI."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from app.storage.s3 import is_s3, resolve_uri
+
+        root_uri = self.settings.retrain_data_root()
+        root, fs = resolve_uri(root_uri, self.settings)
+        fs.create_dir(root, recursive=True)
+        path = f"{root.rstrip('/')}/{trigger_id}.parquet"
+        tmp = f"{root.rstrip('/')}/.{trigger_id}.{uuid.uuid4().hex[:8]}.tmp"
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, filesystem=fs)
+        fs.move(tmp, path)
+        return f"s3://{path}" if is_s3(root_uri) else path
 
     def _window_frame(self, endpoint: str, since: datetime, until: datetime, features: list[str] | None,
                       target: str, plan: dict[str, Any]):

@@ -373,12 +373,63 @@ def test_a_job_whose_gates_fail_keeps_the_champion_and_a_rollout_aborted_ends_ro
     _log_labelled(p, "ep-abort", T0, 55)
     t = loop.start(loop.trigger_manual("ep-abort", RetrainingSpec(), "alice")["id"])
     assert p.run(t["job_id"])["status"] == "succeeded"
-    [rolling] = loop.advance(endpoint="ep-abort")
-    assert rolling["status"] == "rolling_out"
     from app.rollouts.controller import RolloutController
 
-    RolloutController(p.store, p.settings, p.svc, clock).abort(rolling["rollout_id"], "bob")
+    # a monitor that died after it created the rollout and before it recorded it: the next
+    # round takes that rollout over instead of failing on "a rollout is in progress"
+    challenger = loop._after_training(loop.get(t["id"]))
+    assert challenger["status"] == "challenger"
+    ctl = RolloutController(p.store, p.settings, p.svc, clock)
+    made = ctl.create({"endpoint": "ep-abort", "candidate": challenger["candidate_version"]}, actor="drift-monitor")
+    [rolling] = loop.advance(endpoint="ep-abort")
+    assert rolling["status"] == "rolling_out" and rolling["rollout_id"] == made["id"]
+    assert rolling["steps"][-1]["detail"]["adopted"] is True
+    ctl.abort(rolling["rollout_id"], "bob")
     [back] = loop.advance(endpoint="ep-abort")
     assert back["status"] == "rolled_back" and "aborted" in back["error"]
     assert back["steps"][-1]["detail"]["rollout_status"] == "aborted"
     assert str(p.svc.get_model("iris")["aliases"]["champion"]) == champion
+
+
+def test_a_champion_not_trained_by_a_job_needs_a_job_spec(platform):
+    from tests.unit.test_registry_api import onnx_bytes
+
+    p = platform
+    p.svc.register_upload("up", "onnx", onnx_bytes(), "dev")
+    p.svc.set_alias("up", "champion", "1", "dev")
+    p.store.create_endpoint("ep-up", "up@champion", "onnx", {}, "dev")
+    clock = Clock(T0)
+    loop = _loop(p, clock)
+    _log_labelled(p, "ep-up", T0, 5)
+    spec = RetrainingSpec(data={"min_rows": 5}, cooldown_s=0)
+    failed = loop.start(loop.trigger_manual("ep-up", spec, "alice")["id"])
+    assert failed["status"] == "failed" and "not trained by a job" in failed["error"] and "job_spec" in failed["error"]
+    assert failed["model"] == "up" and failed["finished_at"]
+    own = spec.model_copy(update={"job_spec": {**DEMO_JOB, "register_as": "other", "name": "x"}})
+    t = loop.start(loop.trigger_manual("ep-up", own, "alice")["id"])
+    assert t["status"] == "training", t
+    js = p.store.get_job(t["job_id"])["spec"]
+    assert js["register_as"] == "up" and js["name"] == "retrain-ep-up" and t["champion_version"] == "1"
+    assert t["steps"][-1]["detail"]["base"] == {"job_spec": "retraining.job_spec"}
+    assert t["steps"][-1]["detail"]["dataset"]["rows"] == 155
+    bad = spec.model_copy(update={"job_spec": {**DEMO_JOB, "estimator": "os.system"}, "max_concurrent": 5})
+    refused = loop.start(loop.trigger_manual("ep-up", bad, "alice")["id"])
+    assert refused["status"] == "failed" and "not allowed" in refused["error"]
+
+
+def test_the_chain_pages_newest_first(platform):
+    p = platform
+    _endpoint(p, "ep-page")
+    clock = Clock(T0)
+    loop = _loop(p, clock)
+    spec = RetrainingSpec(policies=[{"kind": "drift"}], cooldown_s=0, max_concurrent=10)
+    for i in range(5):
+        clock.advance(1)
+        loop.evaluate("ep-page", spec, {"drift.dataset": True}, f"p{i}", clock())
+    seen, token = [], None
+    while True:
+        items, token = loop.chain("ep-page", limit=2, page_token=token)
+        seen += [t["id"] for t in items]
+        if token is None:
+            break
+    assert seen == [f"p{i}-drift" for i in reversed(range(5))]
