@@ -38,8 +38,36 @@ class Platform:
     pass
 
 
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request, tmp_path_factory):
+    """The metadata store's database for the module: a SQLite file, or a new PostgreSQL
+    database (skipped when none is reachable, as tests/conftest.py's ``store_url``)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('meta') / 'meta.db'}"
+        return
+    import uuid
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from tests.conftest import POSTGRES_URL, _postgres_admin_engine
+
+    admin = _postgres_admin_engine()
+    name = f"matih_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {exc}")
+    yield f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory):
+def platform(tmp_path_factory, database_url):
     """One store, one MLflow and one champion (iris, trained by a real job) for the module;
     each test works on endpoints of its own."""
     from app.jobs.runner import run_job
@@ -51,7 +79,7 @@ def platform(tmp_path_factory):
     from app.training.spec import TrainingJobSpec
 
     tmp = tmp_path_factory.mktemp("loop")
-    settings = load_settings("local", matih_home=str(tmp / "home"), database_url=f"sqlite:///{tmp / 'meta.db'}",
+    settings = load_settings("local", matih_home=str(tmp / "home"), database_url=database_url,
                              mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     settings.matih_home.mkdir(parents=True, exist_ok=True)
     store = MetadataStore(settings.database_url)
@@ -275,7 +303,6 @@ def test_dataset_job_challenger_rollout_promotion(platform):
     _endpoint(p, EP)
     clock = Clock(T0)
     loop = _loop(p, clock)
-    labels = [None] * 60
     true = _log_labelled(p, "ep-chain", T0, 60, extra=[{"reward": 1.0}])
     assert len(true) == 61
     # the labels as feedback gives them: mostly ints, some floats, one that is no class
@@ -283,7 +310,6 @@ def test_dataset_job_challenger_rollout_promotion(platform):
 
     fixes = [{"request_id": true[0], "label": 1.0}, {"request_id": true[1], "label": "setosa?"}]
     FeedbackStore(p.store).record("ep-chain", fixes, "labeller", known=lambda got: set(got))
-    del labels
     spec = RetrainingSpec(rollout={"steps": [50, 100], "bake_s": 1, "min_samples": 20},
                           training={"hyperparameters": {"max_iter": 500}})
     trigger = loop.trigger_manual("ep-chain", spec, "alice", "new data")
