@@ -430,9 +430,7 @@ class RetrainLoop:
         on PostgreSQL an advisory lock per endpoint, so two monitors never both pass the check."""
         stored_reason = {**reason, "retraining": spec.model_dump(mode="json")}
         try:
-            with self._tx() as s:
-                if s.get(RetrainTrigger, trigger_id) is not None:
-                    return None
+            with self._tx() as s:  # no read before the insert: an existing id is the IntegrityError below
                 if self.store.engine.dialect.name == "postgresql":
                     lock = int.from_bytes(hashlib.sha256(f"matih-retrain:{endpoint}".encode()).digest()[:8], "big",
                                           signed=True)
@@ -457,7 +455,7 @@ class RetrainLoop:
                 self.store._event(s, (f"retrain.{step['step']}", m.retrain_subject(endpoint, trigger_id),
                                       _event_data(after, None, step["detail"])))
                 return after
-        except IntegrityError:  # another monitor wrote the same id first
+        except IntegrityError:  # the id exists: this run's policy (or this slot) fired before
             return None
 
     @staticmethod

@@ -459,3 +459,22 @@ def test_the_chain_pages_newest_first(platform):
         if token is None:
             break
     assert seen == [f"p{i}-drift" for i in reversed(range(5))]
+
+
+def test_monitors_racing_on_one_endpoint_open_one_trigger(platform):
+    """Eight monitors (threads, each with its own loop) evaluate eight runs at once under
+    max_concurrent 1: the insert-then-check in one transaction lets exactly one through."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = platform
+    _endpoint(p, "ep-race")
+    spec = RetrainingSpec(policies=[{"kind": "drift"}], cooldown_s=0, max_concurrent=1)
+
+    def one(i):
+        return _loop(p, Clock(T0)).evaluate("ep-race", spec, {"drift.dataset": True}, f"race{i}", T0)
+
+    with ThreadPoolExecutor(8) as pool:
+        made = [t for out in pool.map(one, range(8)) for t in out]
+    assert sorted(t["status"] for t in made) == ["pending"] + ["skipped"] * 7
+    with ThreadPoolExecutor(8) as pool:  # the same runs again: nothing new
+        assert [t for out in pool.map(one, range(8)) for t in out] == []
