@@ -55,7 +55,7 @@ from app.store.models import Feedback, RetrainTrigger
 
 __all__ = [
     "RetrainPolicy", "RetrainData", "RetrainingSpec", "RetrainLoop", "TRIGGER_STATUSES", "OPEN_STATUSES",
-    "LOOP_ACTOR", "build_job_spec",
+    "LOOP_ACTOR", "build_job_spec", "trigger_dict",
 ]
 
 log = logging.getLogger(__name__)

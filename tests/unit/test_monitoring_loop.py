@@ -478,3 +478,13 @@ def test_monitors_racing_on_one_endpoint_open_one_trigger(platform):
     assert sorted(t["status"] for t in made) == ["pending"] + ["skipped"] * 7
     with ThreadPoolExecutor(8) as pool:  # the same runs again: nothing new
         assert [t for out in pool.map(one, range(8)) for t in out] == []
+
+
+def test_labels_take_the_type_of_the_champions_classes():
+    cast = RetrainLoop._cast_labels
+    ints = cast([1, 2.0, "2", True, 1.5, "x", None], [0, 1, 2], regression=False)
+    assert ints.tolist()[:3] == [1, 2, 2] and ints[3:].isna().all() and str(ints.dtype) == "Int64"
+    names = cast(["setosa", 1, None], ["setosa", "virginica"], regression=False)
+    assert names.tolist()[:2] == ["setosa", "1"] and names[2] is None
+    values = cast([1, 2.5, "3", "nan", None], None, regression=True)
+    assert values[:3].tolist() == [1.0, 2.5, 3.0] and values[3:].isna().all()
