@@ -49,7 +49,7 @@ class DriftMonitor:
 
     def _round(self) -> dict[str, Any]:
         from app.monitoring.alerts import AlertService, AlertsSpec
-        from app.monitoring.loop import RetrainLoop
+        from app.monitoring.loop import RetrainingSpec, RetrainLoop
         from app.monitoring.service import submit_run
         from app.monitoring.store import MonitorStore
 
@@ -66,7 +66,16 @@ class DriftMonitor:
                                              actor=MONITOR_ACTOR, now=now)["id"])
                 except Exception:  # the endpoint went away under its monitor: the next round tries again
                     log.exception("could not queue a scheduled run of %s", monitor["endpoint"])
-        moved = RetrainLoop(self._store, self._settings, self._registry()).advance(now)
+        loop = RetrainLoop(self._store, self._settings, self._registry(), notify=self._announce)
+        for monitor in monitors.list():  # schedule policies fire on the clock, not on a run
+            retraining = (monitor["spec"] or {}).get("retraining")
+            if retraining and retraining.get("enabled", True) and any(
+                    p.get("kind") == "schedule" for p in retraining.get("policies") or []):
+                try:
+                    loop.evaluate(monitor["endpoint"], RetrainingSpec.model_validate(retraining), {}, None, now)
+                except Exception:
+                    log.exception("schedule policies of %s", monitor["endpoint"])
+        moved = loop.advance(now)
         settled = 0
         for run in monitors.open_runs():
             if not run.get("job_id"):
@@ -91,6 +100,17 @@ class DriftMonitor:
             self._nudge_jobs()
         return {"queued": queued, "moved": [t.get("id") for t in moved or []], "settled": settled,
                 "delivered": delivered}
+
+    @staticmethod
+    def _announce(key: str) -> None:
+        """Push ``key`` (``endpoint:<name>`` or a model name) to every Gateway replica after a
+        rollout the loop started changed an endpoint's plan; not awaited."""
+        from actors.registry_cache import ACTOR_NAME as CACHE
+
+        try:
+            ray.get_actor(CACHE, namespace=NAMESPACE).invalidate.remote(key)
+        except ValueError:  # no RegistryCache (yet): the replicas' caches expire on their own
+            log.warning("no registry cache to announce %s to", key)
 
     @staticmethod
     def _nudge_jobs() -> None:
