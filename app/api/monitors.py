@@ -60,6 +60,10 @@ def router(ctx: ApiContext) -> APIRouter:
                   who: Principal = developer) -> dict[str, Any]:
         check_name(endpoint, "endpoint")
         spec, alerts, retraining = parse_monitor_spec(body)
+        cap = ctx.settings.monitoring.max_window_rows
+        if spec.window.rows is not None and spec.window.rows > cap:
+            raise InvalidInput(f"window.rows {spec.window.rows} is over monitoring.max_window_rows ({cap})",
+                               details={"field": "window.rows"})
         check_channels(alerts.channels, ctx.settings)
         previous = await asyncio.to_thread(monitors.find, endpoint)
         if previous is not None:  # a client PUTting back what it read keeps the webhook secrets

@@ -34,9 +34,12 @@ class LoopCadence:
     """How fast the demo moves (the integration test uses a faster one)."""
 
     train_rows: int = 2000
-    baseline_requests: int = 300
-    shifted_requests: int = 600
-    rows_per_request: int = 1
+    # Windows of 500 rows: the normalized Wasserstein distance of a same-distribution sample of
+    # n rows is about 1/sqrt(n) of its threshold's scale (0.1 at n = 150, 0.05 at 500), so
+    # smaller windows would report drift on unchanged traffic.
+    baseline_requests: int = 100
+    shifted_requests: int = 120
+    rows_per_request: int = 5
     window_rows: int = 500
     schedule_s: float = 60.0
     bake_s: float = 5.0
@@ -193,13 +196,21 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
         alerts = client.call("GET", f"/v1/alerts?endpoint={DEMO_ENDPOINT}&status=firing")["items"]
         for a in alerts:
             clock.step(f"alert {a['rule']} ({a['severity']}): {a['message']}")
-        trigger = _wait("a retraining trigger", lambda: (client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}/loop")
-                                                        ["items"] or [None])[0], c.timeout_s)
+        if dd.get("detected") is not True:
+            raise SystemExit("demo: the shifted window shows no dataset drift; nothing to retrain on")
+        drift_run = run["id"]
+
+        def ours() -> dict[str, Any] | None:  # the trigger of this run's drift policy
+            items = client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}/loop")["items"]
+            return next((t for t in items if t.get("run_id") == drift_run), None)
+
+        trigger = _wait("a retraining trigger", ours, c.timeout_s)
         seen: set[str] = set()
 
         def progress() -> dict[str, Any] | None:
             nonlocal trigger
-            trigger = client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}/loop")["items"][0]
+            trigger = client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}/loop")["items"]
+            trigger = next(t for t in trigger if t["id"] == ours_id)
             for step in trigger.get("steps") or []:
                 key = f"{step['step']}@{step['at']}"
                 if key not in seen:
@@ -207,6 +218,7 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
                     clock.step(f"loop: {step['step']} {_detail(step.get('detail'))}")
             return trigger if trigger["status"] in _TERMINAL else None
 
+        ours_id = trigger["id"]
         _wait("the loop's end", progress, c.timeout_s)
     finally:
         stop.set()

@@ -100,8 +100,9 @@ def _dedupe(table: pa.Table) -> pa.Table:
 
 
 def read_current(settings, endpoint: str, since: datetime, until: datetime, newest: int | None,
-                 features: list[str], numeric: list[str], extra: list[str], report=None) -> pa.Table:
-    """The window as one table (meta columns + features), read and decoded with Ray Data."""
+                 features: list[str], numeric: list[str], extra: list[str], *, cap: int | None = None) -> pa.Table:
+    """The window as one table (meta columns + features), read and decoded with Ray Data:
+    the ``newest`` rows of the range when given, and at most ``cap`` rows (the newest)."""
     import ray.data
     from ray.data.expressions import col, lit
 
@@ -126,8 +127,9 @@ def read_current(settings, endpoint: str, since: datetime, until: datetime, newe
         return _decode_batch(SCHEMA.empty_table(), features, numeric, extra)
     table = pa.concat_tables(blocks, promote_options="permissive")
     table = _dedupe(table)
-    if newest is not None and table.num_rows > newest:
-        table = table.sort_by([("__timestamp", "descending")]).slice(0, newest)
+    keep = min(n for n in (newest, cap, table.num_rows) if n is not None)
+    if table.num_rows > keep:
+        table = table.sort_by([("__timestamp", "descending")]).slice(0, keep)
     return table.sort_by([("__timestamp", "ascending")])
 
 
@@ -241,7 +243,9 @@ class MonitorRunner:
         numeric = [f for f in features if profile["features"][f]["kind"] == "numeric" and f not in categorical]
         extra = [s for s in spec.segments if s != "variant" and s not in features]
         report({"stage": "reading"}, f"reading {endpoint}'s log from {since.isoformat()} to {until.isoformat()}")
-        table = read_current(self.settings, endpoint, since, until, spec.window.rows, features, numeric, extra)
+        cap = self.settings.monitoring.max_window_rows
+        table = read_current(self.settings, endpoint, since, until, spec.window.rows, features, numeric, extra,
+                             cap=cap)
         rows = table.num_rows
         report({"stage": "testing", "rows": rows, "columns": len(features)}, f"{rows} rows x {len(features)} columns")
         options = DriftOptions(columns=features, tests={} if spec.tests == "auto" else dict(spec.tests),

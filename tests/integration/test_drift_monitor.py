@@ -47,8 +47,8 @@ def loop(platform, webhook):
     url, _ = webhook
     client = Client(platform.url, platform.admin_token, timeout=60)
     lines: list[str] = []
-    cadence = LoopCadence(train_rows=1500, baseline_requests=150, shifted_requests=300, window_rows=300,
-                          schedule_s=3600, bake_s=3, min_samples=15, traffic_rps=30, timeout_s=300)
+    cadence = LoopCadence(train_rows=1500, baseline_requests=100, shifted_requests=110, rows_per_request=5,
+                          window_rows=500, schedule_s=3600, bake_s=3, min_samples=15, traffic_rps=30, timeout_s=300)
     out = run_loop_demo(client, platform.home / "data" / "demo_loop", say=lines.append, cadence=cadence,
                         alert_channels=[{"type": "events"}, {"type": "prometheus"},
                                         {"type": "webhook", "url": url, "secret": SECRET}])
