@@ -91,7 +91,9 @@ def _send(client, X: np.ndarray, y: np.ndarray, rows_per_request: int) -> int:
     sent = 0
     for start in range(0, len(X), rows_per_request):
         rows = X[start:start + rows_per_request]
-        out = client.call("POST", f"/v1/endpoints/{DEMO_ENDPOINT}/predict", {"instances": rows.tolist()})
+        # with probabilities: the log keeps them, and CBPE estimates accuracy from them
+        out = client.call("POST", f"/v1/endpoints/{DEMO_ENDPOINT}/predict",
+                          {"instances": rows.tolist(), "return_probabilities": True})
         sent += 1
         for i in range(len(rows)):
             feedback.append({"request_id": out["request_id"], "instance": i, "label": int(y[start + i])})
