@@ -590,6 +590,19 @@ def _drift_task(features: dict, names: list[str], tests: dict, thresholds: dict,
     return _columns_of(features, table, names, tests, thresholds)
 
 
+_REMOTE: Any = None
+
+
+def _remote_task():
+    """The Ray task, made once per process (ray.remote pickles and exports the function)."""
+    global _REMOTE
+    if _REMOTE is None:
+        import ray
+
+        _REMOTE = ray.remote(_drift_task)
+    return _REMOTE
+
+
 def dataset_drift_ray(profile: dict, current, options: DriftOptions | None = None, *,
                       num_cpus: float = 0.25, columns_per_task: int = 50) -> dict:
     """``dataset_drift`` with columns in groups of ``columns_per_task`` as Ray tasks.
@@ -610,7 +623,7 @@ def dataset_drift_ray(profile: dict, current, options: DriftOptions | None = Non
         refs = list(current.to_arrow_refs())
     if not refs:
         raise InvalidInput("the current window has no blocks")
-    task = ray.remote(num_cpus=num_cpus)(_drift_task)
+    task = _remote_task().options(num_cpus=num_cpus)
     feats = profile["features"]
     pending = []
     for i in range(0, len(cols), max(1, columns_per_task)):
