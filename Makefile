@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test unit integration bench clean
+.PHONY: install run test unit integration bench clean evidently-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ integration: install
 
 bench: install
 	$(BIN)/python benchmarks/serving_overhead.py
+
+# Evidently in a venv of its own, for benchmarks/drift.py and the verdict test (never in .venv:
+# its pins would move the platform's). evidently 0.7 does not import under pandas 3.
+evidently-env: .venv-evidently/bin/python
+.venv-evidently/bin/python:
+	$(PYTHON) -m venv .venv-evidently
+	.venv-evidently/bin/pip install -q evidently 'pandas<3' pyarrow
 
 clean:
 	rm -rf $(VENV) .pytest_cache

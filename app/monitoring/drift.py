@@ -20,7 +20,8 @@ The reference side comes from the profile, not the raw training data. It is exac
 profile keeps the values (``count <= exact_rows``) or the category counts (categorical columns
 and numeric columns with at most ``max_categories`` distinct values). On large continuous
 references it is approximated from the quantile sketch (``quantiles + 1`` points, CDF linear
-between them): each test's docstring says how.
+between them, and in the two extreme bands a power curve fitted to the band's mean, because
+linear interpolation to the min/max overstates heavy tails): each test's docstring says how.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from scipy import stats
 from scipy.spatial import distance
 
 from app.errors import InvalidInput
-from app.monitoring.profile import category_key, category_values, numeric_values
+from app.monitoring.profile import category_values, numeric_values
 
 PLOT_BINS = 20
 PLOT_CATEGORIES = 20
@@ -76,9 +77,58 @@ def _ref_cdf(prof: dict, x: np.ndarray) -> np.ndarray:
         cum = np.cumsum(c) / c.sum()
         idx = np.searchsorted(v, x, side="right")
         return np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0.0)
+    return _sketch_cdf(prof, np.asarray(x, dtype=np.float64))
+
+
+def _tail_exponents(prof: dict) -> tuple[float, float] | None:
+    """Shape of the sketch's quantile function in its two extreme bands.
+
+    In the lowest band (u in [0, 1/Q], t = uQ) the quantile function is modelled as
+    q1 - (q1 - q0)(1 - t)^a, which runs from the minimum q0 to q1 and has mean q1 - (q1 - q0)/(a + 1);
+    a is set so that the mean is the profile's ``tail_means[0]`` (a = 1 is the linear
+    interpolation). The highest band mirrors it with b. None when the profile has no tail means."""
+    tm = prof.get("tail_means")
+    if not tm:
+        return None
+    q = prof["quantiles"]
+    out = []
+    for lo_end, hi_end, m in ((q[0], q[1], tm[0]), (q[-1], q[-2], tm[1])):
+        span, gap = abs(hi_end - lo_end), abs(hi_end - m)
+        out.append(1.0 if span == 0 or gap == 0 else max(span / gap - 1.0, 1e-6))
+    return out[0], out[1]
+
+
+def _sketch_quantile(prof: dict, u: np.ndarray) -> np.ndarray:
+    """The sketch's quantile function: linear between the quantiles, the tail model of
+    ``_tail_exponents`` in the two extreme bands."""
     q = np.asarray(prof["quantiles"], dtype=np.float64)
-    p = np.linspace(0.0, 1.0, q.size)
-    return np.interp(x, q, p, left=0.0, right=1.0)
+    big_q = q.size - 1
+    out = np.interp(u, np.linspace(0.0, 1.0, q.size), q)
+    ab = _tail_exponents(prof)
+    if ab is not None:
+        lo = u < 1.0 / big_q
+        out[lo] = q[1] - (q[1] - q[0]) * (1 - u[lo] * big_q) ** ab[0]
+        hi = u > 1.0 - 1.0 / big_q
+        out[hi] = q[-2] + (q[-1] - q[-2]) * (1 - (1 - u[hi]) * big_q) ** ab[1]
+    return out
+
+
+def _sketch_cdf(prof: dict, x: np.ndarray) -> np.ndarray:
+    """Inverse of ``_sketch_quantile``: piecewise-linear CDF, the tail model in the extreme bands."""
+    q = np.asarray(prof["quantiles"], dtype=np.float64)
+    big_q = q.size - 1
+    out = np.interp(x, q, np.linspace(0.0, 1.0, q.size), left=0.0, right=1.0)
+    ab = _tail_exponents(prof)
+    if ab is not None:
+        lo = (x >= q[0]) & (x < q[1])
+        if lo.any():
+            r = np.clip((q[1] - x[lo]) / (q[1] - q[0]), 0.0, 1.0)
+            out[lo] = (1 - r ** (1 / ab[0])) / big_q
+        hi = (x > q[-2]) & (x <= q[-1])
+        if hi.any():
+            r = np.clip((x[hi] - q[-2]) / (q[-1] - q[-2]), 0.0, 1.0)
+            out[hi] = 1 - (1 - r ** (1 / ab[1])) / big_q
+    return out
 
 
 def _hist(x: np.ndarray, edges: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -325,8 +375,8 @@ class HellingerTest(DriftTest):
 class WassersteinTest(DriftTest):
     """First Wasserstein distance divided by the reference's population std (floor 0.001), as
     Evidently's ``wasserstein`` (``scipy.stats.wasserstein_distance``). From the sketch: the
-    integral of |F_ref^-1(u) - F_cur^-1(u)| over u, with the sketch's piecewise-linear quantile
-    function and the current's empirical one, at the current's n points."""
+    integral of |F_ref^-1(u) - F_cur^-1(u)| over u, with the sketch's quantile function
+    (``_sketch_quantile``) and the current's empirical one, by the midpoint rule."""
 
     name, kind, default_threshold = "wasserstein", "distance", 0.1
     kinds = frozenset({"numeric", "binary"})
@@ -338,10 +388,12 @@ class WassersteinTest(DriftTest):
         if w is not None:
             d = stats.wasserstein_distance(w[0], current, u_weights=w[1])
         else:
+            # midpoint rule on a grid fine enough for the steep tail bands (>= 100 points each)
             cs = np.sort(current)
-            u = (np.arange(cs.size) + 0.5) / cs.size
-            q = np.asarray(ref["quantiles"], dtype=np.float64)
-            d = float(np.mean(np.abs(np.interp(u, np.linspace(0, 1, q.size), q) - cs)))
+            m = max(cs.size, 100 * (len(ref["quantiles"]) - 1))
+            u = (np.arange(m) + 0.5) / m
+            cur_q = cs[np.minimum((u * cs.size).astype(np.int64), cs.size - 1)]
+            d = float(np.mean(np.abs(_sketch_quantile(ref, u) - cur_q)))
         return float(d / norm), None
 
 
@@ -538,6 +590,19 @@ def _drift_task(features: dict, names: list[str], tests: dict, thresholds: dict,
     return _columns_of(features, table, names, tests, thresholds)
 
 
+_REMOTE: Any = None
+
+
+def _remote_task():
+    """The Ray task, made once per process (ray.remote pickles and exports the function)."""
+    global _REMOTE
+    if _REMOTE is None:
+        import ray
+
+        _REMOTE = ray.remote(_drift_task)
+    return _REMOTE
+
+
 def dataset_drift_ray(profile: dict, current, options: DriftOptions | None = None, *,
                       num_cpus: float = 0.25, columns_per_task: int = 50) -> dict:
     """``dataset_drift`` with columns in groups of ``columns_per_task`` as Ray tasks.
@@ -558,7 +623,7 @@ def dataset_drift_ray(profile: dict, current, options: DriftOptions | None = Non
         refs = list(current.to_arrow_refs())
     if not refs:
         raise InvalidInput("the current window has no blocks")
-    task = ray.remote(num_cpus=num_cpus)(_drift_task)
+    task = _remote_task().options(num_cpus=num_cpus)
     feats = profile["features"]
     pending = []
     for i in range(0, len(cols), max(1, columns_per_task)):

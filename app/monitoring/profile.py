@@ -5,7 +5,9 @@ the version (the format is in the shared contract, ``format: 1``). Drift runs th
 window of logged requests with the profile instead of re-reading the training set.
 
 Per feature it keeps: counts (non-missing, missing, distinct), and for numeric columns the
-moments, a quantile sketch of ``quantiles + 1`` points and, for small references
+moments, a quantile sketch of ``quantiles + 1`` points (plus ``tail_means``, the means of the
+lowest and highest ``count / quantiles`` values: an addition to format 1 that the drift module
+uses where present) and, for small references
 (``count <= exact_rows``), every value; for categorical columns (and numeric columns with at
 most ``max_categories`` distinct values) the count of each category. With those, the tests
 Evidently picks by default are exact on small references (KS needs the raw values) and on
@@ -175,6 +177,11 @@ def _numeric_profile(x: np.ndarray, missing: int, *, quantiles: int, exact_rows:
         quantiles=_quantiles_sorted(xs, np.linspace(0.0, 1.0, quantiles + 1)).tolist(),
         values=xs.tolist() if n <= exact_rows else None,
     )
+    # Mean of the lowest and of the highest n/quantiles values: the extreme bands of the sketch
+    # span [min, q_1] and [q_Q-1, max], which on heavy tails are wide and far from linear; their
+    # means let drift shape the quantile function there (drift._tail_exponents).
+    k = max(1, int(round(n / quantiles)))
+    prof["tail_means"] = [float(xs[:k].mean()), float(xs[-k:].mean())]
     if n_unique <= max_categories:
         starts = np.concatenate(([0], change))
         counts = np.diff(np.concatenate((starts, [n])))
