@@ -17,7 +17,9 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from tests.support import start_local_ray
+
+    start_local_ray(2)
     try:
         yield
     finally:
