@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 NAMESPACE = "matih"
+log = logging.getLogger(__name__)
 
 
 def get_or_create_actor(
@@ -28,3 +30,17 @@ def get_or_create_actor(
         num_cpus=num_cpus,
         **options,
     ).remote(*args)
+
+
+def announce(key: str) -> None:
+    """Push ``key`` (``endpoint:<name>`` or a model name) to every Gateway replica through the
+    RegistryCache's change feed; not awaited. Without a RegistryCache (yet) the replicas'
+    caches expire on their own."""
+    import ray
+
+    from actors.registry_cache import ACTOR_NAME as CACHE
+
+    try:
+        ray.get_actor(CACHE, namespace=NAMESPACE).invalidate.remote(key)
+    except ValueError:
+        log.warning("no registry cache to announce %s to", key)

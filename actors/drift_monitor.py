@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from actors import NAMESPACE, get_or_create_actor
+from actors import NAMESPACE, announce, get_or_create_actor
 
 log = logging.getLogger(__name__)
 ACTOR_NAME = "drift_monitor"
@@ -66,7 +66,7 @@ class DriftMonitor:
                                              actor=MONITOR_ACTOR, now=now)["id"])
                 except Exception:  # the endpoint went away under its monitor: the next round tries again
                     log.exception("could not queue a scheduled run of %s", monitor["endpoint"])
-        loop = RetrainLoop(self._store, self._settings, self._registry(), notify=self._announce)
+        loop = RetrainLoop(self._store, self._settings, self._registry(), notify=announce)
         for monitor in monitors.list():  # schedule policies fire on the clock, not on a run
             retraining = (monitor["spec"] or {}).get("retraining")
             if retraining and retraining.get("enabled", True) and any(
@@ -100,17 +100,6 @@ class DriftMonitor:
             self._nudge_jobs()
         return {"queued": queued, "moved": [t.get("id") for t in moved or []], "settled": settled,
                 "delivered": delivered}
-
-    @staticmethod
-    def _announce(key: str) -> None:
-        """Push ``key`` (``endpoint:<name>`` or a model name) to every Gateway replica after a
-        rollout the loop started changed an endpoint's plan; not awaited."""
-        from actors.registry_cache import ACTOR_NAME as CACHE
-
-        try:
-            ray.get_actor(CACHE, namespace=NAMESPACE).invalidate.remote(key)
-        except ValueError:  # no RegistryCache (yet): the replicas' caches expire on their own
-            log.warning("no registry cache to announce %s to", key)
 
     @staticmethod
     def _nudge_jobs() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from actors import NAMESPACE, get_or_create_actor
+from actors import NAMESPACE, announce, get_or_create_actor
 
 log = logging.getLogger(__name__)
 ACTOR_NAME = "rollout_controller"
@@ -32,20 +32,10 @@ class RolloutController:
         store = MetadataStore.from_settings(settings)
         registry = RegistryService(settings, ModelRegistry(settings), store)
         self._interval = settings.rollouts.tick_s
-        self._core = Core(store, settings, registry, notify=self._announce)
+        self._core = Core(store, settings, registry, notify=announce)
         self._rounds = 0
         self._last_error: str | None = None
         self._loop_task = asyncio.get_event_loop().create_task(self._loop())
-
-    @staticmethod
-    def _announce(key: str) -> None:
-        """Push ``key`` (``endpoint:<name>`` or a model name) to every Gateway replica; not awaited."""
-        from actors.registry_cache import ACTOR_NAME as CACHE
-
-        try:
-            ray.get_actor(CACHE, namespace=NAMESPACE).invalidate.remote(key)
-        except ValueError:  # no RegistryCache (yet): the replicas' caches expire on their own
-            log.warning("no registry cache to announce %s to", key)
 
     async def _loop(self) -> None:
         while True:

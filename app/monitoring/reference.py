@@ -58,10 +58,8 @@ def save_profile(client, run_id: str, profile: dict[str, Any]) -> str:
     return f"runs:/{run_id}/{PROFILE_PATH}"
 
 
-def load_profile(settings, model: str, version: str) -> dict[str, Any]:
-    """The reference profile of ``model/version``; NotFound (saying how to make one) when the
-    version has none. Cached per process by (model, version, run)."""
-    import mlflow.artifacts
+def _model_version(settings, model: str, version: str):
+    """(MLflow client, the model version); NotFound when it does not exist."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -70,9 +68,18 @@ def load_profile(settings, model: str, version: str) -> dict[str, Any]:
     configure_s3_env(settings)
     client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
     try:
-        mv = client.get_model_version(model, str(version))
+        return client, client.get_model_version(model, str(version))
     except MlflowException:
         raise NotFound(f"model version {model}/{version} does not exist") from None
+
+
+def load_profile(settings, model: str, version: str) -> dict[str, Any]:
+    """The reference profile of ``model/version``; NotFound (saying how to make one) when the
+    version has none. Cached per process by (model, version, run)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    _client, mv = _model_version(settings, model, version)
     key = (model, str(version), mv.run_id)
     with _lock:
         hit = _cache.get(key)
@@ -98,20 +105,11 @@ def dataset_profile(settings, model: str, version: str, spec: dict[str, Any], re
     the data roots) for ``model/version`` and store it on the version. With ``spec["target"]``
     (the label column) and an ONNX version, the version's predictions on the dataset's rows
     are profiled too (prediction drift, CBPE's calibration)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     from app.datasets import load_dataset
     from app.monitoring.profile import add_predictions, build_profile
     from app.registry.mlflow_registry import TAG_CLASSES, TAG_FEATURES, TAG_FORMAT, TAG_TASK
-    from app.storage.s3 import configure_s3_env
 
-    configure_s3_env(settings)
-    client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
-    try:
-        mv = client.get_model_version(model, str(version))
-    except MlflowException:
-        raise NotFound(f"model version {model}/{version} does not exist") from None
+    client, mv = _model_version(settings, model, version)
     tags = mv.tags or {}
     report({"stage": "reading"}, f"reading {spec['dataset']}")
     table = pa.Table.from_pandas(load_dataset(spec["dataset"], settings), preserve_index=False)

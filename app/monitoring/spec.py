@@ -133,31 +133,22 @@ class MonitorSpec(_Spec):
         return value
 
 
+def _validated(model, data: Any, prefix: str):
+    """``model`` from ``data``; InvalidInput naming the first bad field (under ``prefix``)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = prefix + ".".join(str(p) for p in err["loc"]) if err["loc"] else prefix.rstrip(".")
+        raise InvalidInput(f"invalid monitor: {field}: {err['msg']}", details={"field": field}) from None
+
+
 def parse_monitor_spec(body: dict[str, Any]) -> tuple[MonitorSpec, Any, Any]:
     """(spec, alerts spec, retraining spec) from a request body; InvalidInput naming the field."""
     from app.monitoring.alerts import AlertsSpec
     from app.monitoring.loop import RetrainingSpec
 
-    def _field(err: dict, prefix: str = "") -> str:
-        return prefix + ".".join(str(p) for p in err["loc"]) if err["loc"] else prefix.rstrip(".")
-
-    try:
-        spec = MonitorSpec.model_validate(body)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise InvalidInput(f"invalid monitor: {_field(err)}: {err['msg']}", details={"field": _field(err)}) from None
-    try:
-        alerts = AlertsSpec.model_validate(spec.alerts)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise InvalidInput(f"invalid monitor: {_field(err, 'alerts.')}: {err['msg']}",
-                           details={"field": _field(err, "alerts.")}) from None
-    retraining = None
-    if spec.retraining is not None:
-        try:
-            retraining = RetrainingSpec.model_validate(spec.retraining)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise InvalidInput(f"invalid monitor: {_field(err, 'retraining.')}: {err['msg']}",
-                               details={"field": _field(err, "retraining.")}) from None
+    spec = _validated(MonitorSpec, body, "")
+    alerts = _validated(AlertsSpec, spec.alerts, "alerts.")
+    retraining = _validated(RetrainingSpec, spec.retraining, "retraining.") if spec.retraining is not None else None
     return spec, alerts, retraining
