@@ -6,8 +6,8 @@
 2. moves every open retraining trigger on (``app.monitoring.loop.RetrainLoop.advance``:
    dataset and training job -> gates -> challenger -> canary rollout -> promotion);
 3. settles runs whose job ended without finishing them (cancelled, failed before it began);
-4. sends pending alert webhooks (retried with backoff) and sets the ``matih_alerts_firing``
-   gauges.
+4. in a loop of its own, sends pending alert webhooks (retried with backoff) and sets the
+   ``matih_alerts_firing`` gauges.
 
 It holds nothing of its own: monitors, runs, alerts and triggers are rows of the metadata
 store, so a restart resumes where the store says. The drift work itself runs in the jobs."""
@@ -48,7 +48,6 @@ class DriftMonitor:
         return RegistryService(self._settings, ModelRegistry(self._settings), self._store)
 
     def _round(self) -> dict[str, Any]:
-        from app.monitoring.alerts import AlertService, AlertsSpec
         from app.monitoring.loop import RetrainingSpec, RetrainLoop
         from app.monitoring.service import submit_run
         from app.monitoring.store import MonitorStore
@@ -88,6 +87,17 @@ class DriftMonitor:
                 why = "its job is gone" if job is None else f"its job {job['status']}: {job.get('error') or ''}"
                 monitors.fail_queued(run["id"], why[:2000], now)
                 settled += 1
+        if queued or moved:
+            self._nudge_jobs()
+        return {"queued": queued, "moved": [t.get("id") for t in moved or []], "settled": settled}
+
+    def _deliveries(self) -> int:
+        """Pending alert webhooks (each retried with backoff) and the alert gauges: a loop of
+        their own, so that a receiver that is down never holds up the schedules and the loop."""
+        from app.monitoring.alerts import AlertService, AlertsSpec
+        from app.monitoring.store import MonitorStore
+
+        monitors = MonitorStore(self._store)
         alerts = AlertService(self._store, self._settings)
 
         def spec_lookup(endpoint: str):
@@ -96,10 +106,7 @@ class DriftMonitor:
 
         delivered = alerts.deliver_pending(spec_lookup)
         alerts.export_gauges()
-        if queued or moved:
-            self._nudge_jobs()
-        return {"queued": queued, "moved": [t.get("id") for t in moved or []], "settled": settled,
-                "delivered": delivered}
+        return delivered
 
     @staticmethod
     def _nudge_jobs() -> None:
@@ -111,19 +118,27 @@ class DriftMonitor:
             pass
 
     async def _loop(self) -> None:
+        self._delivery_task = asyncio.get_event_loop().create_task(self._every(self._deliveries, "alert deliveries"))
+        await self._every(self._round, "drift monitor round", count=True)
+
+    async def _every(self, work, what: str, count: bool = False) -> None:
         while True:
             try:
-                await asyncio.to_thread(self._round)
-                self._last_error = None
+                await asyncio.to_thread(work)
+                if count:
+                    self._last_error = None
             except Exception as exc:  # the store may be briefly down; everything is still there next round
                 self._last_error = repr(exc)
-                log.exception("drift monitor round failed")
-            self._rounds += 1
+                log.exception("%s failed", what)
+            if count:
+                self._rounds += 1
             await asyncio.sleep(self._interval)
 
     async def tick(self) -> dict[str, Any]:
-        """One round now (tests, and the demo)."""
-        return await asyncio.to_thread(self._round)
+        """One round now (tests): schedules, triggers, settled runs, then the deliveries."""
+        out = await asyncio.to_thread(self._round)
+        out["delivered"] = await asyncio.to_thread(self._deliveries)
+        return out
 
     async def status(self) -> dict[str, Any]:
         return {"rounds": self._rounds, "tick_s": self._interval, "last_error": self._last_error}
