@@ -125,3 +125,29 @@ def test_monitor_spec_errors_are_422(platform):
         assert bad.status_code == 422 and bad.json()["details"]["field"].startswith("alerts.channels"), bad.text
         assert c.put("/v1/monitors/no-such-endpoint", json={}).status_code == 404
         assert c.get("/v1/monitors/no-such-endpoint/drift").status_code == 404
+
+
+def test_a_restarted_drift_monitor_keeps_the_schedule(loop, platform):
+    """Kill the DriftMonitor: its new incarnation (nothing held in the old one) queues the next
+    scheduled run from the monitors table."""
+    import ray
+
+    from actors.drift_monitor import ACTOR_NAME
+    from tests.support import kill_and_time, wait_until
+
+    _out, _lines, client = loop
+    kill_and_time(ACTOR_NAME, lambda h: ray.get(h.ping.remote(), timeout=5))
+    spec = client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}")["spec"]
+    spec = {**spec, "schedule": {"every_s": 5}, "retraining": None}
+    spec["alerts"] = {"rules": spec["alerts"]["rules"], "channels": [{"type": "events"}]}
+    client.call("PUT", f"/v1/monitors/{DEMO_ENDPOINT}", spec)
+
+    def scheduled():
+        history = client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}/drift?limit=50")["history"]
+        return [r for r in history if r["trigger"] == "schedule"]
+
+    try:
+        runs = wait_until(scheduled, timeout=60)
+        assert runs[0]["created_by"] == "drift-monitor"
+    finally:
+        client.call("DELETE", f"/v1/monitors/{DEMO_ENDPOINT}")
