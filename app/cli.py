@@ -169,9 +169,10 @@ def cmd_predict(args) -> int:
 def cmd_demo(args) -> int:
     c = _client(args)
     if args.which == "loop":
-        from app.monitoring.demo import run_loop_demo
+        from app.monitoring.demo import free_name, run_loop_demo
 
-        out = run_loop_demo(c, _settings().matih_home / "data" / "demo_loop")
+        name = free_name(c)
+        out = run_loop_demo(c, _settings().matih_home / "data" / name, name=name)
         print(f"closed loop in {out['seconds']:.0f}s: {out['trigger']['status']}")
         return 0 if out["trigger"]["status"] == "promoted" else 1
     say = print

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["LoopCadence", "run_loop_demo", "DEMO_ENDPOINT", "DEMO_MODEL"]
+__all__ = ["LoopCadence", "run_loop_demo", "free_name", "DEMO_ENDPOINT", "DEMO_MODEL"]
 
 DEMO_ENDPOINT = "loop-demo"
 DEMO_MODEL = "loop-demo"
@@ -84,7 +84,7 @@ def _wait(what: str, fn: Callable[[], Any], timeout_s: float, every: float = 1.0
     raise SystemExit(f"demo: {what} did not happen within {timeout_s:.0f}s")
 
 
-def _send(client, X: np.ndarray, y: np.ndarray, rows_per_request: int) -> int:
+def _send(client, name: str, X: np.ndarray, y: np.ndarray, rows_per_request: int) -> int:
     """Predict ``X`` in requests of ``rows_per_request`` rows and send each row's label as
     feedback; returns the requests sent."""
     feedback: list[dict[str, Any]] = []
@@ -92,34 +92,35 @@ def _send(client, X: np.ndarray, y: np.ndarray, rows_per_request: int) -> int:
     for start in range(0, len(X), rows_per_request):
         rows = X[start:start + rows_per_request]
         # with probabilities: the log keeps them, and CBPE estimates accuracy from them
-        out = client.call("POST", f"/v1/endpoints/{DEMO_ENDPOINT}/predict",
+        out = client.call("POST", f"/v1/endpoints/{name}/predict",
                           {"instances": rows.tolist(), "return_probabilities": True})
         sent += 1
         for i in range(len(rows)):
             feedback.append({"request_id": out["request_id"], "instance": i, "label": int(y[start + i])})
         if len(feedback) >= 500:
-            client.call("POST", f"/v1/endpoints/{DEMO_ENDPOINT}/feedback", feedback)
+            client.call("POST", f"/v1/endpoints/{name}/feedback", feedback)
             feedback = []
     if feedback:
-        client.call("POST", f"/v1/endpoints/{DEMO_ENDPOINT}/feedback", feedback)
+        client.call("POST", f"/v1/endpoints/{name}/feedback", feedback)
     return sent
 
 
-def _run_monitor(client, clock: _Clock, timeout_s: float) -> dict[str, Any]:
-    run = client.call("POST", f"/v1/monitors/{DEMO_ENDPOINT}/run")
+def _run_monitor(client, name: str, timeout_s: float) -> dict[str, Any]:
+    run = client.call("POST", f"/v1/monitors/{name}/run")
     job = client.wait_job(run["job_id"], timeout_s=timeout_s)
     if job["status"] != "succeeded":
         raise SystemExit(f"demo: the monitor run's job {job['status']}: {job.get('error')}")
-    return client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}/runs/{run['run_id']}")
+    return client.call("GET", f"/v1/monitors/{name}/runs/{run['run_id']}")
 
 
 def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
                   cadence: LoopCadence | None = None, seed: int = 7,
-                  alert_channels: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  alert_channels: list[dict[str, Any]] | None = None, name: str = DEMO_ENDPOINT) -> dict[str, Any]:
     """Run the loop demo against the platform ``client`` talks to (``app.cli.Client``);
     ``data_dir`` is a folder under the platform's data roots for the training set;
     ``alert_channels`` replace the default ones (events, Prometheus). Returns the steps with
-    their times and the final trigger."""
+    their times and the final trigger. ``name`` is the endpoint's and the model's (``free_name``
+    gives one not used yet, so the demo can run again on the same platform)."""
     import pandas as pd
 
     c = cadence or LoopCadence()
@@ -135,7 +136,7 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
     job_spec = {
         "name": "loop-demo-logreg", "framework": "sklearn", "estimator": "sklearn.linear_model.LogisticRegression",
         "hyperparameters": {"max_iter": 500}, "dataset": {"uri": str(train), "target": "label"},
-        "register_as": DEMO_MODEL,
+        "register_as": name,
         "validation": {"gates": [{"metric": "accuracy", "beat_champion_by": 0.02}]},
     }
     job = client.call("POST", "/v1/training/jobs", job_spec)
@@ -143,12 +144,12 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
     if done["status"] != "succeeded":
         raise SystemExit(f"demo: training the first model {done['status']}: {done.get('error')}")
     version = done["result"]["model_version"]
-    clock.step(f"trained {DEMO_MODEL} v{version} on {c.train_rows} rows "
+    clock.step(f"trained {name} v{version} on {c.train_rows} rows "
                f"(holdout accuracy {done['result']['metrics']['accuracy']:.3f}); reference profile stored")
 
-    if client.http.get(f"/v1/endpoints/{DEMO_ENDPOINT}").status_code == 404:
-        client.call("POST", "/v1/endpoints", {"name": DEMO_ENDPOINT, "target": f"{DEMO_MODEL}@champion"})
-    clock.step(f"endpoint {DEMO_ENDPOINT} -> {DEMO_MODEL}@champion")
+    if client.http.get(f"/v1/endpoints/{name}").status_code == 404:
+        client.call("POST", "/v1/endpoints", {"name": name, "target": f"{name}@champion"})
+    clock.step(f"endpoint {name} -> {name}@champion")
 
     monitor = {
         "window": {"rows": c.window_rows}, "schedule": {"every_s": c.schedule_s},
@@ -161,20 +162,20 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
             "rollout": {"steps": list(c.steps), "bake_s": c.bake_s, "min_samples": c.min_samples},
         },
     }
-    client.call("PUT", f"/v1/monitors/{DEMO_ENDPOINT}", monitor)
-    clock.step(f"monitor on {DEMO_ENDPOINT}: window {c.window_rows} rows, every {c.schedule_s:g}s, alert on dataset "
+    client.call("PUT", f"/v1/monitors/{name}", monitor)
+    clock.step(f"monitor on {name}: window {c.window_rows} rows, every {c.schedule_s:g}s, alert on dataset "
                "drift and accuracy < 0.85, retrain on drift, canary " + "/".join(f"{s:g}%" for s in c.steps))
 
     Xb, yb = _data(rng, c.baseline_requests * c.rows_per_request, shifted=False)
-    _send(client, Xb, yb, c.rows_per_request)
+    _send(client, name, Xb, yb, c.rows_per_request)
     clock.step(f"sent {c.baseline_requests} requests like the training data, labels as feedback")
-    run = _run_monitor(client, clock, c.timeout_s)
+    run = _run_monitor(client, name, c.timeout_s)
     dd = run["dataset_drift"] or {}
     clock.step(f"monitor run: dataset drift {dd.get('detected')} (share {dd.get('share', 0):.2f}); accuracy "
                f"{((run.get('performance') or {}).get('overall') or {}).get('accuracy', {}).get('value')}")
 
     Xs, ys = _data(rng, c.shifted_requests * c.rows_per_request, shifted=True)
-    _send(client, Xs, ys, c.rows_per_request)
+    _send(client, name, Xs, ys, c.rows_per_request)
     clock.step(f"shifted x0 and x1 by +1.5 sd (and the label's threshold with them); sent {c.shifted_requests} requests")
 
     stop = threading.Event()
@@ -183,7 +184,7 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
         while not stop.is_set():
             Xt, yt = _data(rng, c.rows_per_request, shifted=True)
             try:
-                _send(client, Xt, yt, c.rows_per_request)
+                _send(client, name, Xt, yt, c.rows_per_request)
             except SystemExit:
                 pass
             stop.wait(1.0 / c.traffic_rps)
@@ -191,11 +192,11 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
     sender = threading.Thread(target=traffic, daemon=True)
     sender.start()
     try:
-        run = _run_monitor(client, clock, c.timeout_s)
+        run = _run_monitor(client, name, c.timeout_s)
         dd = run["dataset_drift"] or {}
         drifted = [n for n, r in ((run.get("drift") or {}).get("columns") or {}).items() if r.get("drifted")]
         clock.step(f"drift detected: {dd.get('detected')} (share {dd.get('share', 0):.2f}; columns {drifted})")
-        alerts = client.call("GET", f"/v1/alerts?endpoint={DEMO_ENDPOINT}&status=firing")["items"]
+        alerts = client.call("GET", f"/v1/alerts?endpoint={name}&status=firing")["items"]
         for a in alerts:
             clock.step(f"alert {a['rule']} ({a['severity']}): {a['message']}")
         if dd.get("detected") is not True:
@@ -203,7 +204,7 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
         drift_run = run["id"]
 
         def ours() -> dict[str, Any] | None:  # the trigger of this run's drift policy
-            items = client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}/loop")["items"]
+            items = client.call("GET", f"/v1/monitors/{name}/loop")["items"]
             return next((t for t in items if t.get("run_id") == drift_run), None)
 
         trigger = _wait("a retraining trigger", ours, c.timeout_s)
@@ -211,7 +212,7 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
 
         def progress() -> dict[str, Any] | None:
             nonlocal trigger
-            trigger = client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}/loop")["items"]
+            trigger = client.call("GET", f"/v1/monitors/{name}/loop")["items"]
             trigger = next(t for t in trigger if t["id"] == ours_id)
             for step in trigger.get("steps") or []:
                 key = f"{step['step']}@{step['at']}"
@@ -225,9 +226,19 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
     finally:
         stop.set()
         sender.join(timeout=10)
-    champion = client.call("GET", f"/v1/models/{DEMO_MODEL}")
-    clock.step(f"loop ended: {trigger['status']}; {DEMO_MODEL} aliases now {champion.get('aliases')}")
+    champion = client.call("GET", f"/v1/models/{name}")
+    clock.step(f"loop ended: {trigger['status']}; {name} aliases now {champion.get('aliases')}")
     return {"steps": clock.steps, "trigger": trigger, "seconds": time.monotonic() - clock.start}
+
+
+def free_name(client, base: str = DEMO_ENDPOINT) -> str:
+    """``base``, or ``base-2``, ``base-3``, ...: the first name no endpoint or model has yet."""
+    for i in range(1, 1000):
+        name = base if i == 1 else f"{base}-{i}"
+        if client.http.get(f"/v1/endpoints/{name}").status_code == 404 and \
+                client.http.get(f"/v1/models/{name}").status_code == 404:
+            return name
+    raise SystemExit(f"demo: no free name like {base!r}")
 
 
 def _detail(detail: Any) -> str:
