@@ -138,7 +138,7 @@ def test_a_restarted_drift_monitor_keeps_the_schedule(loop, platform):
     _out, _lines, client = loop
     kill_and_time(ACTOR_NAME, lambda h: ray.get(h.ping.remote(), timeout=5))
     spec = client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}")["spec"]
-    spec = {**spec, "schedule": {"every_s": 5}, "retraining": None}
+    spec = {**spec, "schedule": {"every_s": 5}, "retraining": None, "segments": ["variant"]}
     spec["alerts"] = {"rules": spec["alerts"]["rules"], "channels": [{"type": "events"}]}
     client.call("PUT", f"/v1/monitors/{DEMO_ENDPOINT}", spec)
 
@@ -148,6 +148,13 @@ def test_a_restarted_drift_monitor_keeps_the_schedule(loop, platform):
 
     try:
         runs = wait_until(scheduled, timeout=60)
-        assert runs[0]["created_by"] == "drift-monitor"
+        assert runs[-1]["created_by"] == "drift-monitor"
+        client.call("PUT", f"/v1/monitors/{DEMO_ENDPOINT}", {**spec, "schedule": None})  # no more runs
+        job = platform.wait_job(runs[-1]["job_id"], timeout=180)
+        assert job["status"] == "succeeded", job
+        run = client.call("GET", f"/v1/monitors/{DEMO_ENDPOINT}/runs/{runs[-1]['id']}")
+        by_variant = run["segments"]["variant"]  # the rollout's arms and the plain traffic after it
+        assert by_variant and all("dataset_drift" in r for r in by_variant.values()), run["segments"]
+        assert set(run["performance"]["variants"]) >= set(by_variant)
     finally:
         client.call("DELETE", f"/v1/monitors/{DEMO_ENDPOINT}")
