@@ -191,9 +191,11 @@ class MonitorRunner:
         resolved = ModelRegistry(self.settings).resolve(target, use_cache=False)
         return resolved.name, str(resolved.version)
 
-    def _drops(self, endpoint: str) -> int | None:
-        """Prediction-log records the Gateway replicas dropped for ``endpoint`` since the last
-        run (the PredictionLog actor's counter); None without a Ray cluster or actor."""
+    def _drops(self, endpoint: str) -> tuple[int, int] | None:
+        """(records the Gateway replicas dropped for ``endpoint`` since the last run, the
+        PredictionLog actor's counter now): the counter counts since the actor started, so a
+        counter lower than the last run's means a restart and counts whole. None without a Ray
+        cluster or actor (a hand-run job): the output is absent and no rule fires on it."""
         try:
             import ray
 
@@ -203,12 +205,13 @@ class MonitorRunner:
             if not ray.is_initialized():
                 return None
             stats = ray.get(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).stats.remote(endpoint), timeout=10)
-        except Exception:  # no actor (a hand-run job, a test): the output is absent, no rule fires on it
+        except Exception:  # noqa: BLE001 - see the docstring
             return None
-        total = int((stats.get("counts") or stats).get("dropped") or 0)
-        previous = self.runs.latest_run(endpoint)
-        before = ((previous or {}).get("outputs") or {}).get("predlog.dropped_total")
-        return total - int(before) if before is not None and total >= int(before) else total
+        counter = int(stats.get("dropped") or 0)
+        previous = ((self.runs.latest_run(endpoint) or {}).get("outputs") or {}).get("predlog.dropped_counter")
+        if previous is None or counter < int(previous):
+            return counter, counter
+        return counter - int(previous), counter
 
     def run(self, endpoint: str, run_id: str, report) -> dict[str, Any]:
         started = time.monotonic()
@@ -279,10 +282,9 @@ class MonitorRunner:
         if spec.performance.enabled and rows:
             performance = self._performance(endpoint, table, profile, spec, since, until)
         drops = self._drops(endpoint)
-        outputs = outputs_of(rows, drift, prediction, segments, performance, drops)
+        outputs = outputs_of(rows, drift, prediction, segments, performance, drops[0] if drops else None)
         if drops is not None:
-            outputs["predlog.dropped_total"] = drops + int(
-                ((self.runs.latest_run(endpoint) or {}).get("outputs") or {}).get("predlog.dropped_total") or 0)
+            outputs["predlog.dropped_counter"] = drops[1]
         report({"stage": "alerts"}, "alert rules and retraining policies")
         alerts = self._alerts(endpoint, run_id, alerts_spec, outputs)
         triggers = self._retraining(endpoint, run_id, retraining, outputs)
