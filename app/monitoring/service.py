@@ -75,7 +75,7 @@ def _decode_batch(batch: pa.Table, features: list[str], numeric: list[str], extr
     """A batch of log rows -> the meta columns (``__`` prefixed) and one column per feature."""
     if "status" in batch.column_names:  # files written before the column existed hold only successes
         status = batch.column("status")
-        batch = batch.filter(pc.or_(pc.is_null(status), pc.less(status, 400)))
+        batch = batch.filter(pc.or_kleene(pc.is_null(status), pc.less(status, 400)))
     wanted = list(dict.fromkeys([*features, *extra]))
     decoded = decode_inputs(batch.column("inputs"), wanted)
     cols: dict[str, Any] = {
@@ -95,8 +95,8 @@ def _dedupe(table: pa.Table) -> pa.Table:
         return table
     keys = pa.table({"r": table.column("__request_id"), "i": table.column("__instance"),
                      "v": table.column("__variant"), "n": pa.array(np.arange(table.num_rows))})
-    first = keys.group_by(["r", "i", "v"]).aggregate([("n", "min")]).column("n_min")
-    return table.take(pc.sort_indices(first))
+    first = keys.group_by(["r", "i", "v"]).aggregate([("n", "min")]).column("n_min").to_numpy()
+    return table.take(np.sort(first))
 
 
 def read_current(settings, endpoint: str, since: datetime, until: datetime, newest: int | None,
