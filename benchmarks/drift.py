@@ -59,10 +59,8 @@ TARGET_AGREEMENT = 0.95
 
 
 def _default_evidently() -> str:
-    for p in (ROOT / ".venv-evidently/bin/python", Path("/work/main/.venv-evidently/bin/python")):
-        if p.exists():
-            return str(p)
-    return str(ROOT / ".venv-evidently/bin/python")
+    """Evidently's own venv: $MATIH_EVIDENTLY_PYTHON, else this checkout's (make evidently-env)."""
+    return os.environ.get("MATIH_EVIDENTLY_PYTHON") or str(ROOT / ".venv-evidently/bin/python")
 
 
 # Numeric columns: (distribution, drift). Shifts are in units of the column's std, so the

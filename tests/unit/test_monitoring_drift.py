@@ -3,6 +3,7 @@ approximations, Evidently's default choice, corrections and the dataset verdict.
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,8 @@ from app.monitoring.drift import (DRIFT_TESTS, DriftOptions, column_drift, datas
 from app.monitoring.profile import build_profile, category_key, column_profile
 
 ROOT = Path(__file__).resolve().parents[2]
-# Evidently's own venv (make evidently-env), in this checkout or the main one
-EVIDENTLY = next((p for p in (ROOT / ".venv-evidently/bin/python", Path("/work/main/.venv-evidently/bin/python"))
-                  if p.exists()), ROOT / ".venv-evidently/bin/python")
+# Evidently's own venv (make evidently-env), or $MATIH_EVIDENTLY_PYTHON
+EVIDENTLY = Path(os.environ.get("MATIH_EVIDENTLY_PYTHON") or ROOT / ".venv-evidently/bin/python")
 
 
 def run(test, ref_values, cur, **kw):
