@@ -91,9 +91,7 @@ def _send(client, name: str, X: np.ndarray, y: np.ndarray, rows_per_request: int
     sent = 0
     for start in range(0, len(X), rows_per_request):
         rows = X[start:start + rows_per_request]
-        # with probabilities: the log keeps them, and CBPE estimates accuracy from them
-        out = client.call("POST", f"/v1/endpoints/{name}/predict",
-                          {"instances": rows.tolist(), "return_probabilities": True})
+        out = client.call("POST", f"/v1/endpoints/{name}/predict", {"instances": rows.tolist()})
         sent += 1
         for i in range(len(rows)):
             feedback.append({"request_id": out["request_id"], "instance": i, "label": int(y[start + i])})
@@ -148,7 +146,9 @@ def run_loop_demo(client, data_dir: Path, *, say: Callable[[str], None] = print,
                f"(holdout accuracy {done['result']['metrics']['accuracy']:.3f}); reference profile stored")
 
     if client.http.get(f"/v1/endpoints/{name}").status_code == 404:
-        client.call("POST", "/v1/endpoints", {"name": name, "target": f"{name}@champion"})
+        # the log keeps each prediction's probabilities, which CBPE estimates accuracy from
+        client.call("POST", "/v1/endpoints", {"name": name, "target": f"{name}@champion",
+                                              "spec": {"logging": {"probabilities": True}}})
     clock.step(f"endpoint {name} -> {name}@champion")
 
     monitor = {

@@ -33,6 +33,11 @@ class LoggingSpec(BaseModel):
         + ". Leave out `inputs` for an endpoint whose inputs are sensitive. The request id, time, endpoint, "
         "variant, model, version and latency are always kept.",
     )
+    probabilities: bool = Field(
+        False, description="Log a classifier's class probabilities for every logged prediction, also when the "
+        "request did not ask for them (the answer still carries them only when asked): what confidence-based "
+        "performance estimation (CBPE, docs/monitoring.md) reads. Costs the probabilities' computation per request.",
+    )
     retention_days: int | None = Field(
         None, ge=1, le=3650, description="Days the records are kept; unset = the platform's predlog.retention_days."
     )

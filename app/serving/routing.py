@@ -336,10 +336,17 @@ class EndpointRouter:
         code = 200
         out: dict[str, Any] | None = None
         enriched = None
+        spec = plan.logging
+        logged = self.buffer is not None and spec.enabled and (
+            spec.sample_rate >= 1.0 or random.random() < spec.sample_rate)
+        # The log keeps probabilities the caller did not ask for (spec.logging.probabilities): the
+        # model is asked for them, and they are taken out of the answer below.
+        extra_probabilities = logged and spec.probabilities and not payload.get("return_probabilities")
         try:
             if plan.features is not None:
                 payload, enriched = await self._enrich(plan.features, leg, payload)
-            out = await self._call(leg, payload, explain)
+            out = await self._call(leg, {**payload, "return_probabilities": True} if extra_probabilities else payload,
+                                   explain)
         except MatihError as exc:
             code = self._status_for(exc)
             raise
@@ -354,14 +361,13 @@ class EndpointRouter:
             # error rate of a variant. A sampled-out request's shadows are not logged either, so
             # the shadow log pairs with the primary's.
             if not 400 <= code < 500:
-                spec = plan.logging
-                logged = self.buffer is not None and spec.enabled and (
-                    spec.sample_rate >= 1.0 or random.random() < spec.sample_rate)
                 if logged:
                     self._record(plan.name, spec, leg, payload, out, info, seconds, code,
                                  features=enriched.used if enriched is not None else None)
                 if plan.shadows:
                     self._shadow(plan, payload, info, logged)
+        if extra_probabilities and out is not None and "probabilities" in out:
+            out = {k: v for k, v in out.items() if k != "probabilities"}
         return Routed(out, leg, info.request_id, enriched.report if enriched is not None else None)
 
     async def _enrich(self, spec: FeatureEnrichment, leg: Leg, payload: dict[str, Any]) -> tuple[dict[str, Any], Any]:

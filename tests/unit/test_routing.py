@@ -225,3 +225,20 @@ def test_predictions_are_logged_read_back_and_joined_with_feedback(api):
         assert len(left) == 58 and ids[0] not in {i["request_id"] for i in left}
     finally:
         ctx.router.buffer = sink
+
+
+def test_logging_probabilities_keeps_them_in_the_log_not_in_the_answer(api):
+    """spec.logging.probabilities: every logged prediction keeps the class probabilities (what
+    CBPE reads), while the answer carries them only for a caller that asked."""
+    client, sink, _ = api
+    spec = {"logging": {"probabilities": True}}
+    assert client.post("/v1/endpoints", json={"name": "probs", "target": "flowers/1", "spec": spec}).status_code == 201
+    sink.records.clear()
+    plain = client.post("/v1/endpoints/probs/predict", json={"instances": [ROW]}).json()
+    asked = client.post("/v1/endpoints/probs/predict", json={"instances": [ROW], "return_probabilities": True}).json()
+    assert "probabilities" not in plain and len(asked["probabilities"][0]) == 3
+    assert [len(r.outputs["probabilities"][0]) for r in sink.records] == [3, 3]
+    assert all("return_probabilities" not in r.inputs for r in sink.records)
+    sink.records.clear()
+    client.post("/v1/endpoints/flowers/predict", json={"instances": [ROW]})  # the default: as the caller asked
+    assert "probabilities" not in sink.records[0].outputs
