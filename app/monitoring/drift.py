@@ -509,7 +509,7 @@ def _plot(prof: dict, cur: np.ndarray) -> dict:
 
 def column_drift(name: str, column_profile: dict, current: np.ndarray | pa.Array | pa.ChunkedArray | None,
                  test: str | None = None, threshold: float | None = None) -> dict:
-    """One column's result (shared contract), uncorrected. ``test`` None: the default choice."""
+    """One column's result (docs/monitoring.md, "Formats"), uncorrected. ``test`` None: the default choice."""
     prof = column_profile
     base: dict[str, Any] = {"kind": prof["kind"], "reference_rows": int(prof["count"]), "drifted": False}
     if current is None:
@@ -577,7 +577,7 @@ def _plan(profile: dict, options: DriftOptions) -> tuple[list[str], dict, dict]:
 
 
 def dataset_drift(profile: dict, current: pa.Table, options: DriftOptions | None = None) -> dict:
-    """The drift result (shared contract) of a current table against a reference profile."""
+    """The drift result (docs/monitoring.md, "Formats") of a current table against a reference profile."""
     options = options or DriftOptions()
     cols, tests, thresholds = _plan(profile, options)
     results = _columns_of(profile["features"], current, cols, tests, thresholds)

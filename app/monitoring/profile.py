@@ -1,7 +1,7 @@
 """Reference profiles: what the drift tests need to know about the training data, kept small.
 
 A profile is made once, when a model version is registered, and stored as a JSON artifact of
-the version (the format is in the shared contract, ``format: 1``). Drift runs then compare each
+the version (``format: 1``, described in docs/monitoring.md, "Formats"). Drift runs then compare each
 window of logged requests with the profile instead of re-reading the training set.
 
 Per feature it keeps: counts (non-missing, missing, distinct), and for numeric columns the
@@ -195,7 +195,7 @@ def _numeric_profile(x: np.ndarray, missing: int, *, quantiles: int, exact_rows:
 
 def column_profile(values: np.ndarray | pa.Array | pa.ChunkedArray, *, kind: str | None = None,
                    quantiles: int = 1000, exact_rows: int = 1000, max_categories: int = 1000) -> dict:
-    """The profile of one column (shared contract). ``kind`` None infers it from the type:
+    """The profile of one column (docs/monitoring.md, "Formats"). ``kind`` None infers it from the type:
     strings, bools and dictionaries are categorical, numbers numeric; either becomes "binary"
     with at most two distinct values. ``kind="categorical"`` forces category counts on a
     numeric column (ids, codes)."""
