@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,20 @@ def skops_iris_model() -> bytes:
 
     X, y = load_iris(return_X_y=True)
     return sio.dumps(LogisticRegression(max_iter=300).fit(X, y))
+
+
+class Clock:
+    """A settable clock for code that takes ``clock()`` (an aware datetime)."""
+
+    def __init__(self, t: datetime):
+        self.t = t
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def advance(self, seconds: float) -> datetime:
+        self.t += timedelta(seconds=seconds)
+        return self.t
 
 
 def wait_until(fn, timeout: float = 120, every: float = 0.3):

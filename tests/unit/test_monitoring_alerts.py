@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import select
 
+from tests.support import Clock
 from app.errors import Conflict, InvalidInput, NotFound
 from app.monitoring.alerts import (
     CHANNELS, AlertChannel, AlertRule, AlertService, AlertsSpec, Condition, check_channels, evaluate, fingerprint,
@@ -26,17 +27,6 @@ T0 = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)
 OUTPUTS = {"rows": 5000, "drift.dataset": True, "drift.share": 0.6, "drift.feature[age]": True,
            "drift.feature[city]": False, "drift.prediction": False, "drift.segment[country=FR]": True,
            "performance.accuracy": 0.81, "performance.f1": 0.79, "estimated.accuracy": 0.84, "predlog.drops": 12}
-
-
-class Clock:
-    def __init__(self, t: datetime):
-        self.t = t
-
-    def __call__(self) -> datetime:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += timedelta(seconds=seconds)
 
 
 def _settings(tmp_path, **monitoring):

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from tests.support import Clock
 from app.cli import DEMO_JOB
 from app.errors import Conflict
 from app.monitoring.loop import RetrainingSpec, RetrainLoop, RetrainPolicy, build_job_spec
@@ -22,18 +23,6 @@ from app.predlog.records import PredictionRecord
 T0 = datetime.now(timezone.utc).replace(microsecond=0)
 
 
-class Clock:
-    def __init__(self, t: datetime):
-        self.t = t
-
-    def __call__(self) -> datetime:
-        return self.t
-
-    def advance(self, seconds: float) -> datetime:
-        self.t += timedelta(seconds=seconds)
-        return self.t
-
-
 class Platform:
     pass
 
@@ -41,29 +30,14 @@ class Platform:
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path_factory):
     """The metadata store's database for the module: a SQLite file, or a new PostgreSQL
-    database (skipped when none is reachable, as tests/conftest.py's ``store_url``)."""
+    database (tests/conftest.py's ``postgres_database``, as ``store_url`` makes per test)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('meta') / 'meta.db'}"
         return
-    import uuid
+    from tests.conftest import postgres_database
 
-    from sqlalchemy import text
-    from sqlalchemy.exc import OperationalError
-
-    from tests.conftest import POSTGRES_URL, _postgres_admin_engine
-
-    admin = _postgres_admin_engine()
-    name = f"matih_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {exc}")
-    yield f"{POSTGRES_URL.rsplit('/', 1)[0]}/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

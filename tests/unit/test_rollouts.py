@@ -5,10 +5,12 @@ the PredictionLogService, read back by the controller)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
+
+from tests.support import Clock
 
 from app.errors import Conflict, InvalidInput
 from app.predlog.ids import new_request_id
@@ -127,18 +129,6 @@ def test_decisions_are_json():
 
 # -- the controller ---------------------------------------------------------------------------------
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
-
-
-class Clock:
-    def __init__(self, t: datetime):
-        self.t = t
-
-    def __call__(self) -> datetime:
-        return self.t
-
-    def advance(self, seconds: float) -> datetime:
-        self.t += timedelta(seconds=seconds)
-        return self.t
 
 
 @pytest.fixture
