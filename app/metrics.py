@@ -265,17 +265,22 @@ def job_finished(kind: str, state: str, seconds: float) -> None:
     _observe("matih_job_duration_seconds", (kind, state), max(seconds, 0.0))
 
 
-def jobs_in_state(counts: dict[tuple[str, str], int]) -> None:
-    """The number of jobs per (kind, state) now; a (kind, state) counted before and absent
-    from ``counts`` reads 0."""
+def _set_all(name: str, values: dict[tuple, float]) -> None:
+    """Gauge ``name`` now holds exactly ``values``: a series set before and absent now reads 0."""
     reg = _registry or _get()
     if reg is None:
         return
-    for key in reg.gauge_keys("matih_jobs"):
-        if key not in counts:
-            reg.set_gauge("matih_jobs", key, 0)
-    for key, count in counts.items():
-        reg.set_gauge("matih_jobs", key, count)
+    for key in reg.gauge_keys(name):
+        if key not in values:
+            reg.set_gauge(name, key, 0)
+    for key, value in values.items():
+        reg.set_gauge(name, key, value)
+
+
+def jobs_in_state(counts: dict[tuple[str, str], int]) -> None:
+    """The number of jobs per (kind, state) now; a (kind, state) counted before and absent
+    from ``counts`` reads 0."""
+    _set_all("matih_jobs", counts)
 
 
 def outbox_depth(count: int) -> None:
@@ -304,11 +309,4 @@ def feature_stream_batch(source: str, rows: int, dead: int, lag: int | None, fre
 def alerts_firing(open_alerts: dict[tuple[str, str, str], int]) -> None:
     """The open alerts now, per (endpoint, rule, severity) -> 1; one set before and absent
     from ``open_alerts`` reads 0 (resolved)."""
-    reg = _registry or _get()
-    if reg is None:
-        return
-    for key in reg.gauge_keys("matih_alerts_firing"):
-        if key not in open_alerts:
-            reg.set_gauge("matih_alerts_firing", key, 0)
-    for key, value in open_alerts.items():
-        reg.set_gauge("matih_alerts_firing", key, value)
+    _set_all("matih_alerts_firing", open_alerts)
